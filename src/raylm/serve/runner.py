@@ -1,0 +1,147 @@
+"""Start (or join) Ray, deploy the app, wait until it is ready, and tear down what we started."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import time
+from dataclasses import dataclass
+
+import httpx
+import psutil
+import ray
+from ray import serve
+
+from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+from raylm.config import AppConfig
+from raylm.serve.builder import APP_NAME, build_app
+
+logger = logging.getLogger("raylm.serve")
+
+
+@dataclass
+class Service:
+    """A running raylm app; `stop()` removes everything this process started, and nothing else."""
+
+    config: AppConfig
+    started_ray: bool
+    started_serve: bool
+    url: str
+
+    def stop(self) -> None:
+        # Our descendants (GCS, raylet, its agents, workers, EngineCores) are listed before Ray goes
+        # down, so that whatever outlives ray.shutdown() can be ended by PID afterwards.
+        ours = psutil.Process().children(recursive=True) if self.started_ray else []
+        try:
+            if self.started_serve:
+                serve.shutdown()
+            else:
+                serve.delete(APP_NAME)  # Serve was there before us: take away only our app
+        finally:
+            if self.started_ray:
+                ray.shutdown()
+                _end(ours)
+
+
+def _end(processes: list[psutil.Process], grace_s: float = 10.0) -> None:
+    _, alive = psutil.wait_procs(processes, timeout=grace_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(alive, timeout=5)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+
+
+def connect_ray(config: AppConfig) -> bool:
+    """Join the configured cluster, or start a local one on loopback. Returns True if we started it."""
+    if ray.is_initialized():
+        return False
+    if config.serve.address is not None:
+        _use_local_auth_token()
+        ray.init(address=config.serve.address, logging_level=logging.WARNING)
+        return False
+    # address="local" always starts a fresh cluster: a bare init() may attach to a stale one.
+    ray.init(address="local", num_cpus=config.serve.num_cpus, include_dashboard=False,
+             _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+    return True
+
+
+def _serve_running() -> bool:
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return False
+    return True
+
+
+def _use_local_auth_token() -> None:
+    # Ray 2.60 loads ~/.ray/auth_token for address="auto" but not for an explicit host:port; without it
+    # a token-auth cluster (the default) refuses us. Same rule as auto: use the token if one exists.
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def start(config: AppConfig) -> Service:
+    """Deploy and block until every model is ready (or raise after `serve.ready_timeout_s`)."""
+    started = connect_ray(config)
+    host, port = config.serve.host, config.serve.port
+    url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+    service = Service(config, started, started or not _serve_running(), url)
+    try:
+        serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+        serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+        wait_ready(service.url, config.serve.ready_timeout_s)
+    except BaseException:
+        service.stop()
+        raise
+    return service
+
+
+def wait_ready(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(APP_NAME)
+        if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise RuntimeError(f"deployment failed: {status.message or status.status}")
+        try:
+            r = httpx.get(f"{url}/ready", timeout=10)
+            if r.status_code == 200:
+                return
+            last = r.text
+        except httpx.HTTPError as exc:
+            last = str(exc)
+        time.sleep(1)
+    raise TimeoutError(f"raylm was not ready after {timeout_s:.0f}s: {last}")
+
+
+def run_forever(config: AppConfig, on_ready=print) -> None:
+    """Serve until Ctrl-C or SIGTERM, then stop cleanly (also when interrupted while starting)."""
+    # Explicit handlers: a process started in the background inherits SIGINT ignored.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    service = start(config)
+    try:
+        on_ready(service)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        # Shutdown must finish: further Ctrl-C would leave half-stopped processes behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        service.stop()
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt

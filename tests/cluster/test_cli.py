@@ -1,0 +1,123 @@
+"""`raylm serve` as a user runs it: a subprocess, on a local cluster or joining one, stopped by Ctrl-C."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+from tiny_model import CPU_ENV, TINY_ENGINE_ARGS
+
+RAYLM = [sys.executable, "-m", "raylm.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(path: Path, model: Path, port: int) -> Path:
+    path.write_text(yaml.safe_dump({
+        "models": [{"name": "tiny", "source": str(model), "num_cpus": 0.5, "engine_args": TINY_ENGINE_ARGS, "env": CPU_ENV}],
+        "serve": {"port": port},
+    }))
+    return path
+
+
+def start_serve(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([*RAYLM, "serve", *args], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def wait_for_url(proc: subprocess.Popen, url: str, timeout_s: float = 300) -> None:
+    """raylm prints the API URL on stdout once every model is ready."""
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and f"{url}/v1\n" not in lines:
+        assert proc.poll() is None, f"raylm serve exited with {proc.returncode}"
+        time.sleep(0.5)
+    assert f"{url}/v1\n" in lines, f"no URL printed after {timeout_s}s: {lines[-5:]}"
+    assert httpx.get(f"{url}/ready", timeout=10).status_code == 200
+
+
+def interrupt(proc: subprocess.Popen, timeout_s: float = 90) -> None:
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=timeout_s)
+
+
+def complete(url: str) -> dict:
+    r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 4},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_serve_config_file_then_ctrl_c_leaves_nothing(tiny_model, tmp_path):
+    port = free_port()
+    config = write_config(tmp_path / "raylm.yaml", tiny_model, port=1)  # --port overrides the file
+    proc = start_serve(str(config), "--port", str(port))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_url(proc, url)
+        ps = psutil.Process(proc.pid)
+        descendants = ps.children(recursive=True)
+        assert any("EngineCore" in " ".join(p.cmdline()) or p.name() == "VLLM::EngineCore"
+                   for p in descendants if p.is_running())
+        assert complete(url)["usage"]["completion_tokens"] == 4
+        interrupt(proc)
+        assert proc.returncode == 0
+        _, alive = psutil.wait_procs(descendants, timeout=30)
+        assert not alive, [p.pid for p in alive]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A Ray head started by `ray start` on loopback; ended afterwards by PID, nothing else touched."""
+    port = free_port()
+    temp_dir = Path("/tmp") / f"raylm-head-{os.getpid()}"
+    ray_bin = Path(sys.executable).with_name("ray")
+    subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                    "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={temp_dir}",
+                    "--disable-usage-stats"], check=True, timeout=120)
+    yield port
+    ours = [p for p in psutil.process_iter(["cmdline"]) if str(temp_dir) in " ".join(p.info["cmdline"] or [])]
+    for p in ours:
+        p.terminate()
+    _, alive = psutil.wait_procs(ours, timeout=20)
+    for p in alive:
+        p.kill()
+
+
+@pytest.mark.parametrize("how", ["auto", "host:port"])
+def test_serve_joins_an_existing_cluster(ray_head, tiny_model, tmp_path, how):
+    port = free_port()
+    config = write_config(tmp_path / "raylm.yaml", tiny_model, port)
+    proc = start_serve(str(config), "--address", "auto" if how == "auto" else f"127.0.0.1:{ray_head}")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_url(proc, url)
+        assert complete(url)["model"] == "tiny"
+        raylets = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "raylet"]
+        interrupt(proc)
+        assert proc.returncode == 0
+        # The cluster was there before us and stays; our app and the Serve we started are gone.
+        assert all(p.is_running() for p in raylets)
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"{url}/health", timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

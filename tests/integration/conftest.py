@@ -1,0 +1,41 @@
+"""One real service for the integration tests: local Ray + Serve, three vLLM engines on the CPU."""
+
+import socket
+
+import pytest
+
+from tiny_model import CPU_ENV, TINY_ENGINE_ARGS
+
+from raylm.config import AppConfig, ModelConfig, default_models
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def service(tiny_model):
+    from raylm.serve.runner import start
+
+    smollm2, minilm = default_models()
+    config = AppConfig(
+        models=(
+            ModelConfig(name="tiny", source=str(tiny_model), num_cpus=0.25,
+                        engine_args=TINY_ENGINE_ARGS, env=CPU_ENV),
+            smollm2.model_copy(update={"num_cpus": 0.25, "env": CPU_ENV}),
+            minilm.model_copy(update={"num_cpus": 0.25, "env": CPU_ENV}),
+        ),
+        serve={"port": free_port(), "num_cpus": 2},
+    )
+    svc = start(config)
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="session")
+def client(service):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{service.url}/v1", api_key="unused", max_retries=0, timeout=120)

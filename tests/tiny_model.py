@@ -1,0 +1,50 @@
+"""A tiny random Llama with a byte-level BPE tokenizer and a chat template, made locally in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Engine arguments and replica environment the tests serve the tiny model with.
+TINY_ENGINE_ARGS = {"enforce_eager": True, "max_model_len": 256, "dtype": "bfloat16"}
+CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Ray Serve deploys models; vLLM batches requests and streams tokens.",
+    "Hello world! 0123456789, a tiny model for fast tests.",
+] * 50
+
+
+def make_tiny_llama(out: Path, seed: int = 0) -> Path:
+    """Write the model to `out` (once) and return it."""
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    special = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(_CORPUS, trainers.BpeTrainer(
+        vocab_size=512, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="<|im_end|>", pad_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
+                         pad_token_id=fast.pad_token_id, rope_theta=10000.0, tie_word_embeddings=True)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
+    fast.save_pretrained(out)
+    from raylm.models import _patch_json
+
+    _patch_json(out / "config.json", lambda c: (c.pop("rope_parameters", None), c.update(rope_theta=10000.0)))
+    _patch_json(out / "tokenizer_config.json", lambda c: c.update(tokenizer_class="PreTrainedTokenizerFast"))
+    return out

@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,15 +13,9 @@ import psutil
 import pytest
 import yaml
 
-from tiny_model import CPU_ENV, TINY_ENGINE_ARGS
+from helpers import CPU_ENV, TINY_ENGINE_ARGS, free_port
 
 RAYLM = [sys.executable, "-m", "raylm.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(path: Path, model: Path, port: int) -> Path:

@@ -1,18 +1,11 @@
 """One real service for the integration tests: local Ray + Serve, three vLLM engines on the CPU."""
 
-import socket
 
 import pytest
 
-from tiny_model import CPU_ENV, TINY_ENGINE_ARGS
+from helpers import CPU_ENV, TINY_ENGINE_ARGS, free_port
 
 from raylm.config import AppConfig, ModelConfig, default_models
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import textwrap
 
-from tiny_model import CPU_ENV, TINY_ENGINE_ARGS
+from helpers import CPU_ENV, TINY_ENGINE_ARGS
 
 PROMPTS = ["Hello world", "The quick brown fox", "Ray Serve deploys"]
 CHAT = [{"role": "user", "content": "Hello world"}]

@@ -1,7 +1,8 @@
-"""A tiny random Llama with a byte-level BPE tokenizer and a chat template, made locally in seconds."""
+"""Test helpers: a tiny random Llama (byte-level BPE tokenizer, chat template) made in seconds, ports."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 # Engine arguments and replica environment the tests serve the tiny model with.
@@ -48,3 +49,9 @@ def make_tiny_llama(out: Path, seed: int = 0) -> Path:
     _patch_json(out / "config.json", lambda c: (c.pop("rope_parameters", None), c.update(rope_theta=10000.0)))
     _patch_json(out / "tokenizer_config.json", lambda c: c.update(tokenizer_class="PreTrainedTokenizerFast"))
     return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

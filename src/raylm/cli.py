@@ -47,7 +47,13 @@ def serve_command(
         console.print(f"[green]raylm is serving[/green] {names} at [bold]{service.url}/v1[/bold]  (Ctrl-C stops)")
         print(f"{service.url}/v1", flush=True)
 
-    run_forever(cfg, on_ready)
+    from raylm.serve.runner import DeployError
+
+    try:
+        run_forever(cfg, on_ready)
+    except DeployError as exc:
+        console.print(f"[red]raylm could not start:[/red] {exc}")
+        raise typer.Exit(1) from None
 
 
 @app.command("prepare")

@@ -114,3 +114,13 @@ def test_serve_joins_an_existing_cluster(ray_head, tiny_model, tmp_path, how):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_bad_engine_argument_fails_with_the_reason(tiny_model, tmp_path):
+    config = write_config(tmp_path / "raylm.yaml", tiny_model, free_port())
+    data = yaml.safe_load(config.read_text())
+    data["models"][0]["engine_args"] = {"max_modle_len": 64}
+    config.write_text(yaml.safe_dump(data))
+    proc = subprocess.run([*RAYLM, "serve", str(config)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "unknown vLLM engine argument 'max_modle_len'" in proc.stdout + proc.stderr

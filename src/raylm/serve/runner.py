@@ -98,12 +98,27 @@ def start(config: AppConfig) -> Service:
     service = Service(config, started, started or not _serve_running(), url)
     try:
         serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
-        serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+        try:
+            serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+        except RuntimeError as exc:
+            raise DeployError(f"{exc}\n{_deployment_messages()}") from None
         wait_ready(service.url, config.serve.ready_timeout_s)
     except BaseException:
         service.stop()
         raise
     return service
+
+
+class DeployError(RuntimeError):
+    """The app could not be deployed; the message carries each failing deployment's reason."""
+
+
+def _deployment_messages() -> str:
+    try:
+        app = serve.status().applications[APP_NAME]
+    except Exception:  # Serve itself is unreachable: nothing more to say
+        return ""
+    return "\n".join(f"{name}: {d.message}" for name, d in app.deployments.items() if d.message)
 
 
 def wait_ready(url: str, timeout_s: float) -> None:
@@ -112,7 +127,7 @@ def wait_ready(url: str, timeout_s: float) -> None:
     while time.monotonic() < deadline:
         status = serve.status().applications.get(APP_NAME)
         if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
-            raise RuntimeError(f"deployment failed: {status.message or status.status}")
+            raise DeployError(f"deployment failed: {status.message or status.status}\n{_deployment_messages()}")
         try:
             r = httpx.get(f"{url}/ready", timeout=10)
             if r.status_code == 200:

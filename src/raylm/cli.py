@@ -14,6 +14,12 @@ app = typer.Typer(help="LLM inference on Ray: serve, data pipelines, benchmarks.
 console = Console(stderr=True)
 
 
+def _add_data_commands() -> None:
+    from raylm.data.cli import app as data_app
+
+    app.add_typer(data_app, name="data")
+
+
 @app.callback()
 def main() -> None:
     """raylm: one tool from a laptop to a GPU cluster."""
@@ -69,6 +75,8 @@ def prepare_command(
     for model in cfg.models:
         console.print(f"{model.name}: {resolve_source(model.source, cfg.serve.cache_dir)}")
 
+
+_add_data_commands()
 
 if __name__ == "__main__":
     app()

@@ -71,11 +71,26 @@ def default_models() -> tuple[ModelConfig, ...]:
     )
 
 
+class DataConfig(_Frozen):
+    text_column: str = Field("text", description="Input column holding the text.")
+    output_format: Literal["parquet", "jsonl"] = Field("parquet", description="Format of OUT's files.")
+    batch_size: int = Field(256, ge=1, description="Rows per batch handed to a stage.")
+    concurrency: int = Field(1, ge=1, description="Actors in the stage's pool (each loads the model once).")
+    num_cpus: float = Field(1.0, gt=0, description="Logical CPUs each stage actor reserves.")
+    tokenizer: str = Field(f"{BUNDLED_PREFIX}{SMOLLM2}", description="Tokenizer source for `data tokenize`.")
+    embed_model: str = Field(f"{BUNDLED_PREFIX}{MINILM}", description="Model source for `data embed`.")
+    generate_model: str = Field(f"{BUNDLED_PREFIX}{SMOLLM2}", description="Model source for `data generate`.")
+    engine_args: dict[str, Any] = Field(
+        default_factory=lambda: {"enforce_eager": True},
+        description="vLLM engine arguments for the embed and generate stages, passed untouched.")
+
+
 class AppConfig(_Frozen):
     models: tuple[ModelConfig, ...] = Field(
         default_factory=default_models,
         description="Served models; the first one is the HTTP ingress and routes the others.")
-    serve: ServeConfig = Field(default_factory=ServeConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="The online service.")
+    data: DataConfig = Field(default_factory=DataConfig, description="`raylm data` pipelines.")
 
     @field_validator("models")
     @classmethod
@@ -93,30 +108,31 @@ class AppConfig(_Frozen):
 
 
 def load_config(path: str | Path | None = None, *, model: str | None = None,
-                replicas: int | None = None, **serve: Any) -> AppConfig:
+                replicas: int | None = None, data: dict[str, Any] | None = None, **serve: Any) -> AppConfig:
     """Read a YAML file (or the defaults), then apply CLI overrides; every value is validated.
 
     `model` replaces the first model's source (and name); `replicas` sets every model's replica count;
-    `serve` keys override the serve section (None means "not given").
+    `data` and `serve` keys override those sections (None means "not given").
     """
-    data: dict[str, Any] = {}
+    tree: dict[str, Any] = {}
     if path is not None:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
+        tree = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(tree, dict):
             raise ValueError(f"{path}: the top level must be a mapping")
-    given = {k: v for k, v in serve.items() if v is not None}
-    if given:
-        data["serve"] = {**(data.get("serve") or {}), **given}
+    for section, values in (("serve", serve), ("data", data or {})):
+        given = {k: v for k, v in values.items() if v is not None}
+        if given:
+            tree[section] = {**(tree.get(section) or {}), **given}
     if model is not None or replicas is not None:
-        models = [m.model_dump() for m in AppConfig.model_validate(data).models]
+        models = [m.model_dump() for m in AppConfig.model_validate(tree).models]
         if model is not None:
             # Engine arguments belong to the old weights; resources and environment stay.
             models[0] = {**models[0], "name": _name_of(model), "source": model, "engine_args": {}}
         if replicas is not None:
             for m in models:
                 m["replicas"] = replicas
-        data["models"] = models
-    return AppConfig.model_validate(data)
+        tree["models"] = models
+    return AppConfig.model_validate(tree)
 
 
 def _name_of(source: str) -> str:

@@ -2,7 +2,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from raylm.config import AppConfig, ModelConfig, load_config
+from raylm.config import AppConfig, DataConfig, ModelConfig, ServeConfig, load_config
 
 
 def test_defaults_serve_the_bundled_pair_on_loopback():
@@ -57,5 +57,5 @@ def test_config_is_frozen_and_documented():
     model = ModelConfig(name="a", source="x")
     with pytest.raises(ValidationError):
         model.replicas = 4
-    for cls in (ModelConfig, AppConfig):
-        assert all(f.description for name, f in cls.model_fields.items() if name != "serve"), cls
+    for cls in (ModelConfig, AppConfig, ServeConfig, DataConfig):
+        assert all(f.description for f in cls.model_fields.values()), cls

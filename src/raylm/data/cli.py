@@ -1,0 +1,101 @@
+"""`raylm data tokenize|embed|generate IN OUT`: the flags map onto the config's `data` section."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(help="Ray Data pipelines: tokenize, embed, batch-generate. IN: JSONL, Parquet or text "
+                       "(file, directory or glob). OUT: a directory of Parquet (or JSONL) files.",
+                  no_args_is_help=True)
+console = Console(stderr=True, soft_wrap=True)
+
+In = Annotated[str, typer.Argument(help="Input file, directory or glob (local path or URI).")]
+Out = Annotated[Path, typer.Argument(help="Output directory (data/, errors/); rerun to resume.")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="raylm YAML config.", exists=True)]
+TextCol = Annotated[Optional[str], typer.Option(help="Input column with the text (default: text).")]
+Fmt = Annotated[Optional[str], typer.Option("--format", help="parquet (default) or jsonl.")]
+Conc = Annotated[Optional[int], typer.Option(min=1, help="Stage actors (each loads the model once).")]
+
+
+def _run(task: str, input: str, output: Path, config: Path | None, stage: str, kwargs: dict[str, Any],
+         options: dict[str, Any], **data: Any) -> None:
+    import ray
+
+    from raylm.config import load_config
+    from raylm.data import io, job, llm_stages
+    from raylm.models import resolve_source
+
+    app_cfg = load_config(config, data=data)
+    cfg = app_cfg.data
+    model = resolve_source(kwargs.pop("source") or getattr(cfg, _SOURCE[stage]), app_cfg.serve.cache_dir)
+    if "engine_args" in kwargs:
+        kwargs["engine_args"] = {**cfg.engine_args, **kwargs["engine_args"]}
+    spec = job.JobSpec(task, input, str(output), cfg.text_column, cfg.output_format,
+                       {**options, "model": model})
+    try:  # fail fast, before starting Ray, on a bad input or an OUT that is not ours
+        io.list_inputs(spec.input)
+        job.claim_output(spec)
+    except (job.JobError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
+             _node_ip_address="127.0.0.1")
+    try:
+        summary = job.run_job(spec, getattr(llm_stages, stage),
+                              {"text_column": cfg.text_column, **kwargs, _MODEL_ARG[stage]: model},
+                              concurrency=cfg.concurrency, num_cpus=cfg.num_cpus, batch_size=cfg.batch_size,
+                              env={"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"})
+    except (job.JobError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    finally:
+        ray.shutdown()
+    console.print(f"[green]done[/green]: rows in {summary.rows_in}, out {summary.rows_out}, "
+                  f"failed {summary.rows_failed} (see {output}/errors), already done {summary.rows_skipped}; "
+                  f"{summary.rows_per_s:,.1f} rows/s, {summary.wall_s:.1f} s")
+    print(f"{summary.rows_in} {summary.rows_out} {summary.rows_failed} {summary.rows_skipped}")
+
+
+_MODEL_ARG = {"Tokenize": "tokenizer", "Embed": "model", "Generate": "model"}
+_SOURCE = {"Tokenize": "tokenizer", "Embed": "embed_model", "Generate": "generate_model"}
+
+
+@app.command()
+def tokenize(input: In, output: Out, config: ConfigOpt = None, text_column: TextCol = None, fmt: Fmt = None,
+             concurrency: Conc = None,
+             tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer source (bundled:, folder).")] = None,
+             chunk_size: Annotated[Optional[int], typer.Option(min=1, help="Split into windows of N tokens.")] = None,
+             ) -> None:
+    """Tokenize text into token ids with the model's own tokenizer."""
+    _run("tokenize", input, output, config, "Tokenize",
+         {"source": tokenizer, "chunk_size": chunk_size},
+         {"chunk_size": chunk_size}, text_column=text_column, output_format=fmt, concurrency=concurrency)
+
+
+@app.command()
+def embed(input: In, output: Out, config: ConfigOpt = None, text_column: TextCol = None, fmt: Fmt = None,
+          concurrency: Conc = None,
+          model: Annotated[Optional[str], typer.Option(help="Embedding model source.")] = None) -> None:
+    """Sentence embeddings (unit-norm float32) with vLLM's pooling runner."""
+    _run("embed", input, output, config, "Embed",
+         {"source": model, "engine_args": {"dtype": "float32"}},
+         {}, text_column=text_column, output_format=fmt, concurrency=concurrency)
+
+
+@app.command()
+def generate(input: In, output: Out, config: ConfigOpt = None, text_column: TextCol = None, fmt: Fmt = None,
+             concurrency: Conc = None,
+             model: Annotated[Optional[str], typer.Option(help="Generation model source.")] = None,
+             max_tokens: Annotated[int, typer.Option(min=1, help="Default max tokens per row.")] = 64,
+             temperature: Annotated[float, typer.Option(min=0, help="Default temperature per row.")] = 0.0,
+             ) -> None:
+    """Batch generation with vLLM (chat template for chat models; per-row max_tokens/temperature)."""
+    _run("generate", input, output, config, "Generate",
+         {"source": model, "max_tokens": max_tokens, "temperature": temperature, "engine_args": {}},
+         {"max_tokens": max_tokens, "temperature": temperature},
+         text_column=text_column, output_format=fmt, concurrency=concurrency)

@@ -1,0 +1,166 @@
+"""A data job: input files → a stage in a Ray Data actor pool → OUT/data and OUT/errors, resumable.
+
+How resume decides what is done: every output row carries its input id (`_source`, `_row`). Output
+files are written whole or not at all (temporary name, then rename), so on a restart the ids in the
+files under OUT are exactly the rows that are done; those are filtered out at read time and the rest
+is processed. OUT/_raylm_job.json records the job; an OUT holding another job is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+from ray.data.block import BlockAccessor
+from ray.data.datasource import Datasink
+
+from raylm.data import io
+from raylm.data.io import ERROR, ID_COLUMNS
+
+JOB_FILE = "_raylm_job.json"
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    task: str
+    input: str
+    output: str
+    text_column: str = "text"
+    output_format: str = "parquet"
+    options: dict[str, Any] = field(default_factory=dict)  # what else makes this job this job
+
+
+@dataclass(frozen=True)
+class Summary:
+    rows_in: int
+    rows_out: int
+    rows_failed: int
+    rows_skipped: int
+    wall_s: float
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows_in / self.wall_s if self.wall_s else 0.0
+
+
+class JobError(Exception):
+    """A job that cannot start: bad input, or an OUT that belongs to something else."""
+
+
+def claim_output(spec: JobSpec) -> Path:
+    out = Path(spec.output)
+    record = {"task": spec.task, "input": spec.input, "text_column": spec.text_column,
+              "output_format": spec.output_format, "options": spec.options}
+    job_file = out / JOB_FILE
+    if job_file.exists():
+        existing = json.loads(job_file.read_text())
+        if existing != json.loads(json.dumps(record)):
+            raise JobError(f"{out} holds the output of a different job ({existing}); "
+                           "use another OUT or remove it")
+    elif out.exists() and any(out.iterdir()):
+        raise JobError(f"{out} exists and is not a raylm job output; refusing to write into it")
+    for sub in ("data", "errors"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    job_file.write_text(json.dumps(record, indent=2))
+    return out
+
+
+def done_rows(out: Path) -> dict[str, list[int]]:
+    """Input ids already written; half-written temporaries of a killed run are removed."""
+    done: dict[str, list[int]] = {}
+    for tmp in out.glob("*/*.tmp"):
+        tmp.unlink()
+    for sub in ("data", "errors"):
+        for path in sorted((out / sub).iterdir()):
+            ids = _read_ids(path)
+            for source, rows in ids.items():
+                done.setdefault(source, []).extend(rows)
+    return {s: sorted(set(r)) for s, r in done.items()}
+
+
+def _read_ids(path: Path) -> dict[str, list[int]]:
+    if path.suffix == ".parquet":
+        table = pq.read_table(path, columns=ID_COLUMNS)
+    else:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+        table = pa.table({c: [r[c] for r in rows] for c in ID_COLUMNS}) if rows else pa.table({c: [] for c in ID_COLUMNS})
+    out: dict[str, list[int]] = {}
+    for source, row in zip(table["_source"].to_pylist(), table["_row"].to_pylist()):
+        out.setdefault(source, []).append(row)
+    return out
+
+
+class SplitSink(Datasink):
+    """Writes each block's good rows to OUT/data and error rows to OUT/errors, each file atomically."""
+
+    def __init__(self, out: Path, fmt: str) -> None:
+        self.out, self.fmt = out, fmt
+        self.counts = {"rows_out": 0, "rows_failed": 0, "rows_in": 0}
+
+    def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, int]:
+        counts = {"rows_out": 0, "rows_failed": 0, "rows_in": 0}
+        ext = "parquet" if self.fmt == "parquet" else "jsonl"
+        for block in blocks:
+            table = BlockAccessor.for_block(block).to_arrow()
+            if not len(table):
+                continue
+            failed = pc.is_valid(table[ERROR])
+            name = f"part-{uuid.uuid4().hex}.{ext}"
+            good, bad = table.filter(pc.invert(failed)).drop_columns([ERROR]), table.filter(failed)
+            if len(good):
+                io.write_table(good, str(self.out / "data" / name), self.fmt)
+            if len(bad):
+                io.write_table(bad, str(self.out / "errors" / name), self.fmt)
+            counts["rows_out"] += len(good)
+            counts["rows_failed"] += len(bad)
+            ids = table.select(ID_COLUMNS).group_by(ID_COLUMNS).aggregate([])
+            counts["rows_in"] += len(ids)
+        return counts
+
+    def on_write_complete(self, write_result: Any) -> None:
+        for returned in write_result.write_returns:
+            for key, value in returned.items():
+                self.counts[key] += value
+
+
+def _reader(text_column: str, done: dict[str, list[int]]) -> Callable[[dict], pa.Table]:
+    def read(batch: dict) -> pa.Table:
+        tables = []
+        for path in batch["path"]:
+            table = io.read_file(str(path), text_column)
+            skip = done.get(str(path))
+            if skip:
+                table = table.filter(pc.invert(pc.is_in(table["_row"], pa.array(skip, pa.int64()))))
+            tables.append(table)
+        return pa.concat_tables(tables, promote_options="permissive")
+    return read
+
+
+def run_job(spec: JobSpec, stage_cls: type, stage_kwargs: dict[str, Any], *, concurrency: int = 1,
+            num_cpus: float = 1.0, batch_size: int = 256, env: dict[str, str] | None = None) -> Summary:
+    """Run (or resume) a job on the connected Ray cluster; returns this run's counts."""
+    files = io.list_inputs(spec.input)
+    out = claim_output(spec)
+    done = done_rows(out)
+    skipped = sum(len(r) for r in done.values())
+    start = time.perf_counter()
+    ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
+    ds = ds.map_batches(_reader(spec.text_column, done), batch_size=1, batch_format="pyarrow")
+    remote_args: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
+    ds = ds.map_batches(stage_cls, fn_constructor_kwargs=stage_kwargs, batch_size=batch_size,
+                        batch_format="pyarrow", concurrency=concurrency, num_cpus=num_cpus, **remote_args)
+    sink = SplitSink(out, spec.output_format)
+    ds.write_datasink(sink)
+    c = sink.counts
+    if c["rows_in"] == 0 and skipped == 0:
+        raise JobError(f"input {spec.input!r} holds no rows")
+    return Summary(c["rows_in"], c["rows_out"], c["rows_failed"], skipped, time.perf_counter() - start)

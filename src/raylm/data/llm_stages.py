@@ -1,0 +1,162 @@
+"""LLM stages on Ray Data batches (pyarrow Tables): tokenize, embed, generate.
+
+Each is a callable class: the model or tokenizer loads once in `__init__` (Ray Data runs them in an actor
+pool), `__call__` maps a batch. Rows arriving with an `error`, or failing here (no text, prompt longer than
+the context), keep flowing with `error` set; they are never dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from raylm.data.io import ERROR
+
+
+def texts_and_errors(batch: pa.Table, text_column: str) -> tuple[list[str | None], list[str | None]]:
+    """The batch's texts (None where unusable) and its error column with missing texts marked."""
+    errors = batch[ERROR].to_pylist() if ERROR in batch.column_names else [None] * len(batch)
+    if text_column not in batch.column_names:
+        return [None] * len(batch), [e or f"no {text_column!r} column" for e in errors]
+    column = batch[text_column]
+    if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
+        return [None] * len(batch), [e or f"{text_column} is not a string ({column.type})" for e in errors]
+    texts = column.to_pylist()
+    errors = [e or (f"{text_column} is missing" if t is None else None) for t, e in zip(texts, errors)]
+    return [t if e is None else None for t, e in zip(texts, errors)], errors
+
+
+def _with(batch: pa.Table, columns: dict[str, pa.Array], errors: list[str | None]) -> pa.Table:
+    batch = batch.drop_columns([c for c in [*columns, ERROR] if c in batch.column_names])
+    for name, values in columns.items():
+        batch = batch.append_column(name, values)
+    return batch.append_column(ERROR, pa.array(errors, pa.string()))
+
+
+class Tokenize:
+    """text → `input_ids` (list<int32>) and `num_tokens`, with the model's own (fast) tokenizer.
+
+    With `chunk_size`, each text becomes rows of at most `chunk_size` tokens (`chunk` numbers them).
+    """
+
+    def __init__(self, tokenizer: str, text_column: str = "text", chunk_size: int | None = None,
+                 add_special_tokens: bool = False) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        self.text_column, self.chunk_size, self.special = text_column, chunk_size, add_special_tokens
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        texts, errors = texts_and_errors(batch, self.text_column)
+        ok = [t for t in texts if t is not None]
+        encoded = iter(self.tokenizer(ok, add_special_tokens=self.special)["input_ids"] if ok else [])
+        ids = [next(encoded) if t is not None else [] for t in texts]
+        if self.chunk_size:
+            return self._chunks(batch, ids, errors)
+        return _with(batch, {"input_ids": pa.array(ids, pa.list_(pa.int32())),
+                             "num_tokens": pa.array([len(i) for i in ids], pa.int32())}, errors)
+
+    def _chunks(self, batch: pa.Table, ids: list[list[int]], errors: list[str | None]) -> pa.Table:
+        size = self.chunk_size
+        counts = np.array([max(1, -(-len(i) // size)) for i in ids])  # an empty or failed row stays one row
+        take = np.repeat(np.arange(len(ids)), counts)
+        chunk = np.concatenate([np.arange(c) for c in counts]) if len(counts) else np.array([], int)
+        windows = [ids[r][k * size:(k + 1) * size] for r, k in zip(take, chunk)]
+        return _with(batch.take(pa.array(take)), {
+            "chunk": pa.array(chunk, pa.int32()),
+            "input_ids": pa.array(windows, pa.list_(pa.int32())),
+            "num_tokens": pa.array([len(w) for w in windows], pa.int32()),
+        }, [errors[r] for r in take])
+
+
+def _make_llm(model: str, engine_args: dict[str, Any], **kwargs: Any) -> Any:
+    from vllm import LLM
+
+    return LLM(model=model, **{**engine_args, **kwargs})
+
+
+def _too_long(lengths: list[int], limit: int, texts: list[str | None], errors: list[str | None]) -> None:
+    for i, n in enumerate(lengths):
+        if texts[i] is not None and n > limit:
+            errors[i] = f"prompt has {n} tokens, more than the model's context of {limit}"
+            texts[i] = None
+
+
+class Embed:
+    """text → `embedding`: unit-norm float32 vectors (fixed-size list) from vLLM's pooling runner."""
+
+    def __init__(self, model: str, text_column: str = "text", engine_args: dict[str, Any] | None = None) -> None:
+        self.llm = _make_llm(model, engine_args or {}, runner="pooling")
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_len = self.llm.llm_engine.model_config.max_model_len
+        self.dim = self.llm.llm_engine.model_config.get_hidden_size()
+        self.text_column = text_column
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        texts, errors = texts_and_errors(batch, self.text_column)
+        ok = [t for t in texts if t is not None]
+        lengths = iter(len(i) for i in self.tokenizer(ok)["input_ids"]) if ok else iter(())
+        _too_long([next(lengths) if t is not None else 0 for t in texts], self.max_len, texts, errors)
+        ok = [t for t in texts if t is not None]
+        vectors = np.zeros((len(texts), self.dim), np.float32)
+        if ok:
+            out = np.array([o.outputs.embedding for o in self.llm.embed(ok, use_tqdm=False)], np.float32)
+            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+            vectors[[i for i, t in enumerate(texts) if t is not None]] = out
+        flat = pa.array(vectors.reshape(-1))
+        return _with(batch, {"embedding": pa.FixedSizeListArray.from_arrays(flat, self.dim)}, errors)
+
+
+class Generate:
+    """text → `generated_text`, token counts and `finish_reason`, with vLLM batch inference.
+
+    Chat models get their chat template (the text is the user's message). Rows may carry their own
+    `max_tokens` and `temperature`; others use the defaults given here.
+    """
+
+    def __init__(self, model: str, text_column: str = "text", engine_args: dict[str, Any] | None = None,
+                 max_tokens: int = 64, temperature: float = 0.0) -> None:
+        self.llm = _make_llm(model, engine_args or {})
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_len = self.llm.llm_engine.model_config.max_model_len
+        self.chat = getattr(self.tokenizer, "chat_template", None) is not None
+        self.text_column, self.max_tokens, self.temperature = text_column, max_tokens, temperature
+
+    def _prompt_ids(self, text: str) -> list[int]:
+        if self.chat:  # render, then tokenize: the template already holds the special tokens
+            rendered = self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                          add_generation_prompt=True, tokenize=False)
+            return self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(text)["input_ids"]
+
+    def _row_param(self, batch: pa.Table, name: str, default: float, cast: type) -> list:
+        if name not in batch.column_names:
+            return [default] * len(batch)
+        return [default if v is None else cast(v) for v in batch[name].to_pylist()]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from vllm import SamplingParams, TokensPrompt
+
+        texts, errors = texts_and_errors(batch, self.text_column)
+        max_tokens = self._row_param(batch, "max_tokens", self.max_tokens, int)
+        temperature = self._row_param(batch, "temperature", self.temperature, float)
+        prompts = [self._prompt_ids(t) if t is not None else [] for t in texts]
+        _too_long([len(p) + m for p, m in zip(prompts, max_tokens)], self.max_len, texts, errors)
+        rows = [i for i, t in enumerate(texts) if t is not None]
+        results: dict[int, Any] = {}
+        if rows:
+            params = [SamplingParams(max_tokens=max_tokens[i], temperature=temperature[i]) for i in rows]
+            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=prompts[i]) for i in rows], params,
+                                        use_tqdm=False)
+            results = {i: o.outputs[0] for i, o in zip(rows, outputs)}
+        get = results.get
+        return _with(batch, {
+            "generated_text": pa.array([get(i).text if i in results else None for i in range(len(texts))]),
+            "num_prompt_tokens": pa.array([len(p) for p in prompts], pa.int32()),
+            "num_generated_tokens": pa.array([len(get(i).token_ids) if i in results else 0
+                                              for i in range(len(texts))], pa.int32()),
+            "finish_reason": pa.array([get(i).finish_reason if i in results else None
+                                       for i in range(len(texts))], pa.string()),
+        }, errors)

@@ -37,4 +37,6 @@ test-unit: setup
 	$(BIN)/python -m pytest tests/unit -q -p no:cacheprovider
 
 bench: setup
-	$(BIN)/python benchmarks/serve_throughput.py $(ARGS)
+	$(BIN)/pip install -q -e '.[$(EXTRA),bench]'
+	$(BIN)/python benchmarks/serve_throughput.py
+	$(BIN)/python benchmarks/data_pipeline.py

@@ -81,9 +81,9 @@ def tokenize(input: In, output: Out, config: ConfigOpt = None, text_column: Text
 def embed(input: In, output: Out, config: ConfigOpt = None, text_column: TextCol = None, fmt: Fmt = None,
           concurrency: Conc = None,
           model: Annotated[Optional[str], typer.Option(help="Embedding model source.")] = None) -> None:
-    """Sentence embeddings (unit-norm float32) with vLLM's pooling runner."""
+    """Sentence embeddings with vLLM's pooling runner (bf16 compute; unit-norm float32 vectors)."""
     _run("embed", input, output, config, "Embed",
-         {"source": model, "engine_args": {"dtype": "float32"}},
+         {"source": model, "engine_args": {"dtype": "bfloat16"}},
          {}, text_column=text_column, output_format=fmt, concurrency=concurrency)
 
 

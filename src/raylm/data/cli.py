@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -37,28 +39,36 @@ def _run(task: str, input: str, output: Path, config: Path | None, stage: str, k
         kwargs["engine_args"] = {**cfg.engine_args, **kwargs["engine_args"]}
     spec = job.JobSpec(task, input, str(output), cfg.text_column, cfg.output_format,
                        {**options, "model": model})
-    try:  # fail fast, before starting Ray, on a bad input or an OUT that is not ours
+    with _job_errors():  # fail fast, before starting Ray, on a bad input or an OUT that is not ours
         io.list_inputs(spec.input)
         job.claim_output(spec)
-    except (job.JobError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
     ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
              _node_ip_address="127.0.0.1")
     try:
-        summary = job.run_job(spec, getattr(llm_stages, stage),
-                              {"text_column": cfg.text_column, **kwargs, _MODEL_ARG[stage]: model},
-                              concurrency=cfg.concurrency, num_cpus=cfg.num_cpus, batch_size=cfg.batch_size,
-                              env={"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"})
-    except (job.JobError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        with _job_errors():
+            summary = job.run_job(spec, getattr(llm_stages, stage),
+                                  {"text_column": cfg.text_column, **kwargs, _MODEL_ARG[stage]: model},
+                                  concurrency=cfg.concurrency, num_cpus=cfg.num_cpus,
+                                  batch_size=cfg.batch_size,
+                                  env={"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"})
     finally:
         ray.shutdown()
     console.print(f"[green]done[/green]: rows in {summary.rows_in}, out {summary.rows_out}, "
                   f"failed {summary.rows_failed} (see {output}/errors), already done {summary.rows_skipped}; "
                   f"{summary.rows_per_s:,.1f} rows/s, {summary.wall_s:.1f} s")
     print(f"{summary.rows_in} {summary.rows_out} {summary.rows_failed} {summary.rows_skipped}")
+
+
+@contextlib.contextmanager
+def _job_errors() -> Iterator[None]:
+    """A job that cannot run (bad input, foreign OUT): one line on stderr and exit code 2."""
+    from raylm.data.job import JobError
+
+    try:
+        yield
+    except (JobError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
 
 
 _MODEL_ARG = {"Tokenize": "tokenizer", "Embed": "model", "Generate": "model"}

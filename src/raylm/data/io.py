@@ -19,9 +19,14 @@ ID_COLUMNS = ["_source", "_row"]
 ERROR = "error"
 
 
+def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem of a URI (s3://, gs://, ...) or a local path, and the path inside it."""
+    return pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+
+
 def list_inputs(spec: str) -> list[str]:
     """A file, a directory (its files, recursively) or a glob, as sorted URIs/paths of known formats."""
-    fs, path = pafs.FileSystem.from_uri(spec) if "://" in spec else (pafs.LocalFileSystem(), spec)
+    fs, path = _filesystem(spec)
     prefix = spec[: len(spec) - len(path)] if "://" in spec else ""
     if any(ch in path for ch in "*?["):
         base = path[: min(path.index(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0] or "/"
@@ -49,7 +54,7 @@ def input_format(path: str) -> str | None:
 def read_file(path: str, text_column: str) -> pa.Table:
     """One input file as rows: the id columns, the text column, any other columns the file has, `error`."""
     fmt = input_format(path)
-    fs, inner = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+    fs, inner = _filesystem(path)
     if fmt == "parquet":
         table = pq.read_table(inner, filesystem=fs)
         table = table.append_column(ERROR, pa.nulls(len(table), pa.string()))
@@ -98,7 +103,7 @@ def _read_jsonl(raw: bytes, text_column: str) -> pa.Table:
         except (UnicodeDecodeError, ValueError) as exc:
             rows.append({})
             errors.append(f"bad JSON line: {exc}")
-    for row, i in zip(rows, range(len(rows))):
+    for i, row in enumerate(rows):
         text = row.get(text_column)
         if text is not None and not isinstance(text, str) and errors[i] is None:
             errors[i] = f"{text_column} is not a string: {json.dumps(text)[:100]}"
@@ -116,7 +121,7 @@ def _as_text(value: object) -> str | None:
 
 def write_table(table: pa.Table, path: str, fmt: str) -> None:
     """Write atomically: to a temporary name, then renamed, so a killed job never leaves half a file."""
-    fs, inner = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+    fs, inner = _filesystem(path)
     tmp = f"{inner}.tmp"
     if fmt == "parquet":
         pq.write_table(table, tmp, filesystem=fs)

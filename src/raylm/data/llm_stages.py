@@ -95,16 +95,21 @@ class Embed:
         self.text_column = text_column
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from vllm import TokensPrompt
+
         texts, errors = texts_and_errors(batch, self.text_column)
         ok = [t for t in texts if t is not None]
-        lengths = iter(len(i) for i in self.tokenizer(ok)["input_ids"]) if ok else iter(())
-        _too_long([next(lengths) if t is not None else 0 for t in texts], self.max_len, texts, errors)
-        ok = [t for t in texts if t is not None]
+        # Tokenize once: the ids both check the context length and go to the engine as they are.
+        encoded = iter(self.tokenizer(ok)["input_ids"] if ok else [])
+        ids = [next(encoded) if t is not None else [] for t in texts]
+        _too_long([len(i) for i in ids], self.max_len, texts, errors)
+        rows = [i for i, t in enumerate(texts) if t is not None]
         vectors = np.zeros((len(texts), self.dim), np.float32)
-        if ok:
-            out = np.array([o.outputs.embedding for o in self.llm.embed(ok, use_tqdm=False)], np.float32)
+        if rows:
+            prompts = [TokensPrompt(prompt_token_ids=ids[i]) for i in rows]
+            out = np.array([o.outputs.embedding for o in self.llm.embed(prompts, use_tqdm=False)], np.float32)
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-            vectors[[i for i, t in enumerate(texts) if t is not None]] = out
+            vectors[rows] = out
         flat = pa.array(vectors.reshape(-1))
         return _with(batch, {"embedding": pa.FixedSizeListArray.from_arrays(flat, self.dim)}, errors)
 

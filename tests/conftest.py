@@ -8,7 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
-_MARKERS = {"integration": "integration", "cluster": "cluster"}
+_MARKERS = {"integration": "integration", "cluster": "cluster", "chaos": "chaos"}
 
 
 def pytest_collection_modifyitems(items):

@@ -10,13 +10,69 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from raylm.models import BUNDLED_PREFIX, MINILM, SMOLLM2, default_cache_dir
 
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class AdmissionConfig(_Frozen):
+    """Backpressure on each replica: a batch in the engine, a bounded weighted-fair queue, then 429."""
+
+    max_running: int = Field(
+        32, ge=1, description="Requests one replica runs in its engine at once (vLLM's max_num_seqs is "
+                              "set to max_running + burst + 1, so the health probe always finds room).")
+    max_queued: int = Field(
+        64, ge=0, description="Requests waiting on one replica. When full, the request served last in "
+                              "fair order (the tenant furthest over its share) gets 429.")
+    max_queued_tokens: int = Field(32768, ge=1, description="Prompt tokens waiting on one replica.")
+    burst: int = Field(
+        8, ge=0, description="Extra engine slots for tenants running less than their fair share, so a "
+                             "light tenant starts at once instead of waiting behind a flooding one.")
+    retry_after_s: float = Field(1.0, gt=0, description="Retry-After (seconds) sent with 429 and 503.")
+
+
+class AutoscalingConfig(_Frozen):
+    """Passed to Serve's autoscaler; it counts running plus queued requests on each replica."""
+
+    min_replicas: int = Field(1, ge=0, description="0 lets the model scale to zero; a request then "
+                                                   "waits for a cold start (see serve.cold_start_timeout_s).")
+    max_replicas: int = Field(2, ge=1, description="Upper bound of replicas.")
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas at deploy time (default: min).")
+    target_ongoing_requests: float | None = Field(
+        None, gt=0, description="Running + queued requests per replica to aim for (default: max_running).")
+    upscale_delay_s: float = Field(10.0, ge=0, description="Load must last this long before scaling up.")
+    downscale_delay_s: float = Field(120.0, ge=0, description="Idleness must last this long before "
+                                                              "scaling down.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+class HealthConfig(_Frozen):
+    """Serve calls each replica's health check; it runs a real one-token request on the engine."""
+
+    period_s: float = Field(10.0, gt=0, description="Seconds between health checks.")
+    probe_timeout_s: float = Field(
+        10.0, gt=0, description="Deadline of the one-token probe; a stalled engine misses it. After 3 "
+                                "failed checks in a row Serve replaces the replica.")
+
+
+class APIKey(_Frozen):
+    tenant: str = Field(description="Tenant the key belongs to (shown in logs and metrics, never the key).")
+    key: SecretStr = Field(description="The secret, sent by clients as `Authorization: Bearer <key>`.")
+
+
+class TenantConfig(_Frozen):
+    weight: float = Field(1.0, gt=0, description="Share of a saturated replica, relative to other tenants.")
+    priority: int = Field(0, description="Lower is served first (vLLM's convention), e.g. 0 interactive, "
+                                         "1 batch; fairness applies within a priority.")
 
 
 class ModelConfig(_Frozen):
@@ -35,8 +91,18 @@ class ModelConfig(_Frozen):
         default_factory=dict,
         description="Environment of each replica process, e.g. VLLM_CPU_OMP_THREADS_BIND, "
                     "VLLM_CPU_KVCACHE_SPACE.")
-    max_ongoing_requests: int = Field(
-        64, ge=1, description="Requests one replica runs at once (its engine batches them).")
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig,
+                                       description="What each replica runs, queues and refuses.")
+    autoscaling: AutoscalingConfig | None = Field(
+        None, description="Scale with traffic between min and max replicas (replaces `replicas`).")
+    health: HealthConfig = Field(default_factory=HealthConfig,
+                                 description="How a stalled or dead engine is detected.")
+
+    @model_validator(mode="after")
+    def _one_replica_rule(self) -> ModelConfig:
+        if self.autoscaling is not None and self.replicas != 1:
+            raise ValueError("set either `replicas` or `autoscaling`, not both")
+        return self
 
 
 class ServeConfig(_Frozen):
@@ -49,6 +115,19 @@ class ServeConfig(_Frozen):
     ready_timeout_s: float = Field(600.0, gt=0, description="How long to wait for replicas to start.")
     cache_dir: Path = Field(default_factory=default_cache_dir,
                             description="Where converted bundled models are kept.")
+    api_keys: tuple[APIKey, ...] = Field(
+        (), description="Accepted API keys; with none (and no file) the API is open.")
+    api_keys_file: Path | None = Field(
+        None, description="File of `tenant:key` lines (`#` comments), read when the app is built.")
+    tenant_header: str = Field(
+        "x-raylm-tenant", description="Header naming the tenant when auth is off (with auth, the key does).")
+    tenants: dict[str, TenantConfig] = Field(
+        default_factory=dict, description="Weights and priorities by tenant; others get weight 1, priority 0.")
+    cold_start_timeout_s: float = Field(
+        120.0, gt=0, description="How long a request waits for a replica to take it (e.g. a model scaled "
+                                 "to zero starting up) before 503.")
+    ingress_replicas: int = Field(1, ge=1, description="Replicas of the HTTP ingress (auth, routing, retry).")
+    ingress_num_cpus: float = Field(0.1, ge=0, description="Logical CPUs each ingress replica reserves.")
 
 
 def _all_cores() -> str:
@@ -130,7 +209,7 @@ def load_config(path: str | Path | None = None, *, model: str | None = None,
             models[0] = {**models[0], "name": _name_of(model), "source": model, "engine_args": {}}
         if replicas is not None:
             for m in models:
-                m["replicas"] = replicas
+                m.update(replicas=replicas, autoscaling=None)
         tree["models"] = models
     return AppConfig.model_validate(tree)
 

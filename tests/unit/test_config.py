@@ -59,3 +59,36 @@ def test_config_is_frozen_and_documented():
         model.replicas = 4
     for cls in (ModelConfig, AppConfig, ServeConfig, DataConfig):
         assert all(f.description for f in cls.model_fields.values()), cls
+
+
+def test_admission_sets_serve_limits_and_engine_batch():
+    from raylm.serve.builder import engine_args, serve_options
+
+    model = ModelConfig(name="m", source="/m", admission={"max_running": 8, "max_queued": 16, "burst": 2,
+                                                          "retry_after_s": 3})
+    options = serve_options(model)
+    assert options["max_ongoing_requests"] == 8 + 2 + 2 * 16 and options["max_queued_requests"] == 16
+    assert options["backpressure_config"] == {"status_code": 429, "retry_after_s": 3}
+    assert options["num_replicas"] == 1 and "autoscaling_config" not in options
+    assert engine_args(model)["max_num_seqs"] == 11  # batch + burst + the health probe
+    assert engine_args(model.model_copy(update={"engine_args": {"max_num_seqs": 4}}))["max_num_seqs"] == 4
+
+
+def test_autoscaling_goes_to_serve_and_excludes_fixed_replicas():
+    from raylm.serve.builder import serve_options
+
+    model = ModelConfig(name="m", source="/m", autoscaling={"min_replicas": 0, "max_replicas": 3})
+    scaling = serve_options(model)["autoscaling_config"]
+    assert "num_replicas" not in serve_options(model)
+    assert (scaling["min_replicas"], scaling["max_replicas"], scaling["target_ongoing_requests"]) == (0, 3, 32)
+    with pytest.raises(ValidationError, match="either `replicas` or `autoscaling`"):
+        ModelConfig(name="m", source="/m", replicas=2, autoscaling={"max_replicas": 3})
+    with pytest.raises(ValidationError, match="min_replicas"):
+        ModelConfig(name="m", source="/m", autoscaling={"min_replicas": 4, "max_replicas": 3})
+
+
+def test_replicas_flag_turns_autoscaling_off(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"models": [{"name": "a", "source": "/a", "autoscaling": {"max_replicas": 4}}]}))
+    config = load_config(path, replicas=2)
+    assert config.models[0].replicas == 2 and config.models[0].autoscaling is None

@@ -1,11 +1,17 @@
-"""A bounded streaming load generator: fixed concurrency, token counts from the server's `usage`."""
+"""Bounded streaming load: one request measured, closed loops (fixed concurrency), open loops (Poisson).
+
+Token counts come from the server's `usage`. Every loop is bounded in requests and in time.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import random
 import statistics
 import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -13,10 +19,20 @@ import httpx
 
 @dataclass(frozen=True)
 class RequestResult:
+    """One request. `status` is the HTTP status (0: no answer); `error` is a mid-stream error event's code."""
+
     status: int
     ttft_s: float | None = None
     latency_s: float | None = None
     output_tokens: int = 0
+    error: str | None = None
+    retry_after: str | None = None
+    tag: str = ""
+    started_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200 and self.error is None
 
 
 @dataclass(frozen=True)
@@ -27,15 +43,14 @@ class LoadResult:
 
     @property
     def ok(self) -> list[RequestResult]:
-        return [r for r in self.results if r.status == 200]
+        return [r for r in self.results if r.ok]
 
     @property
     def output_tok_s(self) -> float:
         return sum(r.output_tokens for r in self.ok) / self.wall_s
 
     def ttft_p(self, q: float) -> float:
-        ttfts = sorted(r.ttft_s for r in self.ok if r.ttft_s is not None)
-        return ttfts[min(len(ttfts) - 1, int(q * len(ttfts)))] if ttfts else float("nan")
+        return percentile([r.ttft_s for r in self.ok if r.ttft_s is not None], q)
 
     @property
     def ttft_p50(self) -> float:
@@ -45,50 +60,98 @@ class LoadResult:
     def errors(self) -> int:
         return len(self.results) - len(self.ok)
 
+    def statuses(self) -> Counter[int]:
+        return Counter(r.status for r in self.results)
 
-async def _one(client: httpx.AsyncClient, url: str, body: dict) -> RequestResult:
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) by nearest rank; NaN for no values."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def completion_body(model: str, prompt: str, max_tokens: int) -> dict:
+    """A streaming completion of exactly `max_tokens` tokens (EOS ignored), with usage in the last chunk."""
+    return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+
+
+async def send(client: httpx.AsyncClient, url: str, body: dict, headers: dict[str, str] | None = None,
+               tag: str = "") -> RequestResult:
+    """POST one request; for a stream, time the first token and read to the end."""
     start = time.perf_counter()
     ttft = None
     tokens = 0
-    async with client.stream("POST", url, json=body) as resp:
-        if resp.status_code != 200:
-            await resp.aread()
-            return RequestResult(resp.status_code)
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if ttft is None and any(c.get("text") or c.get("delta", {}).get("content")
-                                    for c in chunk.get("choices", [])):
-                ttft = time.perf_counter() - start
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    return RequestResult(200, ttft, time.perf_counter() - start, tokens)
+    try:
+        async with client.stream("POST", url, json=body, headers=headers) as resp:
+            if resp.status_code != 200 or not body.get("stream"):
+                data = await resp.aread()
+                if resp.status_code == 200:
+                    tokens = json.loads(data).get("usage", {}).get("completion_tokens", 0)
+                return RequestResult(resp.status_code, None, time.perf_counter() - start, tokens,
+                                     retry_after=resp.headers.get("retry-after"), tag=tag, started_s=start)
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return RequestResult(200, ttft, time.perf_counter() - start, tokens,
+                                         error=str(chunk["error"].get("code")), tag=tag, started_s=start)
+                if ttft is None and any(c.get("text") or c.get("delta", {}).get("content")
+                                        for c in chunk.get("choices", [])):
+                    ttft = time.perf_counter() - start
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    except httpx.HTTPError as exc:
+        return RequestResult(0, ttft, time.perf_counter() - start, tokens, error=type(exc).__name__, tag=tag,
+                             started_s=start)
+    return RequestResult(200, ttft, time.perf_counter() - start, tokens, tag=tag, started_s=start)
+
+
+Sender = Callable[[int], Awaitable[RequestResult]]
+
+
+async def closed_loop(sender: Sender, concurrency: int, num_requests: int, timeout_s: float) -> LoadResult:
+    """`concurrency` workers send `num_requests` requests back to back (bounded by `timeout_s`)."""
+    results: list[RequestResult] = []
+    counter = iter(range(num_requests))
+    deadline = time.perf_counter() + timeout_s
+
+    async def worker() -> None:
+        for i in counter:
+            if time.perf_counter() > deadline:
+                return
+            results.append(await sender(i))
+
+    start = time.perf_counter()
+    await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), timeout_s + 60)
+    return LoadResult(concurrency, time.perf_counter() - start, tuple(results))
+
+
+async def open_loop(sender: Sender, rate: float, duration_s: float, seed: int = 0,
+                    drain_s: float = 120.0) -> LoadResult:
+    """Poisson arrivals at `rate` per second for `duration_s`, whatever the answers; then wait for them."""
+    rng = random.Random(seed)
+    tasks: list[asyncio.Task[RequestResult]] = []
+    start = time.perf_counter()
+    next_at = start
+    i = 0
+    while next_at < start + duration_s:
+        await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+        tasks.append(asyncio.create_task(sender(i)))
+        i += 1
+        next_at += rng.expovariate(rate)
+    done = await asyncio.wait_for(asyncio.gather(*tasks), drain_s)
+    return LoadResult(0, time.perf_counter() - start, tuple(done))
 
 
 async def run_load(base_url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int,
                    num_requests: int, timeout_s: float = 300.0) -> LoadResult:
     """Send `num_requests` streaming completions, `concurrency` at a time, with fixed output length."""
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(num_requests):
-        queue.put_nowait(i)
-    results: list[RequestResult] = []
     url = f"{base_url.rstrip('/')}/completions"
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
-        async def worker() -> None:
-            while not queue.empty():
-                i = queue.get_nowait()
-                body = {"model": model, "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
-                        "temperature": 0, "ignore_eos": True, "stream": True,
-                        "stream_options": {"include_usage": True}}
-                try:
-                    results.append(await _one(client, url, body))
-                except httpx.HTTPError:
-                    results.append(RequestResult(0))
+        async def sender(i: int) -> RequestResult:
+            return await send(client, url, completion_body(model, prompts[i % len(prompts)], max_tokens))
 
-        start = time.perf_counter()
-        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), timeout_s)
-        wall = time.perf_counter() - start
-    return LoadResult(concurrency, wall, tuple(results))
+        return await closed_loop(sender, concurrency, num_requests, timeout_s)

@@ -21,6 +21,12 @@ class Engine(Protocol):
 
     async def create(self, endpoint: Endpoint, body: dict, request_id: str) -> Result: ...
 
+    def prompt_tokens(self, endpoint: Endpoint, body: dict) -> int:
+        """Prompt tokens of a request (an estimate is fine: it bounds the queue, not the model)."""
+
+    def num_running(self) -> int:
+        """Requests inside the engine now; drops when a request finishes or is aborted."""
+
     async def health(self) -> None:
         """Raise if the engine cannot serve."""
 

@@ -95,6 +95,28 @@ class VLLMEngine:
 
         return EmbeddingRequest, state.serving_embedding
 
+    def prompt_tokens(self, endpoint: Endpoint, body: dict) -> int:
+        if endpoint == "chat":
+            messages = body.get("messages")
+            parts = [m.get("content") for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
+            # Chat content may be a list of typed parts; only text parts cost prompt tokens here.
+            parts = [p.get("text") if isinstance(p, dict) else p
+                     for part in parts for p in (part if isinstance(part, list) else [part])]
+        else:
+            value = body.get("prompt" if endpoint == "completions" else "input")
+            parts = value if isinstance(value, list) and value and not isinstance(value[0], int) else [value]
+        tokenizer = self.client.get_tokenizer()
+        total = 0
+        for part in parts:
+            if isinstance(part, str):
+                total += len(tokenizer.encode(part, add_special_tokens=False))
+            elif isinstance(part, list):
+                total += len(part)  # token ids
+        return total
+
+    def num_running(self) -> int:
+        return self.client.get_num_unfinished_requests()
+
     async def health(self) -> None:
         await self.client.check_health()
 

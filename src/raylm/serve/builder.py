@@ -1,4 +1,8 @@
-"""Config → Serve Application. The same function backs `raylm serve` and Serve YAML `import_path`."""
+"""Config → Serve Application. The same function backs `raylm serve` and Serve YAML `import_path`.
+
+One ingress deployment (HTTP, auth, routing, retry) and one deployment per model. Serve's own limits are
+set from each model's admission config, never left at Serve's defaults.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,9 @@ from raylm.config import AppConfig, ModelConfig, load_config
 from raylm.models import BUNDLED_PREFIX
 
 APP_NAME = "raylm"
-HEALTH_CHECK_PERIOD_S = 10.0
-HEALTH_CHECK_TIMEOUT_S = 30.0
+INGRESS_NAME = "ingress"
+HEALTH_CHECK_TIMEOUT_MARGIN_S = 20.0
+INGRESS_MAX_ONGOING = 4096  # the ingress only forwards: the model replicas bound the work
 
 
 def deployment_name(model: ModelConfig) -> str:
@@ -27,20 +32,38 @@ def _replica_env(model: ModelConfig) -> dict[str, str]:
     return env
 
 
-def _bind(model: ModelConfig, config: AppConfig, peers: dict[str, Application] | None) -> Application:
-    from raylm.serve.server import IngressDeployment, ModelDeployment
+def engine_args(model: ModelConfig) -> dict[str, Any]:
+    """The user's engine arguments, with room in the engine batch for admission plus the health probe."""
+    args = dict(model.engine_args)
+    args.setdefault("max_num_seqs", model.admission.max_running + model.admission.burst + 1)
+    return args
 
-    deployment = ModelDeployment if peers is None else IngressDeployment
-    args = () if peers is None else ({m.name: m.task for m in config.models}, peers)
-    return deployment.options(
-        name=deployment_name(model),
-        num_replicas=model.replicas,
-        max_ongoing_requests=model.max_ongoing_requests,
-        health_check_period_s=HEALTH_CHECK_PERIOD_S,
-        health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
-        ray_actor_options={"num_cpus": model.num_cpus, "num_gpus": model.num_gpus,
-                           "runtime_env": {"env_vars": _replica_env(model)}},
-    ).bind(model, str(config.serve.cache_dir), *args)
+
+def serve_options(model: ModelConfig) -> dict[str, Any]:
+    """Serve deployment options for one model, from its config."""
+    limits = model.admission
+    options: dict[str, Any] = {
+        # A replica takes its batch, its queue, and as many again so that it (not Serve's FIFO) decides
+        # whom a full queue refuses. Beyond that Serve queues at the caller, then refuses with 429.
+        "max_ongoing_requests": limits.max_running + limits.burst + 2 * limits.max_queued,
+        "max_queued_requests": max(limits.max_queued, 1),
+        "backpressure_config": {"status_code": 429, "retry_after_s": limits.retry_after_s},
+        "health_check_period_s": model.health.period_s,
+        "health_check_timeout_s": model.health.probe_timeout_s + HEALTH_CHECK_TIMEOUT_MARGIN_S,
+        "ray_actor_options": {"num_cpus": model.num_cpus, "num_gpus": model.num_gpus,
+                              "runtime_env": {"env_vars": _replica_env(model)}},
+    }
+    scaling = model.autoscaling
+    if scaling is None:
+        options["num_replicas"] = model.replicas
+    else:
+        options["autoscaling_config"] = {
+            "min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
+            "initial_replicas": scaling.initial_replicas,
+            "target_ongoing_requests": scaling.target_ongoing_requests or limits.max_running,
+            "upscale_delay_s": scaling.upscale_delay_s, "downscale_delay_s": scaling.downscale_delay_s,
+        }
+    return options
 
 
 def build_app(args: AppConfig | dict[str, Any] | None = None) -> Application:
@@ -49,12 +72,21 @@ def build_app(args: AppConfig | dict[str, Any] | None = None) -> Application:
     `args` is an AppConfig, or (from a Serve YAML) a dict holding either `config: <path to raylm YAML>`
     or the config tree itself.
     """
+    from raylm.serve.access import load_access
+    from raylm.serve.ingress import IngressDeployment
+    from raylm.serve.server import ModelDeployment
+
     if isinstance(args, AppConfig):
         config = args
     elif args and set(args) == {"config"}:
         config = load_config(Path(args["config"]))
     else:
         config = AppConfig.model_validate(args or {})
-    ingress, *others = config.models
-    peers = {m.name: _bind(m, config, None) for m in others}
-    return _bind(ingress, config, peers)
+    handles = {
+        m.name: ModelDeployment.options(name=deployment_name(m), **serve_options(m)).bind(
+            m.model_copy(update={"engine_args": engine_args(m)}), str(config.serve.cache_dir))
+        for m in config.models}
+    return IngressDeployment.options(
+        name=INGRESS_NAME, num_replicas=config.serve.ingress_replicas, max_ongoing_requests=INGRESS_MAX_ONGOING,
+        ray_actor_options={"num_cpus": config.serve.ingress_num_cpus},
+    ).bind(config.models, handles, load_access(config.serve), config.serve.cold_start_timeout_s)

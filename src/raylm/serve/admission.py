@@ -1,0 +1,171 @@
+"""Admission on one replica: a batch in the engine, a bounded weighted-fair queue before it, then 429.
+
+    request ─► a free engine slot and nobody waiting? ─► run
+            ─► others busy, and its tenant runs less than its share of all slots? ─► run in an extra slot
+                └─► wait in the queue, ordered by (priority, start tag)
+                     queue full (requests or prompt tokens)? the waiter that would be served last is
+                     refused with 429: the newcomer, or the latest request of a tenant over its share
+
+Fair order is start-time fair queueing (Goyal, Vin, Cheng 1996): a tenant's request gets the start tag
+max(virtual time, the tenant's previous finish tag) and the finish tag start + 1/weight; virtual time is
+the start tag of the request that started last. A flooding tenant's requests get far-future tags, so a
+light tenant's request lands at the front and waits only for a free slot. Tags are forgotten whenever the
+queue drains: fairness is about contention now, not about yesterday's traffic.
+
+Fair order alone still makes a light tenant wait for the next slot to free up, about a request's length
+divided by the batch size. The extra slots let it start at once: the engine's batch has room for them
+(max_num_seqs is set above max_running + burst) and a flooding tenant, above its share, cannot take them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import itertools
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from raylm import errors
+from raylm.config import AdmissionConfig
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """Who a request is for; the ingress resolves it from the API key (or a header without auth)."""
+
+    name: str = "default"
+    weight: float = 1.0
+    priority: int = 0
+
+
+@dataclass(order=True)
+class _Waiter:
+    key: tuple[int, float, int]
+    tenant: Tenant = field(compare=False)
+    tokens: int = field(compare=False)
+    future: asyncio.Future = field(compare=False)
+
+
+class Admission:
+    def __init__(self, limits: AdmissionConfig) -> None:
+        self.limits = limits
+        self.running = 0
+        self.running_by: Counter[str] = Counter()  # by tenant
+        self.queued_tokens = 0
+        self.rejected: Counter[str] = Counter()  # by reason
+        self._waiting: list[_Waiter] = []  # sorted by key; short (≤ max_queued), so a list is enough
+        self._vtime = 0.0
+        self._finish: dict[str, float] = {}
+        self._weights: dict[str, float] = {}
+        self._seq = itertools.count()
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
+
+    @asynccontextmanager
+    async def slot(self, tenant: Tenant, count_tokens: Callable[[], int]) -> AsyncIterator[None]:
+        """Hold one engine slot for the block; may wait in the queue, or raise OverloadedError."""
+        self._weights[tenant.name] = tenant.weight
+        if self.running < self.limits.max_running and not self._waiting:
+            self._vtime = self._start_tag(tenant)
+            self._finish[tenant.name] = self._vtime + 1 / tenant.weight
+            self._started(tenant.name)
+        elif self._may_burst(tenant):
+            # Served out of the queue's order: the tenant's tags advance, virtual time does not, or the
+            # requests waiting in the queue would fall behind it.
+            self._finish[tenant.name] = self._start_tag(tenant) + 1 / tenant.weight
+            self._started(tenant.name)
+        else:
+            # Prompt tokens are counted only for requests that queue: the fast path pays nothing.
+            await self._wait(tenant, count_tokens())
+        try:
+            yield
+        finally:
+            self._finished(tenant.name)
+
+    def _may_burst(self, tenant: Tenant) -> bool:
+        if self.running >= self.limits.max_running + self.limits.burst:
+            return False
+        active = {n for n, c in self.running_by.items() if c} | {w.tenant.name for w in self._waiting}
+        if not active - {tenant.name}:
+            return False  # alone, a tenant has the whole batch already: extra slots are for sharing
+        share = (self.limits.max_running + self.limits.burst) * tenant.weight / sum(
+            self._weights[n] for n in active | {tenant.name})
+        mine = self.running_by[tenant.name]
+        return mine == 0 or mine + 1 <= share
+
+    def _started(self, name: str) -> None:
+        self.running += 1
+        self.running_by[name] += 1
+
+    def _finished(self, name: str) -> None:
+        self.running -= 1
+        self.running_by[name] -= 1
+        if not self.running_by[name]:
+            del self.running_by[name]
+        self._dispatch()
+
+    def _start_tag(self, tenant: Tenant) -> float:
+        return max(self._vtime, self._finish.get(tenant.name, self._vtime))
+
+    async def _wait(self, tenant: Tenant, tokens: int) -> None:
+        start = self._start_tag(tenant)
+        waiter = _Waiter((tenant.priority, start, next(self._seq)), tenant, tokens,
+                         asyncio.get_running_loop().create_future())
+        self._make_room(waiter)
+        bisect.insort(self._waiting, waiter)
+        self.queued_tokens += tokens
+        self._finish[tenant.name] = start + 1 / tenant.weight
+        try:
+            await waiter.future
+        except asyncio.CancelledError:  # the client went away while waiting (or its slot was just granted)
+            if waiter in self._waiting:
+                self._remove(waiter)
+            elif waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
+                self._finished(tenant.name)
+            raise
+
+    def _make_room(self, newcomer: _Waiter) -> None:
+        """Refuse whoever would be served last until the newcomer fits, or refuse the newcomer."""
+        if newcomer.tokens > self.limits.max_queued_tokens:
+            raise self._overloaded("queue_tokens_full")
+        while self._full(newcomer.tokens):
+            last = self._waiting[-1] if self._waiting else None
+            reason = "queue_full" if len(self._waiting) >= self.limits.max_queued else "queue_tokens_full"
+            if last is None or newcomer.key > last.key:
+                raise self._overloaded(reason)
+            self._remove(last)
+            # The refused request was its tenant's latest: give the tenant its tag back.
+            self._finish[last.tenant.name] = last.key[1]
+            last.future.set_exception(self._overloaded(reason))
+
+    def _full(self, tokens: int) -> bool:
+        return (len(self._waiting) >= self.limits.max_queued
+                or self.queued_tokens + tokens > self.limits.max_queued_tokens)
+
+    def _overloaded(self, reason: str) -> errors.OverloadedError:
+        self.rejected[reason] += 1
+        what = "requests" if reason == "queue_full" else "prompt tokens"
+        return errors.OverloadedError(f"the server is at capacity (its queue of {what} is full); retry later",
+                                      code=reason, retry_after=self.limits.retry_after_s)
+
+    def _remove(self, waiter: _Waiter) -> None:
+        self._waiting.remove(waiter)
+        self.queued_tokens -= waiter.tokens
+
+    def _dispatch(self) -> None:
+        while self._waiting and (self.running < self.limits.max_running
+                                 or self._may_burst(self._waiting[0].tenant)):
+            waiter = self._waiting.pop(0)
+            self.queued_tokens -= waiter.tokens
+            if waiter.future.done():
+                continue
+            self._vtime = waiter.key[1]
+            self._started(waiter.tenant.name)
+            waiter.future.set_result(None)
+        if not self._waiting:
+            self._finish.clear()
+            self._weights = {n: w for n, w in self._weights.items() if n in self.running_by}

@@ -1,0 +1,39 @@
+"""The chaos service: local Ray + Serve, tiny vLLM engines configured per scenario.
+
+    tiny   1 replica, small batch and queue     overload, fairness, auth, client disconnect
+    pair   2 replicas, fast health checks       SIGKILL of a replica, a stalled engine
+    auto   autoscaling 1..2                     scale up with load, down when idle
+    cold   autoscaling 0..1                     a request at zero replicas waits for the cold start
+"""
+
+from helpers import TINY_ENGINE_ARGS, free_port
+
+from raylm.config import AppConfig, ModelConfig
+
+KEYS = {"light": "sk-light-test", "heavy": "sk-heavy-test", "gold": "sk-gold-test", "free": "sk-free-test"}
+# One OpenMP thread on core 1 per tiny engine: two threads spin on both cores (120% CPU measured) and
+# starve Serve's proxy, ingress and replica; with one, capacity went from 14.7 to 21.8 requests/s.
+ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "1"}
+LIMITS = {"max_running": 4, "max_queued": 8, "burst": 4, "retry_after_s": 1}
+
+
+def tiny(name: str, tiny_model, **overrides) -> ModelConfig:
+    return ModelConfig(**{"name": name, "source": str(tiny_model), "num_cpus": 0.1, "engine_args": TINY_ENGINE_ARGS,
+                          "env": ENV, "admission": LIMITS, **overrides})
+
+
+def chaos_config(tiny_model) -> AppConfig:
+    return AppConfig(
+        models=(
+            tiny("tiny", tiny_model),
+            tiny("pair", tiny_model, replicas=2, health={"period_s": 2, "probe_timeout_s": 3}),
+            # Not pinned: a new replica must start while the first one is busy on core 1.
+            tiny("auto", tiny_model, env={**ENV, "VLLM_CPU_OMP_THREADS_BIND": "nobind"}, autoscaling={"min_replicas": 1, "max_replicas": 2,
+                                                  "target_ongoing_requests": 2, "upscale_delay_s": 1,
+                                                  "downscale_delay_s": 5}),
+            tiny("cold", tiny_model, autoscaling={"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 5}),
+        ),
+        serve={"port": free_port(), "num_cpus": 2, "cold_start_timeout_s": 120,
+               "api_keys": [{"tenant": t, "key": k} for t, k in KEYS.items()],
+               "tenants": {"gold": {"weight": 2}, "free": {"weight": 1}}},
+    )

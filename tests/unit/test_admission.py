@@ -1,0 +1,140 @@
+"""Admission on one replica: slots, weighted-fair order, bounded queue, cancellation."""
+
+import asyncio
+
+import pytest
+
+from raylm import errors
+from raylm.config import AdmissionConfig
+from raylm.serve.admission import Admission, Tenant
+
+HEAVY, LIGHT = Tenant("heavy"), Tenant("light")
+
+
+async def _run(admission, tenant, order, hold, tokens=1):
+    async with admission.slot(tenant, lambda: tokens):
+        order.append(tenant.name)
+        await hold.wait()
+
+
+async def _settle():
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def test_a_light_tenant_overtakes_a_flooding_one():
+    async def main():
+        admission, order, hold = Admission(AdmissionConfig(max_running=1, max_queued=16, burst=0)), [], asyncio.Event()
+        tasks = [asyncio.create_task(_run(admission, HEAVY, order, hold)) for _ in range(6)]
+        await _settle()
+        tasks.append(asyncio.create_task(_run(admission, LIGHT, order, hold)))
+        await _settle()
+        assert (admission.running, admission.queued) == (1, 6)
+        hold.set()
+        await asyncio.gather(*tasks)
+        return order
+
+    order = asyncio.run(main())
+    assert order.index("light") <= 2  # one heavy ran, at most one more was due before light
+
+
+def test_weights_set_the_share_of_a_backlog():
+    async def main():
+        admission, order, hold = Admission(AdmissionConfig(max_running=1, max_queued=64, burst=0)), [], asyncio.Event()
+        gold, free = Tenant("gold", weight=3), Tenant("free")
+        tasks = [asyncio.create_task(_run(admission, t, order, hold)) for _ in range(20) for t in (gold, free)]
+        await _settle()
+        hold.set()
+        await asyncio.gather(*tasks)
+        return order
+
+    first = asyncio.run(main())[1:21]  # while both are backlogged
+    assert 14 <= first.count("gold") <= 16
+
+
+def test_priority_comes_before_fairness():
+    async def main():
+        admission, order, hold = Admission(AdmissionConfig(max_running=1, max_queued=8, burst=0)), [], asyncio.Event()
+        batch, chat = Tenant("batch", priority=1), Tenant("chat", priority=0)
+        tasks = [asyncio.create_task(_run(admission, batch, order, hold)) for _ in range(4)]
+        await _settle()
+        tasks += [asyncio.create_task(_run(admission, chat, order, hold)) for _ in range(2)]
+        await _settle()
+        hold.set()
+        await asyncio.gather(*tasks)
+        return order
+
+    assert asyncio.run(main()) == ["batch", "chat", "chat", "batch", "batch", "batch"]
+
+
+def test_a_full_queue_refuses_the_flooder_not_the_newcomer():
+    async def main():
+        admission, order, hold = Admission(AdmissionConfig(max_running=1, max_queued=2, burst=0)), [], asyncio.Event()
+        tasks = [asyncio.create_task(_run(admission, HEAVY, order, hold)) for _ in range(3)]
+        await _settle()
+        overflow = asyncio.create_task(_run(admission, HEAVY, order, hold))
+        light = asyncio.create_task(_run(admission, LIGHT, order, hold))
+        await _settle()
+        assert overflow.done() and isinstance(overflow.exception(), errors.OverloadedError)
+        hold.set()
+        results = await asyncio.gather(*tasks, light, return_exceptions=True)
+        return admission, order, results
+
+    admission, order, results = asyncio.run(main())
+    refused = [r for r in results if isinstance(r, errors.OverloadedError)]
+    assert len(refused) == 1 and refused[0].status == 429 and refused[0].headers() == {"Retry-After": "1"}
+    assert order == ["heavy", "light", "heavy"]
+    assert admission.rejected["queue_full"] == 2 and (admission.running, admission.queued) == (0, 0)
+
+
+def test_queued_prompt_tokens_are_bounded():
+    async def main():
+        admission = Admission(AdmissionConfig(max_running=1, max_queued=10, max_queued_tokens=100, burst=0))
+        hold, order = asyncio.Event(), []
+        first = asyncio.create_task(_run(admission, HEAVY, order, hold))
+        await _settle()
+        waiting = asyncio.create_task(_run(admission, HEAVY, order, hold, tokens=80))
+        await _settle()
+        with pytest.raises(errors.OverloadedError) as refused:
+            await _run(admission, HEAVY, order, hold, tokens=30)
+        assert refused.value.code == "queue_tokens_full" and admission.queued_tokens == 80
+        hold.set()
+        await asyncio.gather(first, waiting)
+        return admission
+
+    assert asyncio.run(main()).queued_tokens == 0
+
+
+def test_a_cancelled_waiter_leaves_no_trace():
+    async def main():
+        admission, order, hold = Admission(AdmissionConfig(max_running=1, max_queued=4, burst=0)), [], asyncio.Event()
+        running = asyncio.create_task(_run(admission, HEAVY, order, hold))
+        await _settle()
+        waiting = asyncio.create_task(_run(admission, LIGHT, order, hold, tokens=7))
+        await _settle()
+        waiting.cancel()
+        await _settle()
+        assert (admission.queued, admission.queued_tokens) == (0, 0)
+        hold.set()
+        await running
+        return admission
+
+    assert asyncio.run(main()).running == 0
+
+
+def test_a_tenant_below_its_share_starts_at_once_in_a_burst_slot():
+    async def main():
+        admission, order, hold = Admission(AdmissionConfig(max_running=2, max_queued=8, burst=1)), [], asyncio.Event()
+        tasks = [asyncio.create_task(_run(admission, HEAVY, order, hold)) for _ in range(4)]
+        await _settle()
+        assert (admission.running, admission.queued) == (2, 2)  # heavy holds its share and more: no burst
+        tasks += [asyncio.create_task(_run(admission, LIGHT, order, hold)) for _ in range(2)]
+        await _settle()
+        state = (admission.running, admission.queued, dict(admission.running_by))
+        hold.set()
+        await asyncio.gather(*tasks)
+        return state
+
+    running, queued, by_tenant = asyncio.run(main())
+    assert (running, queued) == (3, 3)  # the first light request took the one burst slot, the second waits
+    assert by_tenant == {"heavy": 2, "light": 1}

@@ -31,7 +31,11 @@ serve: setup
 	$(BIN)/raylm serve $(ARGS)
 
 test: setup
-	$(BIN)/python -m pytest tests -q -p no:cacheprovider
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider -m "not slow"
+
+# Chaos tests that are not yet reliable on a 2-core machine (see docs/serve.md); not in CI.
+test-slow: setup
+	$(BIN)/python -m pytest tests -s -q -p no:cacheprovider -m slow
 
 test-unit: setup
 	$(BIN)/python -m pytest tests/unit -q -p no:cacheprovider

@@ -6,9 +6,14 @@
     cold   autoscaling 0..1                     a request at zero replicas waits for the cold start
 """
 
+from collections.abc import Iterable
+
+import psutil
+
 from helpers import TINY_ENGINE_ARGS, free_port
 
 from raylm.config import AppConfig, ModelConfig
+from raylm.serve.builder import APP_NAME
 
 KEYS = {"light": "sk-light-test", "heavy": "sk-heavy-test", "gold": "sk-gold-test", "free": "sk-free-test"}
 # One OpenMP thread on core 1 per tiny engine: two threads spin on both cores (120% CPU measured) and
@@ -37,3 +42,16 @@ def chaos_config(tiny_model) -> AppConfig:
                "api_keys": [{"tenant": t, "key": k} for t, k in KEYS.items()],
                "tenants": {"gold": {"weight": 2}, "free": {"weight": 1}}},
     )
+
+
+def replica_processes(model: str, among: Iterable[psutil.Process] | None = None) -> list[psutil.Process]:
+    """Serve replica processes of `model`, among this process's descendants unless told otherwise."""
+    tag = f"ServeReplica:{APP_NAME}:model-{model}"
+    found = []
+    for proc in psutil.Process().children(recursive=True) if among is None else among:
+        try:
+            if any(tag in part for part in proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found

@@ -18,11 +18,12 @@ import ray
 from ray import serve
 
 from helpers import TINY_ENGINE_ARGS, free_port
-from scenario import ENV
+from scenario import ENV, replica_processes
 
 from raylm.bench.load import closed_loop, send
 from raylm.config import AppConfig, ModelConfig
 from raylm.serve.builder import APP_NAME
+from raylm.serve.runner import end_processes
 
 
 def _ray(*args: str) -> None:
@@ -62,18 +63,11 @@ def two_nodes():
         for root in list(ours):  # with their agents and workers, whose command lines do not name the dir
             with contextlib.suppress(psutil.Error):
                 ours += root.children(recursive=True)
-        for proc in ours:
-            with contextlib.suppress(psutil.Error):
-                proc.terminate()
-        _, alive = psutil.wait_procs(ours, timeout=20)
-        for proc in alive:
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
+        end_processes(ours, grace_s=0, term_s=20)
 
 
 def _replicas() -> list[psutil.Process]:
-    tag = f"ServeReplica:{APP_NAME}:model-tiny"
-    return [p for p in psutil.process_iter(["cmdline"]) if any(tag in part for part in p.info["cmdline"] or [])]
+    return replica_processes("tiny", psutil.process_iter())  # `ray start` daemons: not our children
 
 
 def test_losing_a_node_reschedules_its_replica_while_the_other_serves(two_nodes, tiny_model):

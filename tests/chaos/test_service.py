@@ -16,7 +16,7 @@ import pytest
 import ray
 from ray import serve
 
-from scenario import KEYS, LIMITS
+from scenario import KEYS, LIMITS, replica_processes
 
 from raylm.bench.load import RequestResult, closed_loop, completion_body, open_loop, percentile, send
 from raylm.serve.builder import APP_NAME
@@ -51,12 +51,6 @@ def wait_for(predicate, timeout_s: float, every_s: float = 0.5) -> float:
             pytest.fail(f"not true after {timeout_s}s: {predicate.__doc__ or predicate}")
         time.sleep(every_s)
     return time.monotonic() - start
-
-
-def replica_processes(model: str) -> list[psutil.Process]:
-    tag = f"ServeReplica:{APP_NAME}:model-{model}"
-    ours = psutil.Process().children(recursive=True)
-    return [p for p in ours if any(tag in part for part in _cmdline(p))]
 
 
 def _cmdline(proc: psutil.Process) -> list[str]:

@@ -15,6 +15,8 @@ import yaml
 
 from helpers import CPU_ENV, TINY_ENGINE_ARGS, free_port
 
+from raylm.serve.runner import end_processes
+
 RAYLM = [sys.executable, "-m", "raylm.cli"]
 
 
@@ -88,11 +90,7 @@ def ray_head():
                     "--disable-usage-stats"], check=True, timeout=120)
     yield port
     ours = [p for p in psutil.process_iter(["cmdline"]) if str(temp_dir) in " ".join(p.info["cmdline"] or [])]
-    for p in ours:
-        p.terminate()
-    _, alive = psutil.wait_procs(ours, timeout=20)
-    for p in alive:
-        p.kill()
+    end_processes(ours, grace_s=0, term_s=20)
 
 
 @pytest.mark.parametrize("how", ["auto", "host:port"])

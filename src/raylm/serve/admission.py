@@ -51,8 +51,7 @@ class _Waiter:
 class Admission:
     def __init__(self, limits: AdmissionConfig) -> None:
         self.limits = limits
-        self.running = 0
-        self.running_by: Counter[str] = Counter()  # by tenant
+        self.running_by: Counter[str] = Counter()  # by tenant; a tenant with none is not a key
         self.queued_tokens = 0
         self.rejected: Counter[str] = Counter()  # by reason
         self._waiting: list[_Waiter] = []  # sorted by key; short (≤ max_queued), so a list is enough
@@ -60,6 +59,10 @@ class Admission:
         self._finish: dict[str, float] = {}
         self._weights: dict[str, float] = {}
         self._seq = itertools.count()
+
+    @property
+    def running(self) -> int:
+        return sum(self.running_by.values())
 
     @property
     def queued(self) -> int:
@@ -89,7 +92,7 @@ class Admission:
     def _may_burst(self, tenant: Tenant) -> bool:
         if self.running >= self.limits.max_running + self.limits.burst:
             return False
-        active = {n for n, c in self.running_by.items() if c} | {w.tenant.name for w in self._waiting}
+        active = set(self.running_by) | {w.tenant.name for w in self._waiting}
         if not active - {tenant.name}:
             return False  # alone, a tenant has the whole batch already: extra slots are for sharing
         share = (self.limits.max_running + self.limits.burst) * tenant.weight / sum(
@@ -98,11 +101,9 @@ class Admission:
         return mine == 0 or mine + 1 <= share
 
     def _started(self, name: str) -> None:
-        self.running += 1
         self.running_by[name] += 1
 
     def _finished(self, name: str) -> None:
-        self.running -= 1
         self.running_by[name] -= 1
         if not self.running_by[name]:
             del self.running_by[name]
@@ -159,9 +160,9 @@ class Admission:
     def _dispatch(self) -> None:
         while self._waiting and (self.running < self.limits.max_running
                                  or self._may_burst(self._waiting[0].tenant)):
-            waiter = self._waiting.pop(0)
-            self.queued_tokens -= waiter.tokens
-            if waiter.future.done():
+            waiter = self._waiting[0]
+            self._remove(waiter)
+            if waiter.future.done():  # cancelled; its task has not run its cleanup yet
                 continue
             self._vtime = waiter.key[1]
             self._started(waiter.tenant.name)

@@ -42,15 +42,16 @@ class Service:
         finally:
             if self.started_ray:
                 ray.shutdown()
-                _end(ours)
+                end_processes(ours)
 
 
-def _end(processes: list[psutil.Process], grace_s: float = 10.0) -> None:
+def end_processes(processes: list[psutil.Process], grace_s: float = 10.0, term_s: float = 5.0) -> None:
+    """Give processes `grace_s` to exit, then SIGTERM, then (after `term_s`) SIGKILL: only these."""
     _, alive = psutil.wait_procs(processes, timeout=grace_s)
     for proc in alive:
         with contextlib.suppress(psutil.Error):
             proc.terminate()
-    _, alive = psutil.wait_procs(alive, timeout=5)
+    _, alive = psutil.wait_procs(alive, timeout=term_s)
     for proc in alive:
         with contextlib.suppress(psutil.Error):
             proc.kill()

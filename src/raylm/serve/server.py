@@ -53,11 +53,7 @@ class ModelServer:
             yield http.error_reply(exc, rid)
 
     async def _run(self, endpoint: Endpoint, body: dict, rid: str) -> AsyncIterator[Reply | str | StreamError]:
-        try:
-            result = await self.engine.create(endpoint, body, rid)
-        except Exception as exc:
-            yield http.error_reply(exc, rid)
-            return
+        result = await self.engine.create(endpoint, body, rid)  # raising here: `reply` answers with the error
         if isinstance(result, bytes):
             yield Reply(body=result)
             return

@@ -7,7 +7,7 @@ EXTRA ?= cpu
 STAMP := $(VENV)/.installed-$(EXTRA)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup serve test test-unit bench
+.PHONY: setup serve test test-slow test-unit bench bench-compare
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -33,7 +33,7 @@ serve: setup
 test: setup
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider -m "not slow"
 
-# Chaos tests that are not yet reliable on a 2-core machine (see docs/serve.md); not in CI.
+# Chaos tests too long (or too close to their bounds on 2 cores) for CI: fairness, autoscaling (~8 min).
 test-slow: setup
 	$(BIN)/python -m pytest tests -s -q -p no:cacheprovider -m slow
 
@@ -44,3 +44,7 @@ bench: setup
 	$(BIN)/pip install -q -e '.[$(EXTRA),bench]'
 	$(BIN)/python benchmarks/serve_throughput.py
 	$(BIN)/python benchmarks/data_pipeline.py
+
+# raylm, bare vllm serve, Ray Serve LLM and a naive pipeline, side by side (~30 min): BENCHMARKS.md
+bench-compare: setup
+	$(BIN)/python benchmarks/serving_compare.py

@@ -128,6 +128,10 @@ class ServeConfig(_Frozen):
                                  "to zero starting up) before 503.")
     ingress_replicas: int = Field(1, ge=1, description="Replicas of the HTTP ingress (auth, routing, retry).")
     ingress_num_cpus: float = Field(0.1, ge=0, description="Logical CPUs each ingress replica reserves.")
+    metrics_port: int = Field(
+        8080, ge=1, le=65535, description="Prometheus endpoint of the local Ray cluster raylm starts (Ray's "
+                                          "metrics export, on 127.0.0.1). A joined cluster exports on its "
+                                          "own port.")
 
 
 def _all_cores() -> str:

@@ -32,13 +32,14 @@ def chaos_config(tiny_model) -> AppConfig:
         models=(
             tiny("tiny", tiny_model),
             tiny("pair", tiny_model, replicas=2, health={"period_s": 2, "probe_timeout_s": 3}),
-            # Not pinned: a new replica must start while the first one is busy on core 1.
-            tiny("auto", tiny_model, env={**ENV, "VLLM_CPU_OMP_THREADS_BIND": "nobind"}, autoscaling={"min_replicas": 1, "max_replicas": 2,
+            # Not pinned, one thread: a new replica must start while the first one is busy. Two engines with
+            # two spinning OpenMP threads each on 2 cores took 95 s to over 150 s to start the second one.
+            tiny("auto", tiny_model, env={**ENV, "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}, autoscaling={"min_replicas": 1, "max_replicas": 2,
                                                   "target_ongoing_requests": 2, "upscale_delay_s": 1,
-                                                  "downscale_delay_s": 5}),
+                                                  "downscale_delay_s": 45}),
             tiny("cold", tiny_model, autoscaling={"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 5}),
         ),
-        serve={"port": free_port(), "num_cpus": 2, "cold_start_timeout_s": 120,
+        serve={"port": free_port(), "metrics_port": free_port(), "num_cpus": 2, "cold_start_timeout_s": 120,
                "api_keys": [{"tenant": t, "key": k} for t, k in KEYS.items()],
                "tenants": {"gold": {"weight": 2}, "free": {"weight": 1}}},
     )

@@ -128,27 +128,33 @@ def test_overload_is_refused_fast_and_the_service_recovers(chaos_service):
     assert percentile(after, 0.5) < 3 * percentile(base, 0.5) + 0.05  # recovered at once
 
 
-# Not in `make test`: the weighted share came out 0.70, then 0.49 and 0.52 (target 0.667 ± 0.1), and the
-# light tenant's p99 TTFT ratio 2.2-4.6 (target 2). Run with `make test-slow`.
+# Not in `make test` (about 3 min, and its p99 ratio sits near the bound on 2 cores). Run with `make test-slow`.
 @pytest.mark.slow
 def test_a_flooding_tenant_cannot_starve_a_light_one(chaos_service):
+    # Each tenant keeps half of all the slots and queue places busy: the queue is never empty, never over.
+    BACKLOG = (LIMITS["max_running"] + LIMITS["burst"] + LIMITS["max_queued"]) // 2
+    HEAVY_TOKENS = 192
     url = chaos_service.url
     base = unloaded_ttft(url, n=20, max_tokens=16)
 
+    # The light tenant is interactive (short streamed answers); the flooder is a batch client (long answers,
+    # no streaming), so the engine, not the HTTP plumbing, is what it saturates. With 64-token floods at
+    # 16 requests/s, the Serve hops and 429s of the flood took enough of the 2 cores to show in the light
+    # tenant's tail (p99 ratios 2.2-4.6), and 300 SSE chunks a second would starve the test's own client.
+    def flooder(client, u):
+        return sender(client, u, "tiny", "heavy", max_tokens=HEAVY_TOKENS, stream=False)
+
     async def capacity(client, u):
-        return await closed_loop(sender(client, u, "tiny", "heavy", stream=False), LIMITS["max_running"], 24, 60)
+        return await closed_loop(flooder(client, u), LIMITS["max_running"], 16, 60)
 
     cap = asyncio.run(_load(url, capacity))
     cap_rps = len(cap.ok) / cap.wall_s
     light_rate = cap_rps / 7  # the flooder alone offers 8/7 of capacity: the service is saturated
 
-    # The light tenant is interactive (short streamed answers); the flooder is a batch client (no streaming):
-    # on 2 cores, 300 SSE chunks a second would starve the test's own HTTP client, and the light tenant's
-    # TTFT would measure the client, not the service.
     async def flood(client, u):
         return await asyncio.gather(
-            open_loop(sender(client, u, "tiny", "light", max_tokens=16), light_rate, 30.0, seed=1),
-            open_loop(sender(client, u, "tiny", "heavy", stream=False), 8 * light_rate, 30.0, seed=2))
+            open_loop(sender(client, u, "tiny", "light", max_tokens=16), light_rate, 60.0, seed=1),
+            open_loop(flooder(client, u), 8 * light_rate, 60.0, seed=2))
 
     light, heavy = asyncio.run(_load(url, flood))
     light_ttft = [r.ttft_s for r in light.ok]
@@ -156,8 +162,8 @@ def test_a_flooding_tenant_cannot_starve_a_light_one(chaos_service):
 
     async def backlog(client, u):  # both tenants always waiting: completions follow the weights 2:1
         return await asyncio.gather(
-            closed_loop(sender(client, u, "tiny", "gold", stream=False), 5, 10_000, 20),
-            closed_loop(sender(client, u, "tiny", "free", stream=False), 5, 10_000, 30))
+            closed_loop(sender(client, u, "tiny", "gold", stream=False), BACKLOG, 10_000, 30),
+            closed_loop(sender(client, u, "tiny", "free", stream=False), BACKLOG, 10_000, 30))
 
     gold, free = asyncio.run(_load(url, backlog))
     share = len(gold.ok) / (len(gold.ok) + len(free.ok))
@@ -169,11 +175,7 @@ def test_a_flooding_tenant_cannot_starve_a_light_one(chaos_service):
            gold_weight_share=2 / 3)
     assert len(light.ok) == len(light.results)  # the light tenant is never refused
     assert len(heavy.results) > len(heavy.ok)  # while the flooder is
-    # Target: p99 within 2x. On a 2-core box the flood's own CPU (Serve hops, 429s, the test client)
-    # shows in the light tenant's tail: measured p99 ratios 2.2-4.6, p90 1.4-2.5. The guard here is what
-    # unfair queueing could never pass: without fair order the light tenant waits behind the flood's queue
-    # (seconds, ratio > 40 measured before fair queueing).
-    assert ratio <= 8.0
+    assert ratio <= 2.0  # without fair order it waited behind the flood's queue: ratio > 40 measured
     assert abs(share - 2 / 3) <= 0.1
 
 
@@ -209,8 +211,9 @@ def test_client_disconnect_aborts_the_engine_request_within_1s(chaos_service):
     assert time.monotonic() - closed <= 1.5 and abort_s <= 1.0
 
 
-# Not in `make test`: Serve decides to scale up in 10-19 s, but the second engine did not finish starting
-# within 150 s while the load kept both cores busy. Run with `make test-slow`.
+# Not in `make test` (about 2.5 min). On 2 cores a busy tiny engine and a starting one compete for the CPU:
+# with the load kept on, the second engine took 95 s to over 150 s to start. So the load stops once Serve
+# has decided to scale up; `downscale_delay_s` (45 s) keeps the decision while the replica starts.
 @pytest.mark.slow
 def test_load_scales_a_model_up_and_idleness_down(chaos_service):
     assert running_replicas("auto") == 1
@@ -218,26 +221,24 @@ def test_load_scales_a_model_up_and_idleness_down(chaos_service):
     seen: dict[str, float] = {}
 
     async def load(client, u):
-        async def until_two_run(i):
-            states = replicas("auto")
-            if sum(states.values()) >= 2:
+        async def until_decided(i):
+            if sum(replicas("auto").values()) >= 2:
                 seen.setdefault("decided", time.monotonic() - start)
-            if states.get("RUNNING", 0) >= 2 or time.monotonic() - start > 150:
                 return RequestResult(-1)
             return await sender(client, u, "auto", "heavy", stream=False)(i)
 
-        return await closed_loop(until_two_run, 3, 10_000, 155)
+        return await closed_loop(until_decided, 6, 10_000, 60)
 
     result = asyncio.run(_load(chaos_service.url, load))
-    up_s = time.monotonic() - start
     served = [r for r in result.results if r.status != -1]
-    reached = running_replicas("auto")
-    down_s = wait_for(lambda: running_replicas("auto") == 1 and sum(replicas("auto").values()) == 1, 90)
-    report("autoscale", scale_up_decided_s=seen.get("decided", float("nan")), two_running_s=up_s,
-           requests=len(served), failed=sum(not r.ok for r in served), scale_down_s=down_s)
-    # Serve decides within seconds; the new replica's engine then starts on a CPU the load keeps busy.
-    assert seen.get("decided", 999) < 30 and reached == 2
+    up_s = wait_for(lambda: running_replicas("auto") == 2, 120) + time.monotonic() - start - seen.get("decided", 0)
+    idle = time.monotonic()
+    down_s = wait_for(lambda: running_replicas("auto") == 1 and sum(replicas("auto").values()) == 1, 150)
+    report("autoscale", scale_up_decided_s=seen.get("decided", float("nan")), second_running_after_s=up_s,
+           requests=len(served), failed=sum(not r.ok for r in served), scale_down_s=time.monotonic() - idle)
+    assert seen.get("decided", 999) < 30
     assert all(r.ok for r in served)
+    assert down_s < 150
 
 
 def test_a_request_at_zero_replicas_waits_for_the_cold_start(chaos_service):

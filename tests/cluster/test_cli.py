@@ -23,7 +23,7 @@ RAYLM = [sys.executable, "-m", "raylm.cli"]
 def write_config(path: Path, model: Path, port: int) -> Path:
     path.write_text(yaml.safe_dump({
         "models": [{"name": "tiny", "source": str(model), "num_cpus": 0.5, "engine_args": TINY_ENGINE_ARGS, "env": CPU_ENV}],
-        "serve": {"port": port},
+        "serve": {"port": port, "metrics_port": free_port()},
     }))
     return path
 

@@ -20,7 +20,7 @@ def service(tiny_model):
             smollm2.model_copy(update={"num_cpus": 0.25, "env": CPU_ENV}),
             minilm.model_copy(update={"num_cpus": 0.25, "env": CPU_ENV}),
         ),
-        serve={"port": free_port(), "num_cpus": 2},
+        serve={"port": free_port(), "metrics_port": free_port(), "num_cpus": 2},
     )
     svc = start(config)
     yield svc

@@ -138,3 +138,23 @@ def test_a_tenant_below_its_share_starts_at_once_in_a_burst_slot():
     running, queued, by_tenant = asyncio.run(main())
     assert (running, queued) == (3, 3)  # the first light request took the one burst slot, the second waits
     assert by_tenant == {"heavy": 2, "light": 1}
+
+
+def test_a_head_over_its_share_does_not_block_a_tenant_under_it():
+    async def main():
+        admission, order = Admission(AdmissionConfig(max_running=2, max_queued=8, burst=2)), []
+        first, rest = asyncio.Event(), asyncio.Event()
+        tasks = [asyncio.create_task(_run(admission, t, order, hold))
+                 for t, hold in ((HEAVY, rest), (HEAVY, rest), (LIGHT, first), (LIGHT, first))]
+        await _settle()  # heavy holds the 2 slots, light both extra slots
+        tasks += [asyncio.create_task(_run(admission, t, order, rest)) for t in (HEAVY, LIGHT)]
+        await _settle()
+        assert (admission.running, admission.queued) == (4, 2)
+        first.set()  # light's two finish; heavy heads the queue but already holds its share (2 of 4)
+        await _settle()
+        after = dict(admission.running_by)
+        rest.set()
+        await asyncio.gather(*tasks)
+        return after
+
+    assert asyncio.run(main()) == {"heavy": 2, "light": 1}

@@ -6,15 +6,16 @@ Token counts come from the server's `usage`. Every loop is bounded in requests a
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
-import statistics
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import httpx
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ class RequestResult:
     retry_after: str | None = None
     tag: str = ""
     started_s: float = 0.0
+    itl_s: tuple[float, ...] = ()  # gaps between content chunks after the first (a stream's)
+    prompt_tokens: int = 0
 
     @property
     def ok(self) -> bool:
@@ -53,10 +56,6 @@ class LoadResult:
         return percentile([r.ttft_s for r in self.ok if r.ttft_s is not None], q)
 
     @property
-    def ttft_p50(self) -> float:
-        return statistics.median(r.ttft_s for r in self.ok if r.ttft_s is not None)
-
-    @property
     def errors(self) -> int:
         return len(self.results) - len(self.ok)
 
@@ -65,9 +64,8 @@ class LoadResult:
 
 
 def percentile(values: list[float], q: float) -> float:
-    """The q-quantile (0..1) by nearest rank; NaN for no values."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+    """The q-quantile (0..1), interpolated between the two nearest ranks (numpy's default); NaN for none."""
+    return float(np.percentile(values, 100 * q)) if len(values) else float("nan")
 
 
 def completion_body(model: str, prompt: str, max_tokens: int) -> dict:
@@ -78,34 +76,37 @@ def completion_body(model: str, prompt: str, max_tokens: int) -> dict:
 
 async def send(client: httpx.AsyncClient, url: str, body: dict, headers: dict[str, str] | None = None,
                tag: str = "") -> RequestResult:
-    """POST one request; for a stream, time the first token and read to the end."""
+    """POST one request; for a stream, time the first token and every chunk after it, and read to the end."""
     start = time.perf_counter()
-    ttft = None
-    tokens = 0
+    chunks: list[float] = []  # arrival of each chunk with text
+    usage: dict = {}
+
+    def result(status: int, error: str | None = None, retry_after: str | None = None) -> RequestResult:
+        end = time.perf_counter()
+        return RequestResult(status, chunks[0] - start if chunks else None, end - start,
+                             usage.get("completion_tokens", 0), error, retry_after, tag, start,
+                             tuple(b - a for a, b in itertools.pairwise(chunks)), usage.get("prompt_tokens", 0))
+
     try:
         async with client.stream("POST", url, json=body, headers=headers) as resp:
             if resp.status_code != 200 or not body.get("stream"):
                 data = await resp.aread()
                 if resp.status_code == 200:
-                    tokens = json.loads(data).get("usage", {}).get("completion_tokens", 0)
-                return RequestResult(resp.status_code, None, time.perf_counter() - start, tokens,
-                                     retry_after=resp.headers.get("retry-after"), tag=tag, started_s=start)
+                    usage = json.loads(data).get("usage") or {}
+                return result(resp.status_code, retry_after=resp.headers.get("retry-after"))
             async for line in resp.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
-                    return RequestResult(200, ttft, time.perf_counter() - start, tokens,
-                                         error=str(chunk["error"].get("code")), tag=tag, started_s=start)
-                if ttft is None and any(c.get("text") or c.get("delta", {}).get("content")
-                                        for c in chunk.get("choices", [])):
-                    ttft = time.perf_counter() - start
+                    return result(200, error=str(chunk["error"].get("code")))
+                if any(c.get("text") or (c.get("delta") or {}).get("content") for c in chunk.get("choices") or ()):
+                    chunks.append(time.perf_counter())
                 if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
+                    usage = chunk["usage"]
     except httpx.HTTPError as exc:
-        return RequestResult(0, ttft, time.perf_counter() - start, tokens, error=type(exc).__name__, tag=tag,
-                             started_s=start)
-    return RequestResult(200, ttft, time.perf_counter() - start, tokens, tag=tag, started_s=start)
+        return result(0, error=type(exc).__name__)
+    return result(200)
 
 
 Sender = Callable[[int], Awaitable[RequestResult]]
@@ -129,14 +130,15 @@ async def closed_loop(sender: Sender, concurrency: int, num_requests: int, timeo
 
 
 async def open_loop(sender: Sender, rate: float, duration_s: float, seed: int = 0,
-                    drain_s: float = 120.0) -> LoadResult:
-    """Poisson arrivals at `rate` per second for `duration_s`, whatever the answers; then wait for them."""
+                    drain_s: float = 120.0, max_requests: int | None = None) -> LoadResult:
+    """Poisson arrivals at `rate` per second for `duration_s` (or `max_requests`), whatever the answers;
+    then wait for them."""
     rng = random.Random(seed)
     tasks: list[asyncio.Task[RequestResult]] = []
     start = time.perf_counter()
     next_at = start
     i = 0
-    while next_at < start + duration_s:
+    while next_at < start + duration_s and (max_requests is None or i < max_requests):
         await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
         tasks.append(asyncio.create_task(sender(i)))
         i += 1

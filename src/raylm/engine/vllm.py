@@ -53,12 +53,26 @@ class VLLMEngine:
         return args
 
     async def start(self) -> None:
+        import ray
         from starlette.datastructures import State
+        from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-        from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
 
         args = self.build_args()
-        self.client = await self._stack.enter_async_context(build_async_engine_client(args))
+        engine_args = AsyncEngineArgs.from_cli_args(args)
+        context = UsageContext.OPENAI_API_SERVER
+        # In a Ray process, vLLM's Prometheus metrics go out through Ray's metrics export (as in Ray Serve LLM).
+        loggers = None
+        if ray.is_initialized() and not engine_args.disable_log_stats:
+            from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+            loggers = [RayPrometheusStatLogger]
+        self.client = AsyncLLM.from_vllm_config(
+            engine_args.create_engine_config(usage_context=context), usage_context=context, stat_loggers=loggers,
+            enable_log_requests=engine_args.enable_log_requests, disable_log_stats=engine_args.disable_log_stats)
+        self._stack.callback(self.client.shutdown)
         tasks = await self.client.get_supported_tasks()
         self._state = State()
         await init_app_state(self.client, self._state, args, tasks)

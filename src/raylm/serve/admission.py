@@ -157,14 +157,21 @@ class Admission:
         self._waiting.remove(waiter)
         self.queued_tokens -= waiter.tokens
 
+    def _next(self) -> _Waiter | None:
+        """The waiter to start now: the head in fair order, or, with the batch full, the first waiter whose
+        tenant may take an extra slot (a head over its share must not block a tenant under it)."""
+        if self.running < self.limits.max_running:
+            return self._waiting[0]
+        return next((w for w in self._waiting if self._may_burst(w.tenant)), None)
+
     def _dispatch(self) -> None:
-        while self._waiting and (self.running < self.limits.max_running
-                                 or self._may_burst(self._waiting[0].tenant)):
-            waiter = self._waiting[0]
+        while self._waiting and (waiter := self._next()) is not None:
+            head = waiter is self._waiting[0]
             self._remove(waiter)
             if waiter.future.done():  # cancelled; its task has not run its cleanup yet
                 continue
-            self._vtime = waiter.key[1]
+            if head:  # out of order, it is a burst: virtual time stays, as in `slot`
+                self._vtime = waiter.key[1]
             self._started(waiter.tenant.name)
             waiter.future.set_result(None)
         if not self._waiting:

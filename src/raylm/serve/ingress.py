@@ -10,6 +10,7 @@ replicas die. Every failure leaves here as one OpenAI error body.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import Any
@@ -26,6 +27,7 @@ from raylm.engine.protocol import Endpoint
 from raylm.serve import http
 from raylm.serve.access import Access
 from raylm.serve.http import Reply
+from raylm.serve.metrics import IngressMetrics
 
 logger = logging.getLogger("raylm.serve")
 
@@ -47,6 +49,16 @@ def _as_api_error(exc: Exception) -> Exception:
     return exc
 
 
+def _reason(reply: Reply) -> str | None:
+    """A refusal's error code (queue_full, no_replica, ...), for the rejections metric."""
+    if reply.status not in (429, 503) or reply.body is None:
+        return None
+    try:
+        return str(json.loads(reply.body)["error"].get("code") or "unavailable")
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 @serve.ingress(app)
 class Ingress:
     def __init__(self, models: tuple[ModelConfig, ...], handles: dict[str, Any], access: Access,
@@ -56,19 +68,24 @@ class Ingress:
         self.access = access
         self.cold_start_timeout_s = cold_start_timeout_s
         self.created = int(time.time())
+        self.metrics = IngressMetrics()
 
     async def _serve(self, endpoint: Endpoint, request: Request) -> Response:
+        start = time.perf_counter()
         rid = http.request_id(request)
+        name = "-"  # the metrics' model label: only served names, never what a client made up
         try:
             tenant = self.access.tenant(request.headers)
             body = await http.json_body(request)
             model = self._model(endpoint, body)
+            name = model.name
             head, rest = await self._open(model, (endpoint, body, rid, tenant))
         except Exception as exc:
-            return http.json_response(http.error_reply(_as_api_error(exc), rid))
+            head = http.error_reply(_as_api_error(exc), rid)
         if head.body is not None:
+            self.metrics.answered(name, endpoint, head.status, start, _reason(head))
             return http.json_response(head)
-        return http.sse_response(rest, rid)
+        return http.sse_response(self.metrics.timed(rest, name, endpoint, start), rid)
 
     def _model(self, endpoint: Endpoint, body: dict) -> ModelConfig:
         name = body.get("model")

@@ -22,6 +22,7 @@ from raylm.models import resolve_source
 from raylm.serve import http
 from raylm.serve.admission import Admission, Tenant
 from raylm.serve.http import Reply, StreamError
+from raylm.serve.metrics import ReplicaMetrics
 
 logger = logging.getLogger("raylm.serve")
 
@@ -41,6 +42,14 @@ class ModelServer:
         self.probe_timeout_s = model.health.probe_timeout_s
         self.engine: Engine = engine_factory(model, Path(cache_dir))
         await self.engine.start()
+        self.metrics = ReplicaMetrics(model.name, serve.get_replica_context().replica_id.unique_id)
+        self._sampler = asyncio.create_task(self._sample())
+
+    async def _sample(self) -> None:
+        while True:
+            a = self.admission
+            self.metrics.sample(a.running, a.queued, a.queued_tokens)
+            await asyncio.sleep(1.0)
 
     async def reply(self, endpoint: Endpoint, body: dict, rid: str,
                     tenant: Tenant = Tenant()) -> AsyncIterator[Reply | str | StreamError]:

@@ -1,0 +1,229 @@
+"""raylm serve beside its peers: same model, same machine, same load, interleaved rounds, printed ratios.
+
+    python benchmarks/serving_compare.py [--rounds 2] [--systems raylm,vllm,ray-serve-llm,naive]
+
+Systems (each started in turn as its own process tree, then stopped; only what this script started):
+    raylm           `raylm serve` with the bundled SmolLM2-135M alone
+    vllm            bare `vllm serve` (python -m vllm.entrypoints.openai.api_server), same engine arguments
+    ray-serve-llm   Ray Serve LLM (ray.serve.llm.build_openai_app), same engine arguments
+    naive           the seed's naive deployment: a transformers pipeline per request on Serve
+Every engine: bf16, eager, max_model_len 4096, KV cache 2 GiB, OpenMP threads bound to every core
+(VLLM_CPU_OMP_THREADS_BIND=0-N: 410 vs 338 tok/s for bare vllm at c=16 on 2 cores).
+
+Load per system and round: streaming completions of ~100 prompt tokens and 64 output tokens (ignore_eos),
+at concurrency 1 (16 requests) and 16 (64 requests), after 8 warmup requests. Rounds run the systems in
+alternating order (A B C D, then D C B A) so drift of the machine cancels; figures are medians of rounds.
+Results: benchmarks/results/serving_compare.{json,md} and serving_compare.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import psutil
+import yaml
+
+from raylm.bench.prompts import load_tokenizer, synthetic
+from raylm.bench.report import Point
+from raylm.bench.run import BenchSpec, run_bench
+from raylm.config import default_models
+from raylm.models import SMOLLM2, default_cache_dir, resolve_source
+from raylm.serve.runner import end_processes
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+ALL_CORES = f"0-{(os.cpu_count() or 2) - 1}"
+ENGINE_ARGS = {"dtype": "bfloat16", "max_model_len": 4096, "enforce_eager": True}
+ENGINE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": ALL_CORES, "VLLM_CPU_KVCACHE_SPACE": "2"}
+POINTS = {1: 16, 16: 64}  # concurrency: requests
+INPUT_TOKENS, OUTPUT_TOKENS, WARMUP = 100, 64, 8
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(system: str, model_dir: str, port: int, work: Path) -> tuple[list[str], dict[str, str]]:
+    """How to start `system`; a `-bindSPEC` suffix (e.g. `raylm-bind1`) binds its engine to those cores."""
+    py = sys.executable
+    base, _, bind = system.partition("-bind")
+    env = {**ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": bind} if bind else dict(ENGINE_ENV)
+    if base.startswith("raylm"):
+        smollm2 = default_models()[0]
+        config = {"models": [{"name": SMOLLM2, "source": smollm2.source, "engine_args": ENGINE_ARGS, "env": env}],
+                  "serve": {"port": port, "metrics_port": free_port()}}
+        path = work / f"{system}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        # raylm-serial: without Serve's throughput-optimized data plane (raylm's default since issue 5).
+        # raylm-haproxy: Serve's HAProxy ingress instead of the Python proxy (binds replica ports widely).
+        variants = {"raylm": {}, "raylm-serial": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"},
+                    "raylm-haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}}
+        return [py, "-m", "raylm.cli", "serve", str(path)], variants[base]
+    if base == "vllm":
+        flags = ["--dtype", "bfloat16", "--max-model-len", "4096", "--enforce-eager"]
+        return [py, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--served-model-name", SMOLLM2,
+                "--host", "127.0.0.1", "--port", str(port), *flags], env
+    if base == "ray-serve-llm":
+        return [py, str(HERE / "systems/ray_serve_llm.py"), model_dir, SMOLLM2, str(port),
+                "--engine-args", json.dumps(ENGINE_ARGS), "--env", json.dumps(env)], {}
+    if base == "naive":
+        return [py, str(HERE / "systems/naive_pipeline.py"), model_dir, SMOLLM2, str(port)], {}
+    raise ValueError(f"unknown system {system!r}")
+
+
+@contextmanager
+def running(system: str, model_dir: str, work: Path, timeout_s: float = 600):
+    port = free_port()
+    cmd, env = command(system, model_dir, port, work)
+    log = open(work / f"{system}.log", "ab")
+    proc = subprocess.Popen(cmd, env={**os.environ, **env, "HF_HUB_OFFLINE": "1"}, stdout=log, stderr=log,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{system} exited {proc.returncode}; see {log.name}")
+            try:  # up means answering a completion: some servers list models before an engine is ready
+                probe = {"model": SMOLLM2, "prompt": "hi", "max_tokens": 1}
+                if httpx.post(f"{url}/completions", json=probe, timeout=30).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{system} not up after {timeout_s}s; see {log.name}")
+            time.sleep(1)
+        yield url
+    finally:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)] \
+            if proc.poll() is None else []
+        if tree:
+            proc.terminate()  # each system shuts itself down on SIGTERM; stragglers are ended by PID
+        end_processes(tree, grace_s=60)
+        log.close()
+
+
+def measure(url: str, prompts: list[str]) -> dict[int, Point]:
+    out = {}
+    offset = 0
+    for c, n in POINTS.items():
+        spec = BenchSpec(url=url, model=SMOLLM2, prompts=prompts[offset:], output_tokens=OUTPUT_TOKENS,
+                         concurrency=[c], requests=n, warmup=WARMUP if not out else 0, duration_s=600)
+        offset += n + spec.warmup
+        (point, _), = asyncio.run(run_bench(spec))
+        out[c] = point
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--systems", default="raylm,vllm,ray-serve-llm,naive")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    systems = args.systems.split(",")
+    model_dir = resolve_source(f"bundled:{SMOLLM2}", default_cache_dir())
+    tokenizer = load_tokenizer(None, SMOLLM2)
+    figures: dict[str, list[dict]] = {s: [] for s in systems}
+    with tempfile.TemporaryDirectory(prefix="raylm-compare-") as tmp:
+        work = Path(tmp)
+        for r in range(args.rounds):
+            order = systems if r % 2 == 0 else systems[::-1]
+            for system in order:
+                prompts = synthetic(tokenizer, 200, INPUT_TOKENS, seed=r)  # same prompts for every system
+                started = time.monotonic()
+                try:
+                    with running(system, model_dir, work) as url:
+                        up_s = time.monotonic() - started
+                        points = measure(url, prompts)
+                except Exception as exc:
+                    print(f"round {r + 1} {system}: FAILED {exc}", flush=True)
+                    print((work / f"{system}.log").read_text()[-3000:], file=sys.stderr)
+                    continue
+                row = {"round": r + 1, "startup_s": up_s, **{f"c{c}": vars(p) for c, p in points.items()}}
+                figures[system].append(row)
+                print(f"round {r + 1} {system:14s} c=1: {points[1].output_tok_s:6.1f} tok/s, TTFT p50 "
+                      f"{1000 * points[1].ttft_s['p50']:6.1f} ms | c=16: {points[16].output_tok_s:6.1f} tok/s, "
+                      f"TTFT p50 {1000 * points[16].ttft_s['p50']:7.1f} ms, ITL p50 "
+                      f"{1000 * (points[16].itl_s['p50'] or 0):5.1f} ms | errors "
+                      f"{sum(p.requests - p.ok for p in points.values())}", flush=True)
+    report(figures, args.out)
+
+
+def _median(rows: list[dict], c: int, key: str, q: str | None = None) -> float:
+    values = [row[f"c{c}"][key][q] if q else row[f"c{c}"][key] for row in rows]
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else float("nan")
+
+
+def report(figures: dict[str, list[dict]], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {s: {"rounds": len(rows), "tok_s_c16": _median(rows, 16, "output_tok_s"),
+                   "tok_s_c1": _median(rows, 1, "output_tok_s"), "ttft_p50_ms_c1": 1000 * _median(rows, 1, "ttft_s", "p50"),
+                   "ttft_p50_ms_c16": 1000 * _median(rows, 16, "ttft_s", "p50"),
+                   "itl_p50_ms_c16": 1000 * _median(rows, 16, "itl_s", "p50"),
+                   "tpot_p50_ms_c16": 1000 * _median(rows, 16, "tpot_s", "p50"),
+                   "e2e_p99_ms_c16": 1000 * _median(rows, 16, "e2e_s", "p99"),
+                   "startup_s": statistics.median(r["startup_s"] for r in rows) if rows else float("nan")}
+               for s, rows in figures.items()}
+    lines = ["| system | tok/s c=1 | tok/s c=16 | TTFT p50 c=1 | TTFT p50 c=16 | ITL p50 c=16 | TPOT p50 c=16 | "
+             "E2E p99 c=16 | start |", "|---|---|---|---|---|---|---|---|---|"]
+    for s, f in summary.items():
+        lines.append(f"| {s} | {f['tok_s_c1']:.1f} | {f['tok_s_c16']:.1f} | {f['ttft_p50_ms_c1']:.1f} ms | "
+                     f"{f['ttft_p50_ms_c16']:.1f} ms | {f['itl_p50_ms_c16']:.1f} ms | {f['tpot_p50_ms_c16']:.1f} ms | "
+                     f"{f['e2e_p99_ms_c16']:.0f} ms | "
+                     f"{f['startup_s']:.0f} s |")
+    ours = next((s for s in summary if s.startswith("raylm")), None)
+    if ours:
+        lines.append("")
+        for peer, target in (("vllm", 0.95), ("ray-serve-llm", 1.5), ("naive", 10.0)):
+            if peer in summary:
+                ratio = summary[ours]["tok_s_c16"] / summary[peer]["tok_s_c16"]
+                lines.append(f"- tok/s at c=16, {ours} / {peer}: **{ratio:.2f}×** (target ≥ {target}×)")
+        if "vllm" in summary:
+            delta = summary[ours]["ttft_p50_ms_c1"] - summary["vllm"]["ttft_p50_ms_c1"]
+            lines.append(f"- TTFT p50 at c=1, {ours} − vllm: **{delta:+.1f} ms** (target ≤ +5 ms)")
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    (out / "serving_compare.md").write_text(text)
+    (out / "serving_compare.json").write_text(json.dumps({"summary": summary, "rounds": figures}, indent=2))
+    plot(summary, out / "serving_compare.png")
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.bar(names, [summary[n]["tok_s_c16"] for n in names])
+    left.set(ylabel="output tokens/s", title="Throughput at concurrency 16")
+    right.bar(names, [summary[n]["ttft_p50_ms_c1"] for n in names])
+    right.set(ylabel="ms", yscale="log", title="TTFT p50 at concurrency 1")
+    for ax in (left, right):
+        ax.tick_params(axis="x", labelrotation=15)
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""The service's Prometheus metrics, through Ray's metrics export (one endpoint per node, every process).
+
+    raylm_requests_total{model, endpoint, status}         every answer by HTTP status (a cut stream: 500)
+    raylm_rejections_total{model, reason}                  429/503 by reason: queue_full, queue_tokens_full,
+                                                           no_replica, unavailable
+    raylm_time_to_first_token_seconds{model, endpoint}     at the ingress: queueing and hops included
+    raylm_inter_token_latency_seconds{model, endpoint}     at the ingress: between chunks of a stream
+    raylm_request_latency_seconds{model, endpoint}         at the ingress, to the last byte
+    raylm_requests_running{model, replica}                 in the engine, by admission
+    raylm_requests_queued{model, replica}                  waiting in the replica's fair queue
+    raylm_queued_prompt_tokens{model, replica}
+
+The engine's own (vLLM's Prometheus stat logger on Ray metrics, as Ray Serve LLM uses it), with a
+`model_name` label: vllm:time_to_first_token_seconds, vllm:inter_token_latency_seconds,
+vllm:e2e_request_latency_seconds, vllm:num_requests_running/waiting, vllm:prompt_tokens_total,
+vllm:generation_tokens_total, ... On export Ray prefixes every name with `ray_` and vLLM's `:` becomes `_`:
+raylm_requests_total is scraped as ray_raylm_requests_total, vllm:generation_tokens_total as
+ray_vllm_generation_tokens_total.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+from ray.util import metrics
+
+from raylm.serve.http import StreamError
+
+# Seconds; from a few ms (a loaded tiny model's token) to minutes (a cold start behind a queue).
+LATENCY_BUCKETS = [0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 8,
+                   13, 20, 30, 60, 120]
+TOKEN_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1, 2, 5]
+
+
+class IngressMetrics:
+    """Made in the ingress replica (Ray metrics belong to the process that records them)."""
+
+    def __init__(self) -> None:
+        keys = ("model", "endpoint")
+        self.requests = metrics.Counter("raylm_requests_total", "Answers by HTTP status.",
+                                        tag_keys=("model", "endpoint", "status"))
+        self.rejections = metrics.Counter("raylm_rejections_total", "Requests refused with 429/503, by reason.",
+                                          tag_keys=("model", "reason"))
+        self.ttft = metrics.Histogram("raylm_time_to_first_token_seconds", "Request in to first chunk out, at the ingress.",
+                                      boundaries=LATENCY_BUCKETS, tag_keys=keys)
+        self.itl = metrics.Histogram("raylm_inter_token_latency_seconds", "Between two chunks of a stream.",
+                                     boundaries=TOKEN_BUCKETS, tag_keys=keys)
+        self.latency = metrics.Histogram("raylm_request_latency_seconds", "Request in to last byte out, at the ingress.",
+                                         boundaries=LATENCY_BUCKETS, tag_keys=keys)
+
+    def answered(self, model: str, endpoint: str, status: int, start: float, reason: str | None = None) -> None:
+        tags = {"model": model, "endpoint": endpoint}
+        self.requests.inc(tags={**tags, "status": str(status)})
+        if status in (429, 503):
+            self.rejections.inc(tags={"model": model, "reason": reason or "unknown"})
+        elif status == 200:
+            self.latency.observe(time.perf_counter() - start, tags=tags)
+
+    async def timed(self, items: AsyncIterator, model: str, endpoint: str, start: float) -> AsyncIterator:
+        """Pass a stream through, timing its first chunk, the gaps after it and its end."""
+        tags = {"model": model, "endpoint": endpoint}
+        last = None
+        status = 500  # the replica failed mid-stream (an error event ends it)
+        try:
+            async for item in items:
+                if isinstance(item, StreamError):
+                    yield item
+                    return
+                now = time.perf_counter()
+                if last is None:
+                    self.ttft.observe(now - start, tags=tags)
+                else:
+                    self.itl.observe(now - last, tags=tags)
+                last = now
+                yield item
+            status = 200
+        except (asyncio.CancelledError, GeneratorExit):
+            status = 499  # the client went away (nginx's code for it)
+            raise
+        finally:
+            self.answered(model, endpoint, status, start)
+
+
+class ReplicaMetrics:
+    """Admission's state on one model replica, sampled every second."""
+
+    def __init__(self, model: str, replica: str) -> None:
+        self.tags = {"model": model, "replica": replica}
+        keys = tuple(self.tags)
+        self.running = metrics.Gauge("raylm_requests_running", "Requests in the engine.", tag_keys=keys)
+        self.queued = metrics.Gauge("raylm_requests_queued", "Requests in the replica's fair queue.",
+                                    tag_keys=keys)
+        self.queued_tokens = metrics.Gauge("raylm_queued_prompt_tokens", "Prompt tokens in the fair queue.",
+                                           tag_keys=keys)
+
+    def sample(self, running: int, queued: int, queued_tokens: int) -> None:
+        self.running.set(running, tags=self.tags)
+        self.queued.set(queued, tags=self.tags)
+        self.queued_tokens.set(queued_tokens, tags=self.tags)

@@ -1,15 +1,22 @@
 """Where the CPU goes while a server streams: CPU seconds per process group, per 1,000 output tokens.
 
-    python benchmarks/cpu_breakdown.py URL SERVER_PID [--concurrency 16 --requests 64]
+    python benchmarks/cpu_breakdown.py URL SERVER_PID [--concurrency 16 --requests 64] [--py-spy 15]
 
 Reads every process under SERVER_PID (psutil) before and after one load point of `raylm bench`'s load,
 groups them by role (Serve proxy, ingress, model replica, EngineCore, Ray's own, ...), and prints CPU
-seconds per 1,000 output tokens for each group. Used to profile raylm against bare vLLM (BENCHMARKS.md).
+seconds per 1,000 output tokens for each group. With --py-spy, py-spy samples the Python processes that
+carry requests (proxy, ingress, model replica, API server) during the load and prints each one's hottest
+functions by own time. Used to profile raylm against bare vLLM (BENCHMARKS.md).
 """
 
 import argparse
 import asyncio
+import shutil
+import subprocess
+import sys
+import tempfile
 from collections import Counter
+from pathlib import Path
 
 import psutil
 
@@ -33,6 +40,34 @@ def role(proc: psutil.Process) -> str:
     return next((name for key, name in ROLES if key in text), "other")
 
 
+SAMPLED = ("serve proxy", "raylm ingress", "raylm model replica", "ray-serve-llm ingress",
+           "ray-serve-llm model replica", "vllm api server")
+
+
+def py_spy(root: int, seconds: int, folder: Path) -> list[tuple[str, subprocess.Popen, Path]]:
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    started = []
+    for proc in [psutil.Process(root), *psutil.Process(root).children(recursive=True)]:
+        name = role(proc)
+        if name in SAMPLED:
+            out = folder / f"{proc.pid}.txt"
+            cmd = [exe, "record", "--pid", str(proc.pid), "--duration", str(seconds), "--rate", "50",
+                   "--nonblocking", "--format", "raw", "--output", str(out)]
+            started.append((name, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), out))
+    return started
+
+
+def hottest(path: Path, n: int = 6) -> list[tuple[str, float]]:
+    """Functions by own samples (the leaf of each stack), as fractions of all samples."""
+    own: Counter = Counter()
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack:
+            own[stack.split(";")[-1]] += int(count)
+    total = sum(own.values()) or 1
+    return [(frame, c / total) for frame, c in own.most_common(n)]
+
+
 def cpu(root: int) -> Counter:
     total: Counter = Counter()
     procs = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
@@ -51,6 +86,7 @@ if __name__ == "__main__":
     parser.add_argument("pid", type=int)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--py-spy", type=int, default=0, help="seconds of py-spy sampling during the load")
     args = parser.parse_args()
     prompts = synthetic(load_tokenizer(None, SMOLLM2), args.requests + 8, 100)
     asyncio.run(run_bench(BenchSpec(url=args.url, model=SMOLLM2, prompts=prompts[-8:], concurrency=[8],
@@ -58,6 +94,8 @@ if __name__ == "__main__":
     spec = BenchSpec(url=args.url, model=SMOLLM2, prompts=prompts, concurrency=[args.concurrency],
                      requests=args.requests, warmup=0)
     before = cpu(args.pid)
+    folder = Path(tempfile.mkdtemp(prefix="raylm-pyspy-"))
+    spies = py_spy(args.pid, args.py_spy, folder) if args.py_spy else []
     (point, _), = asyncio.run(run_bench(spec))
     after = cpu(args.pid)
     by_role: Counter = Counter()
@@ -69,3 +107,10 @@ if __name__ == "__main__":
     for name, seconds in by_role.most_common():
         print(f"  {name:28s} {1000 * seconds / tokens:6.2f}")
     print(f"  {'all':28s} {1000 * sum(by_role.values()) / tokens:6.2f}")
+    for name, spy, out in spies:
+        spy.wait()
+        if out.exists():
+            print(f"py-spy, {name}: own time by function")
+            for frame, share in hottest(out):
+                print(f"  {100 * share:5.1f}%  {frame}")
+    shutil.rmtree(folder, ignore_errors=True)

@@ -3,15 +3,18 @@
     python benchmarks/serving_compare.py [--rounds 2] [--systems raylm,vllm,ray-serve-llm,naive]
 
 Systems (each started in turn as its own process tree, then stopped; only what this script started):
-    raylm           `raylm serve` with the bundled SmolLM2-135M alone
+    raylm           `raylm serve` with the bundled SmolLM2-135M alone (defaults: Serve's Python proxy)
+    raylm-haproxy   the same with `serve.haproxy: true` (Serve's HAProxy ingress)
     vllm            bare `vllm serve` (python -m vllm.entrypoints.openai.api_server), same engine arguments
-    ray-serve-llm   Ray Serve LLM (ray.serve.llm.build_openai_app), same engine arguments
+    ray-serve-llm   Ray Serve LLM (ray.serve.llm.build_openai_app), same engine arguments, Serve's
+                    throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1), ingress at 0.1 CPU
     naive           the seed's naive deployment: a transformers pipeline per request on Serve
 Every engine: bf16, eager, max_model_len 4096, KV cache 2 GiB, OpenMP threads bound to every core
 (VLLM_CPU_OMP_THREADS_BIND=0-N: 410 vs 338 tok/s for bare vllm at c=16 on 2 cores).
 
 Load per system and round: streaming completions of ~100 prompt tokens and 64 output tokens (ignore_eos),
-at concurrency 1 (16 requests) and 16 (64 requests), after 8 warmup requests. Rounds run the systems in
+at concurrency 1 (16 requests) and 16 (64 requests), after 8 warmup requests (the naive deployment: half
+as many requests; it takes ~4 s per request alone). Rounds run the systems in
 alternating order (A B C D, then D C B A) so drift of the machine cancels; figures are medians of rounds.
 Results: benchmarks/results/serving_compare.{json,md} and serving_compare.png.
 """
@@ -59,28 +62,32 @@ def free_port() -> int:
 
 
 def command(system: str, model_dir: str, port: int, work: Path) -> tuple[list[str], dict[str, str]]:
-    """How to start `system`; a `-bindSPEC` suffix (e.g. `raylm-bind1`) binds its engine to those cores."""
+    """How to start `system`. Suffixes: `-passive` lets the engine's idle OpenMP threads sleep instead of
+    spin (OMP_WAIT_POLICY=PASSIVE); `-bindSPEC` (e.g. `raylm-bind1`) binds the engine to those cores."""
     py = sys.executable
-    base, _, bind = system.partition("-bind")
+    passive = system.endswith("-passive")
+    base, _, bind = system.removesuffix("-passive").partition("-bind")
     env = {**ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": bind} if bind else dict(ENGINE_ENV)
+    if passive:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     if base.startswith("raylm"):
         smollm2 = default_models()[0]
+        # raylm-haproxy: `serve.haproxy: true`, Serve's HAProxy ingress instead of its Python proxy.
         config = {"models": [{"name": SMOLLM2, "source": smollm2.source, "engine_args": ENGINE_ARGS, "env": env}],
-                  "serve": {"port": port, "metrics_port": free_port()}}
+                  "serve": {"port": port, "metrics_port": free_port(), "haproxy": base == "raylm-haproxy"}}
         path = work / f"{system}.yaml"
         path.write_text(yaml.safe_dump(config))
         # raylm-serial: without Serve's throughput-optimized data plane (raylm's default since issue 5).
-        # raylm-haproxy: Serve's HAProxy ingress instead of the Python proxy (binds replica ports widely).
-        variants = {"raylm": {}, "raylm-serial": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"},
-                    "raylm-haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}}
-        return [py, "-m", "raylm.cli", "serve", str(path)], variants[base]
+        return [py, "-m", "raylm.cli", "serve", str(path)], (
+            {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"} if base == "raylm-serial" else {})
     if base == "vllm":
         flags = ["--dtype", "bfloat16", "--max-model-len", "4096", "--enforce-eager"]
         return [py, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--served-model-name", SMOLLM2,
                 "--host", "127.0.0.1", "--port", str(port), *flags], env
-    if base == "ray-serve-llm":
+    if base == "ray-serve-llm":  # with Serve's throughput-optimized mode, as Ray's docs advise for LLMs
         return [py, str(HERE / "systems/ray_serve_llm.py"), model_dir, SMOLLM2, str(port),
-                "--engine-args", json.dumps(ENGINE_ARGS), "--env", json.dumps(env)], {}
+                "--engine-args", json.dumps(ENGINE_ARGS), "--env", json.dumps(env)], {
+                    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
     if base == "naive":
         return [py, str(HERE / "systems/naive_pipeline.py"), model_dir, SMOLLM2, str(port)], {}
     raise ValueError(f"unknown system {system!r}")
@@ -118,10 +125,11 @@ def running(system: str, model_dir: str, work: Path, timeout_s: float = 600):
         log.close()
 
 
-def measure(url: str, prompts: list[str]) -> dict[int, Point]:
+def measure(url: str, prompts: list[str], slow: bool = False) -> dict[int, Point]:
     out = {}
     offset = 0
     for c, n in POINTS.items():
+        n = n // 2 if slow else n  # the naive deployment: ~40 s per request at c=16
         spec = BenchSpec(url=url, model=SMOLLM2, prompts=prompts[offset:], output_tokens=OUTPUT_TOKENS,
                          concurrency=[c], requests=n, warmup=WARMUP if not out else 0, duration_s=600)
         offset += n + spec.warmup
@@ -133,7 +141,7 @@ def measure(url: str, prompts: list[str]) -> dict[int, Point]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--systems", default="raylm,vllm,ray-serve-llm,naive")
+    parser.add_argument("--systems", default="raylm,raylm-haproxy,vllm,ray-serve-llm,naive")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     systems = args.systems.split(",")
@@ -150,7 +158,7 @@ def main() -> None:
                 try:
                     with running(system, model_dir, work) as url:
                         up_s = time.monotonic() - started
-                        points = measure(url, prompts)
+                        points = measure(url, prompts, slow=system == "naive")
                 except Exception as exc:
                     print(f"round {r + 1} {system}: FAILED {exc}", flush=True)
                     print((work / f"{system}.log").read_text()[-3000:], file=sys.stderr)

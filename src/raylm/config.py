@@ -128,10 +128,14 @@ class ServeConfig(_Frozen):
                                  "to zero starting up) before 503.")
     ingress_replicas: int = Field(1, ge=1, description="Replicas of the HTTP ingress (auth, routing, retry).")
     ingress_num_cpus: float = Field(0.1, ge=0, description="Logical CPUs each ingress replica reserves.")
+    haproxy: bool = Field(
+        False, description="Serve's HAProxy ingress instead of its Python proxy, for a local cluster raylm "
+                           "starts (+9% tok/s at c=16 measured on 2 cores). Ray then binds replica HTTP "
+                           "ports on all interfaces; the API (and its keys) stays the same.")
     metrics_port: int = Field(
-        8080, ge=1, le=65535, description="Prometheus endpoint of the local Ray cluster raylm starts (Ray's "
-                                          "metrics export, on 127.0.0.1). A joined cluster exports on its "
-                                          "own port.")
+        8080, ge=1, le=65535, description="Prometheus endpoint (Ray's metrics export) of the local Ray "
+                                          "cluster raylm starts; Ray's agent listens on all interfaces, like "
+                                          "Ray's other ports. A joined cluster exports on its own port.")
 
 
 def _all_cores() -> str:

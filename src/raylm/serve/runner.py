@@ -82,7 +82,8 @@ def connect_ray(config: AppConfig) -> bool:
         ray.init(address=config.serve.address, logging_level=logging.WARNING)
         return False
     # address="local" always starts a fresh cluster: a bare init() may attach to a stale one.
-    for key, value in SERVE_ENV.items():  # read by Serve's processes, which inherit this environment
+    haproxy = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"} if config.serve.haproxy else {}
+    for key, value in {**SERVE_ENV, **haproxy}.items():  # read by Serve's processes, which inherit this env
         os.environ.setdefault(key, value)
     ray.init(address="local", num_cpus=config.serve.num_cpus, include_dashboard=False,
              _node_ip_address="127.0.0.1", _metrics_export_port=config.serve.metrics_port,

@@ -128,7 +128,8 @@ def test_overload_is_refused_fast_and_the_service_recovers(chaos_service):
     assert percentile(after, 0.5) < 3 * percentile(base, 0.5) + 0.05  # recovered at once
 
 
-# Not in `make test` (about 3 min, and its p99 ratio sits near the bound on 2 cores). Run with `make test-slow`.
+# Not in `make test` (about 3 min). On 2 cores its p99 bound is not reliable: ratios 1.86 and 6.72 in two runs
+# (p90 1.45 and 1.15), the p99 of ~80 samples being the slowest one or two. Run with `make test-slow`.
 @pytest.mark.slow
 def test_a_flooding_tenant_cannot_starve_a_light_one(chaos_service):
     # Each tenant keeps half of all the slots and queue places busy: the queue is never empty, never over.

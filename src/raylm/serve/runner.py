@@ -65,12 +65,17 @@ def end_processes(processes: list[psutil.Process], grace_s: float = 10.0, term_s
             proc.kill()
 
 
-# Ray Serve's throughput-optimized data plane for the Ray cluster raylm starts: gRPC between deployments,
-# user code and router on each replica's main event loop, buffered request logs. Measured on 2 cores at
+# Ray Serve's throughput-optimized mode for the Ray cluster raylm starts: user code and router on each
+# replica's main event loop, garbage collector frozen after start. (It also makes gRPC the default for
+# handles, but the ingress's handles are made in this process before the mode is set, so they keep Ray
+# actor calls; py-spy shows ActorReplicaResult on the path.) Measured on 2 cores at
 # c=16 (benchmarks/cpu_breakdown.py): CPU per 1,000 streamed tokens in the ingress 0.82 -> 0.54 s, in the
 # model replica 0.51 -> 0.32 s; the engine gets that CPU back. Direct ingress stays off: the HTTP proxy
-# keeps the one configured address. A joined cluster keeps its own settings. Values set by the user win.
-SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+# keeps the one configured address. Request logs are written at once, as without the mode (buffered, a
+# killed replica's last 1,000 lines were lost). A joined cluster keeps its own settings. The user's
+# values win.
+SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+             "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1"}
 
 
 def connect_ray(config: AppConfig) -> bool:

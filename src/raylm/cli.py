@@ -110,7 +110,7 @@ def bench_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from raylm.bench import prompts as prompt_source
-    from raylm.bench.report import markdown, parse_slo, write
+    from raylm.bench.report import markdown, parse_slo, point_label, write
     from raylm.bench.run import BenchSpec, check_server, run_bench
 
     if endpoint not in ("completions", "chat"):
@@ -133,7 +133,7 @@ def bench_command(
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[failed]} failed"), console=console) as progress:
         tasks = {label: progress.add_task(label, total=total, failed=0) for label, total in
-                 [("warmup", warmup)] * bool(warmup) + [(f"c={v:g}" if k == "concurrency" else f"{v:g} req/s", requests)
+                 [("warmup", warmup)] * bool(warmup) + [(point_label(k, v), requests)
                                                          for k, v in spec.points]}
 
         def on_request(label, result) -> None:

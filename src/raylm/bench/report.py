@@ -45,6 +45,11 @@ def meets(r: RequestResult, slo: dict[str, float]) -> bool:
     return r.ok and all(values[k] is not None and values[k] <= bound for k, bound in slo.items())
 
 
+def point_label(load: str, value: float) -> str:
+    """How a load point is named in tables, plots and the progress bar: `c=16` or `4 req/s`."""
+    return f"c={value:g}" if load == "concurrency" else f"{value:g} req/s"
+
+
 def _quantiles(values: list[float]) -> dict[str, float | None]:
     return {f"p{round(q * 100)}": (percentile(values, q) if values else None) for q in QUANTILES}
 
@@ -72,7 +77,7 @@ class Point:
 
     @property
     def label(self) -> str:
-        return f"c={self.value:g}" if self.load == "concurrency" else f"{self.value:g} req/s"
+        return point_label(self.load, self.value)
 
 
 def summarize(result: LoadResult, load: str, value: float, slo: dict[str, float] | None = None) -> Point:

@@ -9,7 +9,7 @@ from typing import Literal
 import httpx
 
 from raylm.bench.load import LoadResult, RequestResult, closed_loop, completion_body, open_loop, send
-from raylm.bench.report import Point, summarize
+from raylm.bench.report import Point, point_label, summarize
 
 
 @dataclass
@@ -36,6 +36,10 @@ class BenchSpec:
         return body
 
     @property
+    def headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    @property
     def points(self) -> list[tuple[str, float]]:
         return [("concurrency", c) for c in self.concurrency] + [("rate", r) for r in self.rates]
 
@@ -44,11 +48,10 @@ async def run_bench(spec: BenchSpec, on_request: Callable[[str, RequestResult], 
                     ) -> list[tuple[Point, LoadResult]]:
     """Warm up, then each load point in turn; `on_request(point label, result)` after every request."""
     url = f"{spec.url.rstrip('/')}/{'chat/completions' if spec.endpoint == 'chat' else 'completions'}"
-    headers = {"authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
     limits = httpx.Limits(max_connections=1024, max_keepalive_connections=max([*spec.concurrency, 64]))
     out = []
     async with httpx.AsyncClient(timeout=httpx.Timeout(spec.timeout_s, connect=10), limits=limits,
-                                 headers=headers) as client:
+                                 headers=spec.headers) as client:
         offset = 0  # every request of the run gets the next prompt: no two share a prefix-cache hit by design
 
         def sender(label: str) -> Callable[[int], object]:
@@ -63,7 +66,7 @@ async def run_bench(spec: BenchSpec, on_request: Callable[[str, RequestResult], 
                               spec.duration_s)
             offset += spec.warmup
         for load, value in spec.points:
-            label = f"c={value:g}" if load == "concurrency" else f"{value:g} req/s"
+            label = point_label(load, value)
             if load == "concurrency":
                 result = await closed_loop(sender(label), int(value), spec.requests, spec.duration_s)
             else:
@@ -76,9 +79,8 @@ async def run_bench(spec: BenchSpec, on_request: Callable[[str, RequestResult], 
 
 def check_server(spec: BenchSpec) -> None:
     """Fail early, with the server's words, when the URL or the model is wrong."""
-    headers = {"authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
     try:
-        resp = httpx.get(f"{spec.url.rstrip('/')}/models", headers=headers, timeout=30)
+        resp = httpx.get(f"{spec.url.rstrip('/')}/models", headers=spec.headers, timeout=30)
     except httpx.HTTPError as exc:
         raise ValueError(f"cannot reach {spec.url}: {exc}") from None
     if resp.status_code != 200:

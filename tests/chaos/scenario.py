@@ -8,10 +8,12 @@
 
 from collections.abc import Iterable
 
+import httpx
 import psutil
 
 from helpers import TINY_ENGINE_ARGS, free_port
 
+from raylm.bench.load import completion_body, send
 from raylm.config import AppConfig, ModelConfig
 from raylm.serve.builder import APP_NAME
 
@@ -27,18 +29,20 @@ def tiny(name: str, tiny_model, **overrides) -> ModelConfig:
                           "env": ENV, "admission": LIMITS, **overrides})
 
 
-def chaos_config(tiny_model) -> AppConfig:
+def chaos_config(tiny_model, only: tuple[str, ...] = ()) -> AppConfig:
+    """The scenario's service; `only` keeps just the models named (all of them by default)."""
+    models = (
+        tiny("tiny", tiny_model),
+        tiny("pair", tiny_model, replicas=2, health={"period_s": 2, "probe_timeout_s": 3}),
+        # Not pinned, one thread: a new replica must start while the first one is busy. Two engines with
+        # two spinning OpenMP threads each on 2 cores took 95 s to over 150 s to start the second one.
+        tiny("auto", tiny_model, env={**ENV, "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"},
+             autoscaling={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
+                          "upscale_delay_s": 1, "downscale_delay_s": 45}),
+        tiny("cold", tiny_model, autoscaling={"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 5}),
+    )
     return AppConfig(
-        models=(
-            tiny("tiny", tiny_model),
-            tiny("pair", tiny_model, replicas=2, health={"period_s": 2, "probe_timeout_s": 3}),
-            # Not pinned, one thread: a new replica must start while the first one is busy. Two engines with
-            # two spinning OpenMP threads each on 2 cores took 95 s to over 150 s to start the second one.
-            tiny("auto", tiny_model, env={**ENV, "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}, autoscaling={"min_replicas": 1, "max_replicas": 2,
-                                                  "target_ongoing_requests": 2, "upscale_delay_s": 1,
-                                                  "downscale_delay_s": 45}),
-            tiny("cold", tiny_model, autoscaling={"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 5}),
-        ),
+        models=tuple(m for m in models if not only or m.name in only),
         serve={"port": free_port(), "metrics_port": free_port(), "num_cpus": 2, "cold_start_timeout_s": 120,
                "api_keys": [{"tenant": t, "key": k} for t, k in KEYS.items()],
                "tenants": {"gold": {"weight": 2}, "free": {"weight": 1}}},
@@ -56,3 +60,26 @@ def replica_processes(model: str, among: Iterable[psutil.Process] | None = None)
         except psutil.Error:
             pass
     return found
+
+
+def report(name: str, **figures) -> None:
+    print(f"\nCHAOS {name}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in figures.items()), flush=True)
+
+
+def auth(tenant: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {KEYS[tenant]}"}
+
+
+async def load(url: str, fn):
+    """Run `fn(client, completions_url)` with a client sized for floods."""
+    async with httpx.AsyncClient(timeout=httpx.Timeout(60, connect=10),
+                                 limits=httpx.Limits(max_connections=400)) as client:
+        return await fn(client, f"{url}/v1/completions")
+
+
+def sender(client, url, model, tenant, max_tokens=64, stream=True):
+    body = completion_body(model, "hello world " * 5, max_tokens)
+    if not stream:
+        body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+    return lambda i: send(client, url, body, auth(tenant), tag=tenant)

@@ -33,7 +33,7 @@ serve: setup
 test: setup
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider -m "not slow"
 
-# Chaos tests too long (or too close to their bounds on 2 cores) for CI: fairness, autoscaling (~8 min).
+# Chaos tests too long for CI: fairness (its own service, ~3.5 min), autoscaling (~3 min).
 test-slow: setup
 	$(BIN)/python -m pytest tests -s -q -p no:cacheprovider -m slow
 

@@ -147,7 +147,7 @@ def test_load_scales_a_model_up_and_idleness_down(chaos_service):
     start = time.monotonic()
     seen: dict[str, float] = {}
 
-    async def load(client, u):
+    async def scale_up(client, u):
         async def until_decided(i):
             if sum(replicas("auto").values()) >= 2:
                 seen.setdefault("decided", time.monotonic() - start)
@@ -156,7 +156,7 @@ def test_load_scales_a_model_up_and_idleness_down(chaos_service):
 
         return await closed_loop(until_decided, 6, 10_000, 60)
 
-    result = asyncio.run(load(chaos_service.url, load))
+    result = asyncio.run(load(chaos_service.url, scale_up))
     served = [r for r in result.results if r.status != -1]
     up_s = wait_for(lambda: running_replicas("auto") == 2, 120) + time.monotonic() - start - seen.get("decided", 0)
     idle = time.monotonic()
@@ -179,7 +179,7 @@ def test_a_request_at_zero_replicas_waits_for_the_cold_start(chaos_service):
     report("cold start", first_request_s=cold_s, back_to_zero_s=back_to_zero_s)
 
 
-def _mixedload(url: str, seconds: float, during) -> tuple[list[RequestResult], list[RequestResult]]:
+def _mixed_load(url: str, seconds: float, during) -> tuple[list[RequestResult], list[RequestResult]]:
     """Non-streaming and streaming clients on `pair` for `seconds`, with `during()` run in a thread."""
     async def run(client, u):
         chaos = asyncio.get_running_loop().run_in_executor(None, during)
@@ -202,7 +202,7 @@ def test_a_killed_replica_is_restarted_and_its_requests_retried(chaos_service):
         killed["at"] = time.monotonic()
         os.kill(victim.pid, signal.SIGKILL)
 
-    plain, streams = _mixedload(chaos_service.url, 20, kill)
+    plain, streams = _mixed_load(chaos_service.url, 20, kill)
     recovery_s = wait_for(lambda: running_replicas("pair") == 2, 120)
     recovered_at = time.monotonic() - killed["at"]
     cut = [r for r in streams if r.error]
@@ -226,7 +226,7 @@ def test_a_stalled_engine_is_detected_and_replaced(chaos_service):
         engine.send_signal(signal.SIGSTOP)
 
     try:
-        plain, _ = _mixedload(chaos_service.url, 15, stall)
+        plain, _ = _mixed_load(chaos_service.url, 15, stall)
         replaced_s = wait_for(lambda: not replica.is_running() and running_replicas("pair") == 2, 150)
         replaced_at = time.monotonic() - stalled["at"]
     finally:

@@ -7,22 +7,13 @@ It answers /v1/completions (and /v1/models) in the OpenAI shape; with `stream` t
 chunk at the end, which is when a pipeline has it. Prints the base URL when ready.
 """
 
-import argparse
-import os
-import signal
-import time
+from launch import arg_parser, serve_until_stopped
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("model_dir")
-    parser.add_argument("name")
-    parser.add_argument("port", type=int)
-    parser.add_argument("--replicas", type=int, default=1)
-    args = parser.parse_args()
+    args = arg_parser().parse_args()
 
     import json
 
-    import ray
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, StreamingResponse
     from ray import serve
@@ -58,17 +49,4 @@ if __name__ == "__main__":
             return StreamingResponse(iter([f"data: {json.dumps(c)}\n\n" for c in chunks] + ["data: [DONE]\n\n"]),
                                      media_type="text/event-stream")
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    serve.run(NaiveLLM.bind(args.model_dir, args.name), blocking=False)
-    print(f"http://127.0.0.1:{args.port}/v1", flush=True)
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    try:
-        while not stop:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    serve.shutdown()
-    ray.shutdown()
-    os._exit(0)
+    serve_until_stopped(args.port, 2, lambda: NaiveLLM.bind(args.model_dir, args.name))

@@ -7,10 +7,12 @@ EXTRA ?= cpu
 STAMP := $(VENV)/.installed-$(EXTRA)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup serve test test-slow test-unit bench bench-compare
+.PHONY: setup serve test test-slow test-unit bench bench-compare bench-dataplane bench-dtype
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "raylm needs Python 3.11 or newer: make $(MAKECMDGOALS) PYTHON=python3.11"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
 ifeq ($(EXTRA),cpu)
@@ -33,7 +35,7 @@ serve: setup
 test: setup
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider -m "not slow"
 
-# Chaos tests too long for CI: fairness (its own service, ~3.5 min), autoscaling (~3 min).
+# Chaos tests too long for CI: fairness (its own service, ~3.5 min), autoscaling (~3 min), soak (RAYLM_SOAK_S, 30 min).
 test-slow: setup
 	$(BIN)/python -m pytest tests -s -q -p no:cacheprovider -m slow
 
@@ -48,3 +50,11 @@ bench: setup
 # raylm, bare vllm serve, Ray Serve LLM and a naive pipeline, side by side (~30 min): BENCHMARKS.md
 bench-compare: setup
 	$(BIN)/python benchmarks/serving_compare.py
+
+# The serving path alone, a tiny model at c=64 and 256, CPU per token by process role (~12 min)
+bench-dataplane: setup
+	$(BIN)/python benchmarks/dataplane.py
+
+# SmolLM2 and MiniLM speed per dtype on this CPU (~3 min)
+bench-dtype: setup
+	$(BIN)/python benchmarks/dtype_probe.py

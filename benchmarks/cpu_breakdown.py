@@ -24,12 +24,16 @@ from raylm.bench.prompts import load_tokenizer, synthetic
 from raylm.bench.run import BenchSpec, run_bench
 from raylm.models import SMOLLM2
 
+WORKER = "vLLM worker"
+ENGINE_CORE = "vLLM EngineCore"  # with one worker on CPU, raylm runs the worker inside this process
 ROLES = (("ProxyActor", "serve proxy"), ("ServeReplica:raylm:ingress", "raylm ingress"),
          ("ServeReplica:raylm:model", "raylm model replica"), ("OpenAiIngress", "ray-serve-llm ingress"),
-         ("LLMServer", "ray-serve-llm model replica"), ("EngineCore", "vLLM EngineCore"),
-         ("VLLM::Worker", "vLLM worker"), ("api_server", "vllm api server"), ("ServeController", "serve controller"),
+         ("LLMServer", "ray-serve-llm model replica"), ("EngineCore", ENGINE_CORE),
+         ("VLLM::Worker", WORKER), ("api_server", "vllm api server"), ("vllm_uni.py", "vllm api server"), ("ServeController", "serve controller"),
          ("raylet", "ray system"), ("gcs_server", "ray system"), ("dashboard", "ray system"),
-         ("log_monitor", "ray system"), ("monitor", "ray system"))
+         ("DashboardAgent", "ray system"), ("RuntimeEnvAgent", "ray system"), ("log_monitor", "ray system"),
+         ("monitor", "ray system"), ("raylm.cli serve", "raylm driver"), ("bin/raylm serve", "raylm driver"),
+         ("systems/", "peer driver"))
 
 
 def role(proc: psutil.Process) -> str:
@@ -69,6 +73,7 @@ def hottest(path: Path, n: int = 6) -> list[tuple[str, float]]:
 
 
 def cpu(root: int) -> Counter:
+    """CPU seconds so far of every process under `root`, keyed by (pid, role)."""
     total: Counter = Counter()
     procs = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
     for proc in procs:
@@ -78,6 +83,26 @@ def cpu(root: int) -> Counter:
         except psutil.Error:
             pass
     return total
+
+
+class RoleCPU(Counter):
+    """CPU seconds by role; `after - before` counts only processes alive at both reads, plus new ones."""
+
+    def __init__(self, by_pid: Counter) -> None:
+        super().__init__()
+        self.by_pid = by_pid
+        for (_, name), seconds in by_pid.items():
+            self[name] += seconds
+
+    def __sub__(self, before: "RoleCPU") -> Counter:
+        used: Counter = Counter()
+        for key, value in self.by_pid.items():
+            used[key[1]] += value - before.by_pid.get(key, 0.0)
+        return used
+
+
+def cpu_by_role(root: int) -> RoleCPU:
+    return RoleCPU(cpu(root))
 
 
 if __name__ == "__main__":
@@ -93,14 +118,11 @@ if __name__ == "__main__":
                                     requests=8, warmup=0)))
     spec = BenchSpec(url=args.url, model=SMOLLM2, prompts=prompts, concurrency=[args.concurrency],
                      requests=args.requests, warmup=0)
-    before = cpu(args.pid)
+    before = cpu_by_role(args.pid)
     folder = Path(tempfile.mkdtemp(prefix="raylm-pyspy-"))
     spies = py_spy(args.pid, args.py_spy, folder) if args.py_spy else []
     (point, _), = asyncio.run(run_bench(spec))
-    after = cpu(args.pid)
-    by_role: Counter = Counter()
-    for key, value in after.items():
-        by_role[key[1]] += value - before.get(key, 0.0)
+    by_role = cpu_by_role(args.pid) - before
     tokens = point.output_tok_s * point.duration_s
     print(f"{tokens:.0f} tokens in {point.duration_s:.1f} s ({point.output_tok_s:.1f} tok/s); "
           f"CPU seconds per 1,000 tokens:")

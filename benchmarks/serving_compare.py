@@ -1,16 +1,17 @@
 """raylm serve beside its peers: same model, same machine, same load, interleaved rounds, printed ratios.
 
-    python benchmarks/serving_compare.py [--rounds 2] [--systems raylm,vllm,ray-serve-llm,naive]
+    python benchmarks/serving_compare.py [--rounds 2] [--systems raylm,vllm,vllm-uni,ray-serve-llm,...]
 
-Systems (each started in turn as its own process tree, then stopped; only what this script started):
-    raylm           `raylm serve` with the bundled SmolLM2-135M alone (defaults: Serve's Python proxy)
-    raylm-haproxy   the same with `serve.haproxy: true` (Serve's HAProxy ingress)
-    vllm            bare `vllm serve` (python -m vllm.entrypoints.openai.api_server), same engine arguments
-    ray-serve-llm   Ray Serve LLM (ray.serve.llm.build_openai_app), same engine arguments, Serve's
-                    throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1), ingress at 0.1 CPU
-    naive           the seed's naive deployment: a transformers pipeline per request on Serve
+Systems (harness.py; each started in turn as its own process tree, then stopped; only what was started):
+    raylm                 `raylm serve` with the bundled SmolLM2-135M alone (its defaults)
+    vllm                  bare `vllm serve`, same engine arguments
+    vllm-uni              bare `vllm serve` with raylm's CPU engine layout (the worker inside EngineCore),
+                          to tell the layout's gain from the serving path's
+    ray-serve-llm         Ray Serve LLM (ray.serve.llm.build_openai_app), Serve's throughput-optimized mode
+    ray-serve-llm-direct  the same with its direct streaming (RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1, HAProxy)
+    naive                 the seed's naive deployment: a transformers pipeline per request on Serve
 Every engine: bf16, eager, max_model_len 4096, KV cache 2 GiB, OpenMP threads bound to every core
-(VLLM_CPU_OMP_THREADS_BIND=0-N: 410 vs 338 tok/s for bare vllm at c=16 on 2 cores).
+(VLLM_CPU_OMP_THREADS_BIND=0-N: 219 vs 187 tok/s for bare vllm at c=16 against one core, BENCHMARKS.md).
 
 Load per system and round: streaming completions of ~100 prompt tokens and 64 output tokens (ignore_eos),
 at concurrency 1 (16 requests) and 16 (64 requests), after 8 warmup requests (the naive deployment: half
@@ -26,103 +27,23 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
-import psutil
-import yaml
+from harness import HERE, Setup, cpu_flags, running
 
 from raylm.bench.prompts import load_tokenizer, synthetic
 from raylm.bench.report import Point
 from raylm.bench.run import BenchSpec, run_bench
-from raylm.config import default_models
 from raylm.models import SMOLLM2, default_cache_dir, resolve_source
-from raylm.serve.runner import end_processes
 
-HERE = Path(__file__).parent
 RESULTS = HERE / "results"
-ALL_CORES = f"0-{(os.cpu_count() or 2) - 1}"
 ENGINE_ARGS = {"dtype": "bfloat16", "max_model_len": 4096, "enforce_eager": True}
-ENGINE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": ALL_CORES, "VLLM_CPU_KVCACHE_SPACE": "2"}
+ENGINE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 2) - 1}", "VLLM_CPU_KVCACHE_SPACE": "2"}
 POINTS = {1: 16, 16: 64}  # concurrency: requests
 INPUT_TOKENS, OUTPUT_TOKENS, WARMUP = 100, 64, 8
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def command(system: str, model_dir: str, port: int, work: Path) -> tuple[list[str], dict[str, str]]:
-    """How to start `system`. Suffixes: `-passive` lets the engine's idle OpenMP threads sleep instead of
-    spin (OMP_WAIT_POLICY=PASSIVE); `-bindSPEC` (e.g. `raylm-bind1`) binds the engine to those cores."""
-    py = sys.executable
-    passive = system.endswith("-passive")
-    base, _, bind = system.removesuffix("-passive").partition("-bind")
-    env = {**ENGINE_ENV, "VLLM_CPU_OMP_THREADS_BIND": bind} if bind else dict(ENGINE_ENV)
-    if passive:
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
-    if base.startswith("raylm"):
-        smollm2 = default_models()[0]
-        # raylm-haproxy: `serve.haproxy: true`, Serve's HAProxy ingress instead of its Python proxy.
-        config = {"models": [{"name": SMOLLM2, "source": smollm2.source, "engine_args": ENGINE_ARGS, "env": env}],
-                  "serve": {"port": port, "metrics_port": free_port(), "haproxy": base == "raylm-haproxy"}}
-        path = work / f"{system}.yaml"
-        path.write_text(yaml.safe_dump(config))
-        # raylm-serial: without Serve's throughput-optimized data plane (raylm's default since issue 5).
-        return [py, "-m", "raylm.cli", "serve", str(path)], (
-            {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"} if base == "raylm-serial" else {})
-    if base == "vllm":
-        flags = ["--dtype", "bfloat16", "--max-model-len", "4096", "--enforce-eager"]
-        return [py, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--served-model-name", SMOLLM2,
-                "--host", "127.0.0.1", "--port", str(port), *flags], env
-    if base == "ray-serve-llm":  # with Serve's throughput-optimized mode, as Ray's docs advise for LLMs
-        return [py, str(HERE / "systems/ray_serve_llm.py"), model_dir, SMOLLM2, str(port),
-                "--engine-args", json.dumps(ENGINE_ARGS), "--env", json.dumps(env)], {
-                    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
-    if base == "naive":
-        return [py, str(HERE / "systems/naive_pipeline.py"), model_dir, SMOLLM2, str(port)], {}
-    raise ValueError(f"unknown system {system!r}")
-
-
-@contextmanager
-def running(system: str, model_dir: str, work: Path, timeout_s: float = 600):
-    port = free_port()
-    cmd, env = command(system, model_dir, port, work)
-    log = open(work / f"{system}.log", "ab")
-    proc = subprocess.Popen(cmd, env={**os.environ, **env, "HF_HUB_OFFLINE": "1"}, stdout=log, stderr=log,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{system} exited {proc.returncode}; see {log.name}")
-            try:  # up means answering a completion: some servers list models before an engine is ready
-                probe = {"model": SMOLLM2, "prompt": "hi", "max_tokens": 1}
-                if httpx.post(f"{url}/completions", json=probe, timeout=30).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{system} not up after {timeout_s}s; see {log.name}")
-            time.sleep(1)
-        yield url
-    finally:
-        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)] \
-            if proc.poll() is None else []
-        if tree:
-            proc.terminate()  # each system shuts itself down on SIGTERM; stragglers are ended by PID
-        end_processes(tree, grace_s=60)
-        log.close()
 
 
 def measure(url: str, prompts: list[str], slow: bool = False) -> dict[int, Point]:
@@ -141,11 +62,11 @@ def measure(url: str, prompts: list[str], slow: bool = False) -> dict[int, Point
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--systems", default="raylm,raylm-haproxy,vllm,ray-serve-llm,naive")
+    parser.add_argument("--systems", default="raylm,vllm,vllm-uni,ray-serve-llm,ray-serve-llm-direct,naive")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     systems = args.systems.split(",")
-    model_dir = resolve_source(f"bundled:{SMOLLM2}", default_cache_dir())
+    setup = Setup(resolve_source(f"bundled:{SMOLLM2}", default_cache_dir()), SMOLLM2, ENGINE_ARGS, ENGINE_ENV)
     tokenizer = load_tokenizer(None, SMOLLM2)
     figures: dict[str, list[dict]] = {s: [] for s in systems}
     with tempfile.TemporaryDirectory(prefix="raylm-compare-") as tmp:
@@ -156,7 +77,7 @@ def main() -> None:
                 prompts = synthetic(tokenizer, 200, INPUT_TOKENS, seed=r)  # same prompts for every system
                 started = time.monotonic()
                 try:
-                    with running(system, model_dir, work) as url:
+                    with running(system, setup, work) as (url, _):
                         up_s = time.monotonic() - started
                         points = measure(url, prompts, slow=system == "naive")
                 except Exception as exc:
@@ -189,7 +110,8 @@ def report(figures: dict[str, list[dict]], out: Path) -> None:
                    "e2e_p99_ms_c16": 1000 * _median(rows, 16, "e2e_s", "p99"),
                    "startup_s": statistics.median(r["startup_s"] for r in rows) if rows else float("nan")}
                for s, rows in figures.items()}
-    lines = ["| system | tok/s c=1 | tok/s c=16 | TTFT p50 c=1 | TTFT p50 c=16 | ITL p50 c=16 | TPOT p50 c=16 | "
+    lines = [f"CPU flags: {cpu_flags()}; {time.strftime('%Y-%m-%d')}", "",
+             "| system | tok/s c=1 | tok/s c=16 | TTFT p50 c=1 | TTFT p50 c=16 | ITL p50 c=16 | TPOT p50 c=16 | "
              "E2E p99 c=16 | start |", "|---|---|---|---|---|---|---|---|---|"]
     for s, f in summary.items():
         lines.append(f"| {s} | {f['tok_s_c1']:.1f} | {f['tok_s_c16']:.1f} | {f['ttft_p50_ms_c1']:.1f} ms | "
@@ -199,7 +121,8 @@ def report(figures: dict[str, list[dict]], out: Path) -> None:
     ours = next((s for s in summary if s.startswith("raylm")), None)
     if ours:
         lines.append("")
-        for peer, target in (("vllm", 0.95), ("ray-serve-llm", 1.5), ("naive", 10.0)):
+        for peer, target in (("vllm", 1.0), ("vllm-uni", 1.0), ("ray-serve-llm", 1.5),
+                             ("ray-serve-llm-direct", 1.5), ("naive", 10.0)):
             if peer in summary:
                 ratio = summary[ours]["tok_s_c16"] / summary[peer]["tok_s_c16"]
                 lines.append(f"- tok/s at c=16, {ours} / {peer}: **{ratio:.2f}×** (target ≥ {target}×)")

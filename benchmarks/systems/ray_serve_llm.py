@@ -3,11 +3,14 @@
     python benchmarks/systems/ray_serve_llm.py MODEL_DIR NAME PORT [--replicas N]
 
 Best settings found on 2 cores: the engine's OpenMP threads bound to every core, the ingress at 0.1 CPU,
-each replica's placement group bundle at 1 CPU (Ray started with 2 per replica + 1).
+each replica's placement group bundle at 1 CPU (Ray started with 2 per replica + 1). With
+RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1 (and Serve's HAProxy) the model server is itself the ingress, so
+there is no ingress deployment to configure.
 Prints the OpenAI base URL once the app answers; Ctrl-C/SIGTERM stops it.
 """
 
 import json
+import os
 
 from launch import arg_parser, serve_until_stopped
 
@@ -27,7 +30,8 @@ if __name__ == "__main__":
             deployment_config={"num_replicas": args.replicas, "ray_actor_options": {"num_cpus": 0.5}},
             runtime_env={"env_vars": json.loads(args.env)},
         )
-        return build_openai_app({"llm_configs": [config],
-                                 "ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0.1}}})
+        direct = os.environ.get("RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING") == "1"
+        ingress = {} if direct else {"ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0.1}}}
+        return build_openai_app({"llm_configs": [config], **ingress})
 
     serve_until_stopped(args.port, 2 * args.replicas + 1, build)

@@ -34,6 +34,7 @@ def serve_command(
     host: Annotated[Optional[str], typer.Option(help="HTTP bind address (default 127.0.0.1).")] = None,
     port: Annotated[Optional[int], typer.Option(help="HTTP port (default 8000).")] = None,
     address: Annotated[Optional[str], typer.Option(help="Join a Ray cluster ('auto' or host:port) instead of starting one.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's and vLLM's output here too (it is always in the log files).")] = False,
 ) -> None:
     """Serve models behind an OpenAI-compatible API until Ctrl-C."""
     from pydantic import ValidationError
@@ -50,13 +51,16 @@ def serve_command(
 
     def on_ready(service) -> None:
         names = ", ".join(m.name for m in cfg.models)
+        for name, notes in service.choices.items():
+            console.print(f"{name}: " + "; ".join(notes))
         console.print(f"[green]raylm is serving[/green] {names} at [bold]{service.url}/v1[/bold]  (Ctrl-C stops)")
+        console.print(f"logs: {service.log_dir}")
         print(f"{service.url}/v1", flush=True)
 
     from raylm.serve.runner import DeployError
 
     try:
-        run_forever(cfg, on_ready)
+        run_forever(cfg, on_ready, verbose, report=lambda line: console.print(f"[yellow]{line}[/yellow]"))
     except DeployError as exc:
         console.print(f"[red]raylm could not start:[/red] {exc}")
         raise typer.Exit(1) from None

@@ -5,7 +5,6 @@ Config is plain data: validators check shapes and values only; no downloads, no 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,8 +22,8 @@ class AdmissionConfig(_Frozen):
     """Backpressure on each replica: a batch in the engine, a bounded weighted-fair queue, then 429."""
 
     max_running: int = Field(
-        32, ge=1, description="Requests one replica runs in its engine at once (vLLM's max_num_seqs is "
-                              "set to max_running + burst + 1, so the health probe always finds room).")
+        32, ge=1, description="Sequences one replica runs in its engine at once (a request with `n` > 1 "
+                              "counts n); vLLM's max_num_seqs is set to max_running + burst.")
     max_queued: int = Field(
         64, ge=0, description="Requests waiting on one replica. When full, the request served last in "
                               "fair order (the tenant furthest over its share) gets 429.")
@@ -33,6 +32,10 @@ class AdmissionConfig(_Frozen):
         8, ge=0, description="Extra engine slots for tenants running less than their fair share, so a "
                              "light tenant starts at once instead of waiting behind a flooding one.")
     retry_after_s: float = Field(1.0, gt=0, description="Retry-After (seconds) sent with 429 and 503.")
+    max_queue_wait_s: float | None = Field(
+        5.0, gt=0, description="A request whose expected wait for a slot (the sequences queued ahead of it at "
+                               "the replica's recent finishing rate) is longer gets 429 at once, with that wait "
+                               "as Retry-After. None: bounded by max_queued only.")
 
 
 class AutoscalingConfig(_Frozen):
@@ -56,12 +59,13 @@ class AutoscalingConfig(_Frozen):
 
 
 class HealthConfig(_Frozen):
-    """Serve calls each replica's health check; it runs a real one-token request on the engine."""
+    """Serve calls each replica's health check: the engine must be alive and, while it holds requests,
+    make progress."""
 
     period_s: float = Field(10.0, gt=0, description="Seconds between health checks.")
     probe_timeout_s: float = Field(
-        10.0, gt=0, description="Deadline of the one-token probe; a stalled engine misses it. After 3 "
-                                "failed checks in a row Serve replaces the replica.")
+        10.0, gt=0, description="An engine holding requests that finishes no step for this long is stalled. "
+                                "After 3 failed checks in a row Serve replaces the replica.")
 
 
 class APIKey(_Frozen):
@@ -106,6 +110,14 @@ class ModelConfig(_Frozen):
 
 
 class ServeConfig(_Frozen):
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "haproxy" in data:
+            raise ValueError("serve.haproxy was removed: the ingress serves HTTP itself and streams skip Serve's "
+                             "proxy (faster than HAProxy was); delete the key")
+        return data
+
     host: str = Field("127.0.0.1", description="HTTP bind address. Loopback unless told otherwise.")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port.")
     address: str | None = Field(
@@ -126,35 +138,29 @@ class ServeConfig(_Frozen):
     cold_start_timeout_s: float = Field(
         120.0, gt=0, description="How long a request waits for a replica to take it (e.g. a model scaled "
                                  "to zero starting up) before 503.")
+    max_request_bytes: int = Field(16 * 2**20, ge=1024, description="Largest request body accepted; larger "
+                                                                    "ones get 413.")
     ingress_replicas: int = Field(1, ge=1, description="Replicas of the HTTP ingress (auth, routing, retry).")
     ingress_num_cpus: float = Field(0.1, ge=0, description="Logical CPUs each ingress replica reserves.")
-    haproxy: bool = Field(
-        False, description="Serve's HAProxy ingress instead of its Python proxy, for a local cluster raylm "
-                           "starts (+9% tok/s at c=16 measured on 2 cores). Ray then binds replica HTTP "
-                           "ports on all interfaces; the API (and its keys) stays the same.")
     metrics_port: int = Field(
         8080, ge=1, le=65535, description="Prometheus endpoint (Ray's metrics export) of the local Ray "
                                           "cluster raylm starts; Ray's agent listens on all interfaces, like "
                                           "Ray's other ports. A joined cluster exports on its own port.")
 
 
-def _all_cores() -> str:
-    return f"0-{max(1, os.cpu_count() or 1) - 1}"
-
-
 def default_models() -> tuple[ModelConfig, ...]:
-    """The bundled pair: SmolLM2 for chat/completions, all-MiniLM-L6-v2 for embeddings, on the CPU."""
-    # By default every vLLM CPU engine pins its worker to core 0; one engine bound to all cores measured
-    # 410 vs 338 tok/s at c=16 on 2 cores. The embedding engine shares those cores: it is idle most of the time.
-    env = {"VLLM_CPU_OMP_THREADS_BIND": _all_cores()}
+    """The bundled pair: SmolLM2 for chat/completions, all-MiniLM-L6-v2 for embeddings, on the CPU.
+
+    dtype and OpenMP binding are left to the replica, which fits them to its machine (hardware.py); the
+    embedding engine shares the cores: it is idle most of the time.
+    """
     return (
         ModelConfig(name=SMOLLM2, source=f"{BUNDLED_PREFIX}{SMOLLM2}", num_cpus=1.0,
                     # Eager: torch.compile on 2 cores adds ~100 s to a cold start.
-                    engine_args={"dtype": "bfloat16", "max_model_len": 4096, "enforce_eager": True},
-                    env={**env, "VLLM_CPU_KVCACHE_SPACE": "2"}),
+                    engine_args={"max_model_len": 4096, "enforce_eager": True},
+                    env={"VLLM_CPU_KVCACHE_SPACE": "2"}),
         ModelConfig(name=MINILM, source=f"{BUNDLED_PREFIX}{MINILM}", task="embed", num_cpus=0.5,
-                    engine_args={"dtype": "float32", "enforce_eager": True},
-                    env={**env, "VLLM_CPU_KVCACHE_SPACE": "1"}),
+                    engine_args={"enforce_eager": True}, env={"VLLM_CPU_KVCACHE_SPACE": "1"}),
     )
 
 

@@ -4,6 +4,8 @@
      ├── InvalidRequestError      400  bad JSON, bad fields, prompt too long (param names the field)
      ├── AuthenticationError      401
      ├── NotFoundError            404  unknown model or route
+     ├── MethodNotAllowedError    405
+     ├── RequestTooLargeError     413  body over serve.max_request_bytes
      ├── OverloadedError          429  queue full (Retry-After)
      ├── UnavailableError         503  no replica can take it (Retry-After)
      └── InternalError            500  anything else; the message shown to users is generic
@@ -53,6 +55,17 @@ class NotFoundError(APIError):
     status, type, default_code = 404, "invalid_request_error", "not_found"
 
 
+class MethodNotAllowedError(APIError):
+    status, type, default_code = 405, "invalid_request_error", "method_not_allowed"
+
+
+class RequestTooLargeError(APIError):
+    status, type, default_code = 413, "invalid_request_error", "request_too_large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the request body is larger than {limit:,} bytes (serve.max_request_bytes)")
+
+
 class OverloadedError(APIError):
     status, type, default_code = 429, "rate_limit_error", "overloaded"
 
@@ -66,8 +79,8 @@ class InternalError(APIError):
 
 
 _BY_STATUS: dict[int, type[APIError]] = {
-    400: InvalidRequestError, 401: AuthenticationError, 404: NotFoundError, 429: OverloadedError,
-    503: UnavailableError,
+    400: InvalidRequestError, 401: AuthenticationError, 404: NotFoundError, 405: MethodNotAllowedError,
+    429: OverloadedError, 503: UnavailableError,
 }
 
 

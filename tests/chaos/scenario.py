@@ -3,7 +3,8 @@
     tiny   1 replica, small batch and queue     overload, fairness, auth, client disconnect
     pair   2 replicas, fast health checks       SIGKILL of a replica, a stalled engine
     auto   autoscaling 1..2                     scale up with load, down when idle
-    cold   autoscaling 0..1                     a request at zero replicas waits for the cold start
+    cold   autoscaling 0..1, a 50 ms wait bound a request at zero replicas waits for the cold start; then
+                                                admission bounded by time at 2× capacity
 """
 
 from collections.abc import Iterable
@@ -39,7 +40,8 @@ def chaos_config(tiny_model, only: tuple[str, ...] = ()) -> AppConfig:
         tiny("auto", tiny_model, env={**ENV, "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"},
              autoscaling={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
                           "upscale_delay_s": 1, "downscale_delay_s": 45}),
-        tiny("cold", tiny_model, autoscaling={"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 5}),
+        tiny("cold", tiny_model, autoscaling={"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 5},
+             admission={**LIMITS, "max_queue_wait_s": 0.05}),
     )
     return AppConfig(
         models=tuple(m for m in models if not only or m.name in only),

@@ -122,3 +122,17 @@ def test_bad_engine_argument_fails_with_the_reason(tiny_model, tmp_path):
     proc = subprocess.run([*RAYLM, "serve", str(config)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert "unknown vLLM engine argument 'max_modle_len'" in proc.stdout + proc.stderr
+
+
+def test_an_impossible_config_fails_fast_with_the_reason(tmp_path):
+    """The issue's case: the default two models, 2 replicas each, on 2 cores: 3.1 CPUs asked of 2."""
+    config = tmp_path / "raylm.yaml"
+    config.write_text(yaml.safe_dump({"serve": {"port": free_port(), "metrics_port": free_port(), "num_cpus": 2}}))
+    start = time.monotonic()
+    proc = subprocess.run([*RAYLM, "serve", str(config), "--replicas", "2"], capture_output=True, text=True,
+                          timeout=300)
+    took = time.monotonic() - start
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-2000:]
+    assert "needs 3.1 CPUs at start, the cluster has 2" in out and "smollm2-135m-instruct: 2 ×" in out
+    assert took < 60  # before: a silent wait for ready_timeout_s (600 s)

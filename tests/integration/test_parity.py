@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 from helpers import CPU_ENV, TINY_ENGINE_ARGS
+from raylm import hardware
 
 PROMPTS = ["Hello world", "The quick brown fox", "Ray Serve deploys"]
 CHAT = [{"role": "user", "content": "Hello world"}]
@@ -28,7 +29,8 @@ OFFLINE = textwrap.dedent("""
 def test_greedy_matches_vllm_offline(client, tiny_model, tmp_path):
     script = tmp_path / "offline.py"
     script.write_text(OFFLINE)
-    arg = json.dumps([str(tiny_model), TINY_ENGINE_ARGS, PROMPTS, CHAT])
+    # Offline with the dtype raylm picks on this machine (the replica applies the same rule).
+    arg = json.dumps([str(tiny_model), hardware.fit(TINY_ENGINE_ARGS, {}).engine_args, PROMPTS, CHAT])
     proc = subprocess.run([sys.executable, str(script), arg], capture_output=True, text=True, timeout=600,
                           env={**os.environ, **CPU_ENV})
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT")), None)

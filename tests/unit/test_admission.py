@@ -11,8 +11,8 @@ from raylm.serve.admission import Admission, Tenant
 HEAVY, LIGHT = Tenant("heavy"), Tenant("light")
 
 
-async def _run(admission, tenant, order, hold, tokens=1):
-    async with admission.slot(tenant, lambda: tokens):
+async def _run(admission, tenant, order, hold, tokens=1, sequences=1):
+    async with admission.slot(tenant, tokens, sequences):
         order.append(tenant.name)
         await hold.wait()
 
@@ -158,3 +158,57 @@ def test_a_head_over_its_share_does_not_block_a_tenant_under_it():
         return after
 
     assert asyncio.run(main()) == {"heavy": 2, "light": 1}
+
+
+def test_slots_count_sequences():
+    async def main():
+        admission, order, hold = Admission(AdmissionConfig(max_running=4, max_queued=8, burst=0)), [], asyncio.Event()
+        wide = asyncio.create_task(_run(admission, HEAVY, order, hold, sequences=3))
+        await _settle()
+        second = asyncio.create_task(_run(admission, HEAVY, order, hold, sequences=2))
+        one = asyncio.create_task(_run(admission, LIGHT, order, hold))
+        await _settle()
+        state = (admission.running, admission.queued)
+        hold.set()
+        await asyncio.gather(wide, second, one)
+        huge = Admission(AdmissionConfig(max_running=2, max_queued=8, burst=0))
+        alone = asyncio.Event()
+        alone.set()
+        await _run(huge, HEAVY, [], alone, sequences=5)  # wider than the batch: runs, alone
+        return state, admission.running
+
+    (running, queued), after = asyncio.run(main())
+    # n=2 does not fit beside n=3 in 4 slots and waits; the light tenant, under its share, takes the free one
+    assert (running, queued) == (4, 1)
+    assert after == 0
+
+
+def test_a_request_that_would_wait_too_long_is_refused_at_once_with_that_wait():
+    now = [0.0]
+
+    async def main():
+        limits = AdmissionConfig(max_running=1, max_queued=64, burst=0, max_queue_wait_s=2.0)
+        admission, order, hold = Admission(limits, clock=lambda: now[0]), [], asyncio.Event()
+        for _ in range(8):  # the replica finishes one request every 0.5 s: 2 per second
+            now[0] += 0.5
+            hold.set()
+            await _run(admission, HEAVY, order, hold)
+        assert admission.finishing_rate() == 2.0
+        hold.clear()
+        running = asyncio.create_task(_run(admission, HEAVY, order, hold))
+        queued = [asyncio.create_task(_run(admission, HEAVY, order, hold)) for _ in range(4)]
+        await _settle()  # 4 waiting: the next would wait (4 + 1) / 2 = 2.5 s
+        with pytest.raises(errors.OverloadedError) as refused:
+            await _run(admission, HEAVY, order, hold)
+        light_first = asyncio.create_task(_run(admission, LIGHT, order, hold))  # ahead of heavy's 4: 0.5 s
+        await _settle()
+        state = (admission.queued, admission.rejected["queue_wait"])
+        hold.set()
+        await asyncio.gather(running, *queued, light_first)
+        now[0] += 60  # a minute idle: the rate is forgotten, so nothing is refused by time
+        return refused.value, state, admission.finishing_rate()
+
+    refused, (queued, rejected), rate_after_idle = asyncio.run(main())
+    assert refused.status == 429 and refused.code == "queue_wait" and refused.headers() == {"Retry-After": "2"}
+    assert (queued, rejected) == (5, 1)
+    assert rate_after_idle is None

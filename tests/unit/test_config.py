@@ -62,15 +62,15 @@ def test_config_is_frozen_and_documented():
 
 
 def test_admission_sets_serve_limits_and_engine_batch():
-    from raylm.serve.builder import engine_args, serve_options
+    from raylm.serve.builder import REFUSAL_HEADROOM, engine_args, serve_options
 
     model = ModelConfig(name="m", source="/m", admission={"max_running": 8, "max_queued": 16, "burst": 2,
                                                           "retry_after_s": 3})
     options = serve_options(model)
-    assert options["max_ongoing_requests"] == 8 + 2 + 2 * 16 and options["max_queued_requests"] == 16
+    assert options["max_ongoing_requests"] == 8 + 2 + 2 * 16 + REFUSAL_HEADROOM and options["max_queued_requests"] == 16 + REFUSAL_HEADROOM
     assert options["backpressure_config"] == {"status_code": 429, "retry_after_s": 3}
     assert options["num_replicas"] == 1 and "autoscaling_config" not in options
-    assert engine_args(model)["max_num_seqs"] == 11  # batch + burst + the health probe
+    assert engine_args(model)["max_num_seqs"] == 10  # batch + burst: every sequence admission runs
     assert engine_args(model.model_copy(update={"engine_args": {"max_num_seqs": 4}}))["max_num_seqs"] == 4
 
 

@@ -32,6 +32,18 @@ def test_read_file_gives_ids_and_marks_bad_lines(tmp_path):
     assert io.read_file(str(tmp_path / "y.parquet"), "text").to_pylist()[0]["_source"].endswith("y.parquet")
 
 
+def test_one_bad_line_keeps_every_other_columns_type(tmp_path):
+    path = tmp_path / "typed.jsonl"
+    lines = [json.dumps({"id": i, "text": f"t{i}", "score": i / 2, "tags": ["a"]}) for i in range(4)]
+    lines.insert(2, "{broken")
+    path.write_text("\n".join(lines) + "\n")
+    table = io.read_file(str(path), "text")
+    assert table.schema.field("id").type == pa.int64() and table.schema.field("tags").type == pa.list_(pa.string())
+    rows = table.to_pylist()
+    assert [r["id"] for r in rows] == [0, 1, None, 2, 3] and rows[3]["score"] == 1.0
+    assert [r["error"] is None for r in rows] == [True, True, False, True, True]
+
+
 def test_atomic_jsonl_write(tmp_path):
     io.write_table(pa.table({"a": [1, 2]}), str(tmp_path / "o.jsonl"), "jsonl")
     assert [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()] == [{"a": 1}, {"a": 2}]

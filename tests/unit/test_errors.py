@@ -26,7 +26,8 @@ def test_retry_after_header_only_when_given():
 ])
 def test_from_status_maps_engine_errors(status, cls, code):
     err = errors.from_status(status, "m", "p")
-    assert type(err) is cls and err.status == status if status != 502 else err.status == 500
+    assert type(err) is cls
+    assert err.status == (500 if status == 502 else status)
     assert err.code == code
 
 

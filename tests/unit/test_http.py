@@ -23,7 +23,7 @@ def test_stream_ends_with_done():
 
 
 def test_stream_error_is_one_event_then_the_end():
-    err = http.StreamError(errors.InvalidRequestError("bad", param="x").body())
+    err = errors.InvalidRequestError("bad", param="x")
     frames = asyncio.run(_collect(['{"a": 1}', err, '{"never": 1}']))
     assert len(frames) == 2
     assert json.loads(frames[1][6:])["error"]["param"] == "x"

@@ -91,9 +91,9 @@ def tokenize(input: In, output: Out, config: ConfigOpt = None, text_column: Text
 def embed(input: In, output: Out, config: ConfigOpt = None, text_column: TextCol = None, fmt: Fmt = None,
           concurrency: Conc = None,
           model: Annotated[Optional[str], typer.Option(help="Embedding model source.")] = None) -> None:
-    """Sentence embeddings with vLLM's pooling runner (bf16 compute; unit-norm float32 vectors)."""
+    """Sentence embeddings with vLLM's pooling runner (dtype fitted to the CPU; unit-norm float32 vectors)."""
     _run("embed", input, output, config, "Embed",
-         {"source": model, "engine_args": {"dtype": "bfloat16"}},
+         {"source": model, "engine_args": {}},
          {}, text_column=text_column, output_format=fmt, concurrency=concurrency)
 
 

@@ -88,29 +88,44 @@ def _read_jsonl(raw: bytes, text_column: str) -> pa.Table:
             return table.append_column(ERROR, pa.nulls(len(table), pa.string()))
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         pass
-    # A bad line somewhere: parse line by line so that only that line fails. Every value is kept as
-    # JSON text for columns other than the ones a stage reads, since types may differ between lines.
-    rows, errors = [], []
-    for line in raw.splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line.decode("utf-8"))
-            if not isinstance(row, dict):
-                raise ValueError("a line must hold a JSON object")
-            rows.append(row)
-            errors.append(None)
-        except (UnicodeDecodeError, ValueError) as exc:
-            rows.append({})
-            errors.append(f"bad JSON line: {exc}")
-    for i, row in enumerate(rows):
-        text = row.get(text_column)
-        if text is not None and not isinstance(text, str) and errors[i] is None:
-            errors[i] = f"{text_column} is not a string: {json.dumps(text)[:100]}"
-            row[text_column] = None
-    columns = sorted({k for r in rows for k in r if k != ERROR})
-    data = {c: [_as_text(r.get(c)) for r in rows] for c in columns}
-    return pa.table({**{c: pa.array(v, pa.string()) for c, v in data.items()}, ERROR: pa.array(errors, pa.string())})
+    # A bad line somewhere: only that line fails. The good lines are parsed together, so every column keeps
+    # the type they give it; bad lines become rows of nulls with their error.
+    lines = [line for line in raw.splitlines() if line.strip()]
+    errors = [_line_error(line, text_column) for line in lines]
+    good = [line for line, e in zip(lines, errors) if e is None]
+    if not good:
+        return pa.table({text_column: pa.nulls(len(lines), pa.string()), ERROR: pa.array(errors, pa.string())})
+    try:
+        table = pajson.read_json(pa.BufferReader(b"\n".join(good)))
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # types differ between good lines: keep values as JSON
+        table = _as_json_text([json.loads(line) for line in good])
+    table = table.drop_columns([c for c in (ERROR,) if c in table.column_names])
+    bad = pa.table({f.name: pa.nulls(len(lines) - len(good), f.type) for f in table.schema})
+    # Good rows first, then bad ones: `take` puts every row back on its line.
+    order, next_good, next_bad = [], 0, len(good)
+    for e in errors:
+        order.append(next_good if e is None else next_bad)
+        next_good, next_bad = next_good + (e is None), next_bad + (e is not None)
+    table = pa.concat_tables([table, bad]).take(pa.array(order))
+    return table.append_column(ERROR, pa.array(errors, pa.string()))
+
+
+def _line_error(line: bytes, text_column: str) -> str | None:
+    try:
+        row = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        return f"bad JSON line: {exc}"
+    if not isinstance(row, dict):
+        return "bad JSON line: a line must hold a JSON object"
+    text = row.get(text_column)
+    if text is not None and not isinstance(text, str):
+        return f"{text_column} is not a string: {json.dumps(text)[:100]}"
+    return None
+
+
+def _as_json_text(rows: list[dict]) -> pa.Table:
+    columns = sorted({k for r in rows for k in r})
+    return pa.table({c: pa.array([_as_text(r.get(c)) for r in rows], pa.string()) for c in columns})
 
 
 def _as_text(value: object) -> str | None:

@@ -7,12 +7,16 @@ the context), keep flowing with `error` set; they are never dropped.
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from raylm.data.io import ERROR
+
+logger = logging.getLogger(__name__)
 
 
 def texts_and_errors(batch: pa.Table, text_column: str) -> tuple[list[str | None], list[str | None]]:
@@ -72,9 +76,24 @@ class Tokenize:
 
 
 def _make_llm(model: str, engine_args: dict[str, Any], **kwargs: Any) -> Any:
+    """vLLM's offline engine, in this process, with dtype and threads fitted to this machine.
+
+    In-process (VLLM_ENABLE_V1_MULTIPROCESSING=0: the scheduler and the model in this actor, no EngineCore
+    or worker process busy-polling beside it) with OMP_NUM_THREADS = the bound cores: Ray sets 1 for an actor
+    of one CPU. Both must be in the environment before torch is first imported here, which is now.
+    """
+    from raylm import hardware
+
+    fitted = hardware.fit(engine_args, {})
+    os.environ.update(fitted.env)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    binding = fitted.env.get(hardware.BIND_ENV)
+    if binding and binding not in ("auto", "nobind"):
+        os.environ["OMP_NUM_THREADS"] = str(len(hardware.parse_cpu_list(binding)))
+    logger.info("%s: %s", model, "; ".join(fitted.notes))
     from vllm import LLM
 
-    return LLM(model=model, **{**engine_args, **kwargs})
+    return LLM(model=model, **{**fitted.engine_args, **kwargs})
 
 
 def _too_long(lengths: list[int], limit: int, texts: list[str | None], errors: list[str | None]) -> None:
@@ -111,7 +130,8 @@ class Embed:
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
             vectors[rows] = out
         flat = pa.array(vectors.reshape(-1))
-        return _with(batch, {"embedding": pa.FixedSizeListArray.from_arrays(flat, self.dim)}, errors)
+        failed = pa.array([t is None for t in texts])  # an error row has no embedding: null, not zeros
+        return _with(batch, {"embedding": pa.FixedSizeListArray.from_arrays(flat, self.dim, mask=failed)}, errors)
 
 
 class Generate:

@@ -1,17 +1,32 @@
 """The engine seam: what a model replica needs from an inference engine.
 
-Engines speak OpenAI shapes as plain data: a finished response is a dict, a stream is an async iterator
-of chunk payloads (each one JSON text of one OpenAI chunk object). SSE framing belongs to the HTTP layer.
+Engines speak OpenAI shapes as plain data: a finished response is its JSON body (bytes), a stream is an
+async iterator of chunk payloads (each one JSON text of one OpenAI chunk object). SSE framing belongs to the HTTP layer.
 Engines raise `raylm.errors` exceptions for bad requests.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Literal, Protocol
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 Endpoint = Literal["chat", "completions", "embeddings"]
-Result = dict | AsyncIterator[str]
+Result = bytes | AsyncIterator[str]
+
+
+@dataclass(frozen=True)
+class PromptSize:
+    total: int  # every prompt of the request (a batch of completions or embeddings has several)
+    longest: int  # the longest one, which must fit the context
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request the engine has checked, parsed and counted: it can only fail now for want of capacity."""
+    endpoint: Endpoint
+    request: Any  # the engine's own parsed request
+    size: PromptSize
 
 
 class Engine(Protocol):
@@ -19,15 +34,21 @@ class Engine(Protocol):
 
     async def start(self) -> None: ...
 
-    async def create(self, endpoint: Endpoint, body: dict, request_id: str) -> Result: ...
+    max_model_len: int  # the context: prompt and output tokens
 
-    def prompt_tokens(self, endpoint: Endpoint, body: dict) -> int:
-        """Prompt tokens of a request (an estimate is fine: it bounds the queue, not the model)."""
+    async def prepare(self, endpoint: Endpoint, body: dict) -> Prepared:
+        """Check, parse and count a request off the event loop, before admission; raise for a bad one
+        (`raylm.errors`). Its prompt tokens may be an estimate: they bound the queue."""
+
+    async def create(self, prepared: Prepared, request_id: str) -> Result: ...
 
     def num_running(self) -> int:
         """Requests inside the engine now; drops when a request finishes or is aborted."""
 
     async def health(self) -> None:
         """Raise if the engine cannot serve."""
+
+    def stalled_s(self) -> float:
+        """Seconds the engine has held requests without finishing a step; 0 when it holds none."""
 
     async def shutdown(self) -> None: ...

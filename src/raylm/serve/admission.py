@@ -1,10 +1,15 @@
 """Admission on one replica: a batch in the engine, a bounded weighted-fair queue before it, then 429.
 
-    request ─► a free engine slot and nobody waiting? ─► run
-            ─► others busy, and its tenant runs less than its share of all slots? ─► run in an extra slot
+    request ─► room for its sequences in the engine and nobody waiting? ─► run
+            ─► others busy, and its tenant runs less than its share of all slots? ─► run in extra slots
+                └─► its expected wait (the sequences ahead of it / the replica's recent finishing rate)
+                    over max_queue_wait_s? ─► 429 now, Retry-After = that wait
                 └─► wait in the queue, ordered by (priority, start tag)
                      queue full (requests or prompt tokens)? the waiter that would be served last is
                      refused with 429: the newcomer, or the latest request of a tenant over its share
+
+Slots count sequences, not requests: `n` (and `best_of`) sequences run side by side in the engine. A
+request of more sequences than there are slots runs alone.
 
 Fair order is start-time fair queueing (Goyal, Vin, Cheng 1996): a tenant's request gets the start tag
 max(virtual time, the tenant's previous finish tag) and the finish tag start + 1/weight; virtual time is
@@ -22,13 +27,18 @@ from __future__ import annotations
 import asyncio
 import bisect
 import itertools
-from collections import Counter
+import time
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from raylm import errors
 from raylm.config import AdmissionConfig
+
+RATE_WINDOW = 64  # finishes the rate is measured over...
+RATE_HORIZON_S = 30.0  # ...if they are this recent
+RATE_MIN_SAMPLES = 8
 
 
 @dataclass(frozen=True)
@@ -45,13 +55,14 @@ class _Waiter:
     key: tuple[int, float, int]
     tenant: Tenant = field(compare=False)
     tokens: int = field(compare=False)
+    sequences: int = field(compare=False)
     future: asyncio.Future = field(compare=False)
 
 
 class Admission:
-    def __init__(self, limits: AdmissionConfig) -> None:
+    def __init__(self, limits: AdmissionConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.limits = limits
-        self.running_by: Counter[str] = Counter()  # by tenant; a tenant with none is not a key
+        self.running_by: Counter[str] = Counter()  # sequences by tenant; a tenant with none is not a key
         self.queued_tokens = 0
         self.rejected: Counter[str] = Counter()  # by reason
         self._waiting: list[_Waiter] = []  # sorted by key; short (≤ max_queued), so a list is enough
@@ -59,6 +70,8 @@ class Admission:
         self._finish: dict[str, float] = {}
         self._weights: dict[str, float] = {}
         self._seq = itertools.count()
+        self._clock = clock
+        self._finished_at: deque[tuple[float, int]] = deque(maxlen=RATE_WINDOW)  # (time, sequences)
 
     @property
     def running(self) -> int:
@@ -69,28 +82,31 @@ class Admission:
         return len(self._waiting)
 
     @asynccontextmanager
-    async def slot(self, tenant: Tenant, count_tokens: Callable[[], int]) -> AsyncIterator[None]:
-        """Hold one engine slot for the block; may wait in the queue, or raise OverloadedError."""
+    async def slot(self, tenant: Tenant, tokens: int, sequences: int = 1) -> AsyncIterator[None]:
+        """Hold engine slots for a request's sequences during the block; may wait in the queue, or raise
+        OverloadedError. `tokens`: its prompt tokens (they bound the queue)."""
         self._weights[tenant.name] = tenant.weight
-        if self.running < self.limits.max_running and not self._waiting:
+        if self._fits(sequences) and not self._waiting:
             self._vtime = self._start_tag(tenant)
             self._finish[tenant.name] = self._vtime + 1 / tenant.weight
-            self._started(tenant.name)
-        elif self._may_burst(tenant):
+            self._started(tenant.name, sequences)
+        elif self._may_burst(tenant, sequences):
             # Served out of the queue's order: the tenant's tags advance, virtual time does not, or the
             # requests waiting in the queue would fall behind it.
             self._finish[tenant.name] = self._start_tag(tenant) + 1 / tenant.weight
-            self._started(tenant.name)
+            self._started(tenant.name, sequences)
         else:
-            # Prompt tokens are counted only for requests that queue: the fast path pays nothing.
-            await self._wait(tenant, count_tokens())
+            await self._wait(tenant, tokens, sequences)
         try:
             yield
         finally:
-            self._finished(tenant.name)
+            self._finished(tenant.name, sequences)
 
-    def _may_burst(self, tenant: Tenant) -> bool:
-        if self.running >= self.limits.max_running + self.limits.burst:
+    def _fits(self, sequences: int) -> bool:
+        return self.running + sequences <= self.limits.max_running or self.running == 0
+
+    def _may_burst(self, tenant: Tenant, sequences: int) -> bool:
+        if self.running + sequences > self.limits.max_running + self.limits.burst:
             return False
         active = set(self.running_by) | {w.tenant.name for w in self._waiting}
         if not active - {tenant.name}:
@@ -98,24 +114,46 @@ class Admission:
         share = (self.limits.max_running + self.limits.burst) * tenant.weight / sum(
             self._weights[n] for n in active | {tenant.name})
         mine = self.running_by[tenant.name]
-        return mine == 0 or mine + 1 <= share
+        return mine == 0 or mine + sequences <= share
 
-    def _started(self, name: str) -> None:
-        self.running_by[name] += 1
+    def _started(self, name: str, sequences: int) -> None:
+        self.running_by[name] += sequences
 
-    def _finished(self, name: str) -> None:
-        self.running_by[name] -= 1
-        if not self.running_by[name]:
+    def _finished(self, name: str, sequences: int) -> None:
+        self.running_by[name] -= sequences
+        if self.running_by[name] <= 0:
             del self.running_by[name]
+        self._finished_at.append((self._clock(), sequences))
         self._dispatch()
+
+    def finishing_rate(self) -> float | None:
+        """Sequences finished per second over the last RATE_WINDOW finishes of the last RATE_HORIZON_S;
+        None until RATE_MIN_SAMPLES are seen (after an idle spell, too: idleness says nothing of capacity)."""
+        finished, horizon = self._finished_at, self._clock() - RATE_HORIZON_S
+        while finished and finished[0][0] < horizon:
+            finished.popleft()
+        if len(finished) < RATE_MIN_SAMPLES:
+            return None
+        span = finished[-1][0] - finished[0][0]
+        return sum(n for _, n in itertools.islice(finished, 1, None)) / span if span > 0 else None
+
+    def expected_wait(self, waiter_key: tuple, sequences: int) -> float | None:
+        """Seconds a request would wait for its slots: the sequences queued ahead of it and its own, less
+        the free slots, at the recent finishing rate. None when the rate is not known yet."""
+        rate = self.finishing_rate()
+        if rate is None:
+            return None
+        ahead = sum(w.sequences for w in self._waiting if w.key < waiter_key)
+        return max(0, ahead + sequences - max(0, self.limits.max_running - self.running)) / rate
 
     def _start_tag(self, tenant: Tenant) -> float:
         return max(self._vtime, self._finish.get(tenant.name, self._vtime))
 
-    async def _wait(self, tenant: Tenant, tokens: int) -> None:
+    async def _wait(self, tenant: Tenant, tokens: int, sequences: int) -> None:
         start = self._start_tag(tenant)
-        waiter = _Waiter((tenant.priority, start, next(self._seq)), tenant, tokens,
+        waiter = _Waiter((tenant.priority, start, next(self._seq)), tenant, tokens, sequences,
                          asyncio.get_running_loop().create_future())
+        self._refuse_long_waits(waiter)
         self._make_room(waiter)
         bisect.insort(self._waiting, waiter)
         self.queued_tokens += tokens
@@ -126,8 +164,17 @@ class Admission:
             if waiter in self._waiting:
                 self._remove(waiter)
             elif waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
-                self._finished(tenant.name)
+                self._finished(tenant.name, sequences)
             raise
+
+    def _refuse_long_waits(self, newcomer: _Waiter) -> None:
+        bound = self.limits.max_queue_wait_s
+        wait = self.expected_wait(newcomer.key, newcomer.sequences) if bound is not None else None
+        if wait is not None and wait > bound:
+            self.rejected["queue_wait"] += 1
+            raise errors.OverloadedError(
+                f"the server is at capacity: this request would wait about {wait:.1f}s for a slot (more than "
+                f"{bound:g}s); retry later", code="queue_wait", retry_after=max(wait, self.limits.retry_after_s))
 
     def _make_room(self, newcomer: _Waiter) -> None:
         """Refuse whoever would be served last until the newcomer fits, or refuse the newcomer."""
@@ -158,11 +205,11 @@ class Admission:
         self.queued_tokens -= waiter.tokens
 
     def _next(self) -> _Waiter | None:
-        """The waiter to start now: the head in fair order, or, with the batch full, the first waiter whose
-        tenant may take an extra slot (a head over its share must not block a tenant under it)."""
-        if self.running < self.limits.max_running:
+        """The waiter to start now: the head in fair order if its sequences fit, or else the first waiter
+        whose tenant may take extra slots (a head over its share must not block a tenant under it)."""
+        if self._fits(self._waiting[0].sequences):
             return self._waiting[0]
-        return next((w for w in self._waiting if self._may_burst(w.tenant)), None)
+        return next((w for w in self._waiting if self._may_burst(w.tenant, w.sequences)), None)
 
     def _dispatch(self) -> None:
         while self._waiting and (waiter := self._next()) is not None:
@@ -172,7 +219,7 @@ class Admission:
                 continue
             if head:  # out of order, it is a burst: virtual time stays, as in `slot`
                 self._vtime = waiter.key[1]
-            self._started(waiter.tenant.name)
+            self._started(waiter.tenant.name, waiter.sequences)
             waiter.future.set_result(None)
         if not self._waiting:
             self._finish.clear()

@@ -1,7 +1,8 @@
 """Config → Serve Application. The same function backs `raylm serve` and Serve YAML `import_path`.
 
-One ingress deployment (HTTP, auth, routing, retry) and one deployment per model. Serve's own limits are
-set from each model's admission config, never left at Serve's defaults.
+One ingress deployment (HTTP on serve.host:port, auth, routing, retry) and one deployment per model. Serve's
+own limits are set from each model's admission config, never left at Serve's defaults. The app has no
+Serve route: the ingress replicas serve HTTP themselves, on the head node (the address users are given).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ APP_NAME = "raylm"
 INGRESS_NAME = "ingress"
 HEALTH_CHECK_TIMEOUT_MARGIN_S = 20.0
 INGRESS_MAX_ONGOING = 4096  # the ingress only forwards: the model replicas bound the work
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray's own marker of the head node
+REFUSAL_HEADROOM = 64  # calls a model replica takes beyond its queue, to refuse them itself (serve_options)
 
 
 def deployment_name(model: ModelConfig) -> str:
@@ -32,10 +35,11 @@ def _replica_env(model: ModelConfig) -> dict[str, str]:
     return env
 
 
+
 def engine_args(model: ModelConfig) -> dict[str, Any]:
-    """The user's engine arguments, with room in the engine batch for admission plus the health probe."""
+    """The user's engine arguments, with room in the engine batch for every sequence admission runs."""
     args = dict(model.engine_args)
-    args.setdefault("max_num_seqs", model.admission.max_running + model.admission.burst + 1)
+    args.setdefault("max_num_seqs", model.admission.max_running + model.admission.burst)
     return args
 
 
@@ -43,10 +47,13 @@ def serve_options(model: ModelConfig) -> dict[str, Any]:
     """Serve deployment options for one model, from its config."""
     limits = model.admission
     options: dict[str, Any] = {
-        # A replica takes its batch, its queue, and as many again so that it (not Serve's FIFO) decides
-        # whom a full queue refuses. Beyond that Serve queues at the caller, then refuses with 429.
-        "max_ongoing_requests": limits.max_running + limits.burst + 2 * limits.max_queued,
-        "max_queued_requests": max(limits.max_queued, 1),
+        # A replica takes its batch, its queue, as many again so that it (not Serve's FIFO) decides whom a
+        # full queue refuses, and REFUSAL_HEADROOM calls it answers at once (bad input, a full queue).
+        # Beyond that Serve queues at the caller, then refuses with 429. That caller queue also holds every
+        # call its router has not assigned yet: sized to the queue alone, a burst of 16 malformed
+        # requests overflowed it and valid ones got Serve's 429 (tests/chaos: 561 of 1,888).
+        "max_ongoing_requests": limits.max_running + limits.burst + 2 * limits.max_queued + REFUSAL_HEADROOM,
+        "max_queued_requests": limits.max_queued + REFUSAL_HEADROOM,
         "backpressure_config": {"status_code": 429, "retry_after_s": limits.retry_after_s},
         "health_check_period_s": model.health.period_s,
         "health_check_timeout_s": model.health.probe_timeout_s + HEALTH_CHECK_TIMEOUT_MARGIN_S,
@@ -73,7 +80,7 @@ def build_app(args: AppConfig | dict[str, Any] | None = None) -> Application:
     or the config tree itself.
     """
     from raylm.serve.access import load_access
-    from raylm.serve.ingress import IngressDeployment
+    from raylm.serve.ingress import IngressDeployment, IngressOptions
     from raylm.serve.server import ModelDeployment
 
     if isinstance(args, AppConfig):
@@ -86,7 +93,10 @@ def build_app(args: AppConfig | dict[str, Any] | None = None) -> Application:
         m.name: ModelDeployment.options(name=deployment_name(m), **serve_options(m)).bind(
             m.model_copy(update={"engine_args": engine_args(m)}), str(config.serve.cache_dir))
         for m in config.models}
+    serve_config = config.serve
     return IngressDeployment.options(
-        name=INGRESS_NAME, num_replicas=config.serve.ingress_replicas, max_ongoing_requests=INGRESS_MAX_ONGOING,
-        ray_actor_options={"num_cpus": config.serve.ingress_num_cpus},
-    ).bind(config.models, handles, load_access(config.serve), config.serve.cold_start_timeout_s)
+        name=INGRESS_NAME, num_replicas=serve_config.ingress_replicas, max_ongoing_requests=INGRESS_MAX_ONGOING,
+        ray_actor_options={"num_cpus": serve_config.ingress_num_cpus, "resources": {HEAD_NODE_RESOURCE: 0.001}},
+    ).bind(config.models, handles, load_access(serve_config),
+           IngressOptions(serve_config.host, serve_config.port, serve_config.cold_start_timeout_s,
+                          serve_config.max_request_bytes))

@@ -1,10 +1,14 @@
 """The HTTP ingress: OpenAI routes, API keys, tenants, and forwarding to model servers with one retry.
 
-    client ─► Serve proxy ─► Ingress (auth, tenant, model lookup) ─► handle ─► ModelServer replica
-                                 ▲ the replica died before answering: once more, on another replica
+    client ─► Ingress replica (its own HTTP server: auth, tenant, model lookup)
+                 ├─ handle call (Serve) ─► ModelServer replica: admission, engine      (routing, counting)
+                 └─ a stream's bytes ◄── direct connection ── the same replica          (stream.py)
+              ▲ the replica died before answering: once more, on another replica
 
-The ingress holds no engine and little state, so it stays up while models scale (to zero, too) or their
-replicas die. Every failure leaves here as one OpenAI error body.
+The ingress replica serves HTTP itself on `serve.host:serve.port` (Serve's HTTP proxy is not on the path):
+a token crosses one process boundary, model replica → ingress, as bytes on a socket rather than a Ray
+message. The ingress holds no engine and little state, so it stays up while models scale (to zero, too) or
+their replicas die. Every failure leaves here as one OpenAI error body.
 """
 
 from __future__ import annotations
@@ -13,10 +17,14 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
@@ -24,21 +32,22 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from raylm import errors
 from raylm.config import ModelConfig
 from raylm.engine.protocol import Endpoint
-from raylm.serve import http
+from raylm.serve import http, stream
 from raylm.serve.access import Access
 from raylm.serve.http import Reply
 from raylm.serve.metrics import IngressMetrics
 
 logger = logging.getLogger("raylm.serve")
 
-app = FastAPI(title="raylm", docs_url=None, redoc_url=None)
-
 READY_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 10.0
 # The replica (or its node) is gone: the request never ran to the end there, so it may run elsewhere.
-_REPLICA_GONE = (RayActorError, ReplicaUnavailableError)
+# OSError: its stream's connection was refused or reset before a byte came.
+_REPLICA_GONE = (RayActorError, ReplicaUnavailableError, OSError)
+ROUTES: dict[str, Endpoint] = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
+                               "/v1/embeddings": "embeddings"}
 
 
-# Module helpers sit above the class: Serve pickles the ingress class by value with the globals it sees.
 def _as_api_error(exc: Exception) -> Exception:
     """Serve's own refusals as OpenAI errors; anything else is left to http.api_error (500, hidden)."""
     if isinstance(exc, BackPressureError):
@@ -51,7 +60,7 @@ def _as_api_error(exc: Exception) -> Exception:
 
 def _reason(reply: Reply) -> str | None:
     """A refusal's error code (queue_full, no_replica, ...), for the rejections metric."""
-    if reply.status not in (429, 503) or reply.body is None:
+    if reply.status not in (429, 503):
         return None
     try:
         return str(json.loads(reply.body)["error"].get("code") or "unavailable")
@@ -59,33 +68,44 @@ def _reason(reply: Reply) -> str | None:
         return None
 
 
-@serve.ingress(app)
+@dataclass(frozen=True)
+class IngressOptions:
+    """What the ingress needs of serve.* (never the keys themselves: those reach it hashed, in Access)."""
+
+    host: str
+    port: int
+    cold_start_timeout_s: float
+    max_request_bytes: int
+
+
 class Ingress:
-    def __init__(self, models: tuple[ModelConfig, ...], handles: dict[str, Any], access: Access,
-                 cold_start_timeout_s: float) -> None:
+    async def __init__(self, models: tuple[ModelConfig, ...], handles: dict[str, Any], access: Access,
+                       options: IngressOptions) -> None:
         self.models = {m.name: m for m in models}
         self.handles = handles
+        self.callers = {name: h.options(stream=True) for name, h in handles.items()}
         self.access = access
-        self.cold_start_timeout_s = cold_start_timeout_s
+        self.options = options
         self.created = int(time.time())
         self.metrics = IngressMetrics()
+        self.server = await http.serve_http(build_api(self), options.host, options.port)
 
-    async def _serve(self, endpoint: Endpoint, request: Request) -> Response:
+    async def serve(self, endpoint: Endpoint, request: Request) -> Response:
         start = time.perf_counter()
         rid = http.request_id(request)
         name = "-"  # the metrics' model label: only served names, never what a client made up
         try:
             tenant = self.access.tenant(request.headers)
-            body = await http.json_body(request)
+            body = await http.json_body(request, self.options.max_request_bytes)
             model = self._model(endpoint, body)
             name = model.name
-            head, rest = await self._open(model, (endpoint, body, rid, tenant))
+            head = await self._open(model, (endpoint, body, rid, tenant))
         except Exception as exc:
             head = http.error_reply(_as_api_error(exc), rid)
-        if head.body is not None:
+        if isinstance(head, Reply):
             self.metrics.answered(name, endpoint, head.status, start, _reason(head))
-            return http.json_response(head)
-        return http.sse_response(self.metrics.timed(rest, name, endpoint, start), rid)
+            return http.json_response(head, rid)
+        return http.sse_response(self._relay(head, name, endpoint, start, rid), rid)
 
     def _model(self, endpoint: Endpoint, body: dict) -> ModelConfig:
         name = body.get("model")
@@ -99,16 +119,25 @@ class Ingress:
             raise errors.NotFoundError(
                 f"The model `{name}` does not exist. Served models: {', '.join(self.models)}.",
                 param="model", code="model_not_found")
-        return self.models[name]
+        model = self.models[name]
+        if (endpoint == "embeddings") != (model.task == "embed"):
+            path = next(p for p, e in ROUTES.items() if e == endpoint)
+            raise errors.InvalidRequestError(f"model {name!r} does not serve {path}", param="model",
+                                             code="unsupported_endpoint")
+        return model
 
-    async def _open(self, model: ModelConfig, args: tuple) -> tuple[Reply, Any]:
+    async def _open(self, model: ModelConfig, args: tuple) -> Reply | AsyncIterator[bytes]:
         """Send the request; if its replica dies before the first reply, send it once more."""
         for attempt in (1, 2):
-            replies = self.handles[model.name].options(stream=True).reply.remote(*args)
+            replies = self.callers[model.name].reply.remote(*args)
             try:
                 await self._assigned(replies, model)
-                return await replies.__anext__(), replies
+                head = await replies.__anext__()
+                if isinstance(head, Reply):
+                    return head
+                return stream.receive(*await stream.connect(head, CONNECT_TIMEOUT_S))
             except _REPLICA_GONE as exc:
+                replies.cancel()
                 if attempt == 2:
                     raise errors.UnavailableError(
                         f"model {model.name}: the replica serving this request died, twice",
@@ -121,42 +150,45 @@ class Ingress:
         """Wait (bounded) until a replica takes the request: during a cold start there is none yet."""
         # Serve resolves this future once its router has picked a replica; a timeout here means no replica
         # took the request, so nothing ran and a 503 is honest.
+        timeout_s = self.options.cold_start_timeout_s
         try:
-            await asyncio.wait_for(asyncio.shield(replies._fetch_future_result_async()),
-                                   self.cold_start_timeout_s)
+            await asyncio.wait_for(asyncio.shield(replies._fetch_future_result_async()), timeout_s)
         except TimeoutError:
             replies.cancel()
             raise errors.UnavailableError(
-                f"no replica of model {model.name} took the request within {self.cold_start_timeout_s:.0f}s",
+                f"no replica of model {model.name} took the request within {timeout_s:.0f}s",
                 code="no_replica", retry_after=model.admission.retry_after_s) from None
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request) -> Response:
-        return await self._serve("chat", request)
+    async def _relay(self, chunks: AsyncIterator[bytes], name: str, endpoint: Endpoint, start: float,
+                     rid: str) -> AsyncIterator[bytes]:
+        """A stream's bytes to the client as they come; a stream cut short ends with one error event."""
+        timer = self.metrics.stream(name, endpoint, start)
+        try:
+            async for chunk in chunks:
+                timer.chunk()
+                yield chunk
+        except stream.StreamCut:
+            timer.end(500)
+            model = self.models[name]
+            yield http.error_event(errors.UnavailableError(
+                f"the replica of model {name} serving this stream stopped before the stream ended",
+                code="replica_lost", retry_after=model.admission.retry_after_s), rid).encode()
+            return
+        except BaseException:  # the client went away: closing the connection aborts the engine request
+            timer.end(499)
+            raise
+        timer.end(200)
 
-    @app.post("/v1/completions")
-    async def completions(self, request: Request) -> Response:
-        return await self._serve("completions", request)
-
-    @app.post("/v1/embeddings")
-    async def embeddings(self, request: Request) -> Response:
-        return await self._serve("embeddings", request)
-
-    @app.get("/v1/models")
     async def list_models(self, request: Request) -> Response:
         try:
             self.access.tenant(request.headers)
         except errors.APIError as exc:
-            return http.json_response(http.error_reply(exc, http.request_id(request)))
+            rid = http.request_id(request)
+            return http.json_response(http.error_reply(exc, rid), rid)
         return JSONResponse({"object": "list", "data": [
             {"id": name, "object": "model", "created": self.created, "owned_by": "raylm"}
             for name in self.models]})
 
-    @app.get("/health")
-    async def health(self) -> dict:
-        return {"status": "ok"}
-
-    @app.get("/ready")
     async def ready(self) -> JSONResponse:
         """Ready when every model that keeps replicas answers a ping; a model scaled to zero counts as ready."""
         names = list(self.models)
@@ -175,6 +207,68 @@ class Ingress:
         except BackPressureError:  # busy is alive
             pass
         return True
+
+    async def check_health(self) -> None:
+        if self.server.task.done():
+            raise RuntimeError("the ingress HTTP server has stopped")
+
+    async def __del__(self) -> None:
+        server = getattr(self, "server", None)
+        if server is not None:
+            server.should_exit = True
+            await asyncio.wait({server.task}, timeout=5)
+
+
+def build_api(ingress: Ingress) -> FastAPI:
+    """The routes, each a line: the ingress does the work. Whatever FastAPI or Starlette would answer in
+    their own shape (unknown route, wrong method, a failure nobody caught) comes out as one OpenAI error."""
+    api = FastAPI(title="raylm", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            err: errors.APIError = errors.NotFoundError(
+                f"no route {request.method} {request.url.path}; see /v1/models", code="unknown_route")
+        elif exc.status_code == 405:
+            err = errors.MethodNotAllowedError(f"{request.url.path} does not take {request.method}")
+        else:
+            err = errors.from_status(exc.status_code, str(exc.detail))
+        rid = http.request_id(request)
+        return http.json_response(http.error_reply(err, rid), rid)
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        rid = http.request_id(request)
+        return http.json_response(http.error_reply(errors.validation_error(exc), rid), rid)
+
+    @api.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception) -> Response:
+        rid = http.request_id(request)
+        return http.json_response(http.error_reply(exc, rid), rid)  # 500, internals logged and hidden
+
+    for path, endpoint in ROUTES.items():
+        api.add_api_route(path, _route(ingress, endpoint), methods=["POST"])
+
+    @api.get("/v1/models")
+    async def list_models(request: Request) -> Response:
+        return await ingress.list_models(request)
+
+    @api.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @api.get("/ready")
+    async def ready() -> JSONResponse:
+        return await ingress.ready()
+
+    return api
+
+
+def _route(ingress: Ingress, endpoint: Endpoint):
+    async def route(request: Request) -> Response:
+        return await ingress.serve(endpoint, request)
+
+    return route
 
 
 IngressDeployment = serve.deployment(Ingress)

@@ -4,7 +4,7 @@
     raylm_rejections_total{model, reason}                  429/503 by reason: queue_full, queue_tokens_full,
                                                            no_replica, unavailable
     raylm_time_to_first_token_seconds{model, endpoint}     at the ingress: queueing and hops included
-    raylm_inter_token_latency_seconds{model, endpoint}     at the ingress: between chunks of a stream
+    raylm_inter_token_latency_seconds{model, endpoint}     at the ingress: a stream's mean gap between chunks
     raylm_request_latency_seconds{model, endpoint}         at the ingress, to the last byte
     raylm_requests_running{model, replica}                 in the engine, by admission
     raylm_requests_queued{model, replica}                  waiting in the replica's fair queue
@@ -20,13 +20,9 @@ ray_vllm_generation_tokens_total.
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator
 
 from ray.util import metrics
-
-from raylm.serve.http import StreamError
 
 # Seconds; from a few ms (a loaded tiny model's token) to minutes (a cold start behind a queue).
 LATENCY_BUCKETS = [0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 8,
@@ -45,7 +41,7 @@ class IngressMetrics:
                                           tag_keys=("model", "reason"))
         self.ttft = metrics.Histogram("raylm_time_to_first_token_seconds", "Request in to first chunk out, at the ingress.",
                                       boundaries=LATENCY_BUCKETS, tag_keys=keys)
-        self.itl = metrics.Histogram("raylm_inter_token_latency_seconds", "Between two chunks of a stream.",
+        self.itl = metrics.Histogram("raylm_inter_token_latency_seconds", "A stream's mean gap between chunks.",
                                      boundaries=TOKEN_BUCKETS, tag_keys=keys)
         self.latency = metrics.Histogram("raylm_request_latency_seconds", "Request in to last byte out, at the ingress.",
                                          boundaries=LATENCY_BUCKETS, tag_keys=keys)
@@ -58,29 +54,33 @@ class IngressMetrics:
         elif status == 200:
             self.latency.observe(time.perf_counter() - start, tags=tags)
 
-    async def timed(self, items: AsyncIterator, model: str, endpoint: str, start: float) -> AsyncIterator:
-        """Pass a stream through, timing its first chunk, the gaps after it and its end."""
-        tags = {"model": model, "endpoint": endpoint}
-        last = None
-        status = 500  # the replica failed mid-stream (an error event ends it)
-        try:
-            async for item in items:
-                if isinstance(item, StreamError):
-                    yield item
-                    return
-                now = time.perf_counter()
-                if last is None:
-                    self.ttft.observe(now - start, tags=tags)
-                else:
-                    self.itl.observe(now - last, tags=tags)
-                last = now
-                yield item
-            status = 200
-        except (asyncio.CancelledError, GeneratorExit):
-            status = 499  # the client went away (nginx's code for it)
-            raise
-        finally:
-            self.answered(model, endpoint, status, start)
+    def stream(self, model: str, endpoint: str, start: float) -> StreamTimer:
+        return StreamTimer(self, {"model": model, "endpoint": endpoint}, start)
+
+
+class StreamTimer:
+    """Times one stream at the ingress: its first chunk, its mean gap between chunks (one observation per
+    stream, not per token: Ray's agent replays every observation) and its end."""
+
+    __slots__ = ("metrics", "tags", "start", "first", "last", "chunks")
+
+    def __init__(self, metrics: IngressMetrics, tags: dict[str, str], start: float) -> None:
+        self.metrics, self.tags, self.start = metrics, tags, start
+        self.first = self.last = 0.0
+        self.chunks = 0
+
+    def chunk(self) -> None:
+        self.last = time.perf_counter()
+        if not self.chunks:
+            self.first = self.last
+            self.metrics.ttft.observe(self.first - self.start, tags=self.tags)
+        self.chunks += 1
+
+    def end(self, status: int) -> None:
+        """status: 200, 500 (cut short), 499 (the client went away, nginx's code for it)."""
+        if self.chunks > 1:
+            self.metrics.itl.observe((self.last - self.first) / (self.chunks - 1), tags=self.tags)
+        self.metrics.answered(self.tags["model"], self.tags["endpoint"], status, self.start)
 
 
 class ReplicaMetrics:

@@ -7,7 +7,9 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import psutil
@@ -17,7 +19,8 @@ from ray import serve
 from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
 from raylm.config import AppConfig
-from raylm.serve.builder import APP_NAME, build_app
+from raylm.serve import capacity
+from raylm.serve.builder import APP_NAME, build_app, deployment_name
 
 logger = logging.getLogger("raylm.serve")
 
@@ -30,6 +33,12 @@ class Service:
     started_ray: bool
     started_serve: bool
     url: str
+    choices: dict[str, list[str]] = field(default_factory=dict)  # per model: dtype, threads (hardware.py)
+
+    @property
+    def log_dir(self) -> str:
+        """Where every Ray process of this session writes its output (replicas, engines, Serve)."""
+        return str(Path(ray._private.worker._global_node.get_session_dir_path()) / "logs")
 
     @property
     def metrics_url(self) -> str:
@@ -66,37 +75,39 @@ def end_processes(processes: list[psutil.Process], grace_s: float = 10.0, term_s
 
 
 # Ray Serve's throughput-optimized mode for the Ray cluster raylm starts: user code and router on each
-# replica's main event loop, garbage collector frozen after start. (It also makes gRPC the default for
-# handles, but the ingress's handles are made in this process before the mode is set, so they keep Ray
-# actor calls; py-spy shows ActorReplicaResult on the path.) Measured on 2 cores at
-# c=16 (benchmarks/cpu_breakdown.py): CPU per 1,000 streamed tokens in the ingress 0.82 -> 0.54 s, in the
-# model replica 0.51 -> 0.32 s; the engine gets that CPU back. Direct ingress stays off: the HTTP proxy
-# keeps the one configured address. Request logs are written at once, as without the mode (buffered, a
+# replica's main event loop, garbage collector frozen after start; handles made inside replicas (the
+# ingress's) use Serve's gRPC transport. Serve's HTTP proxy is not started: the ingress replicas serve HTTP
+# themselves (ingress.py), so it would only hold memory. Request logs are written at once (buffered, a
 # killed replica's last 1,000 lines were lost).
+# Serve's controller runs its loop every 0.5 s, not 0.1 s, and workers' output is not copied to the
+# console (`log_to_driver`, unless `verbose`; it stays in the session's log files): on 2 cores, with the
+# engine's OpenMP threads on both, that background stalled the engine. SmolLM2 at c=16, two rounds: 168 →
+# 190 tok/s, TTFT p50 at c=1 147 → 124 ms.
 # Metrics are reported every 2 s, not Ray's 10 s: Ray's agent replays every histogram observation one by
 # one (vLLM's inter-token histogram has one per token), so under a 1,900 tok/s flood on 2 cores each 10 s
 # report was a 270 ms burst of a core, stalling first tokens by 100-200 ms; every 2 s the bursts are at
 # most 60 ms, for the same total CPU (3% of a core).
 # A joined cluster keeps its own settings. The user's values win.
 SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
-             "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1", "RAY_metrics_report_interval_ms": "2000"}
+             "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1", "RAY_metrics_report_interval_ms": "2000",
+             "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}
 
 
-def connect_ray(config: AppConfig) -> bool:
-    """Join the configured cluster, or start a local one on loopback. Returns True if we started it."""
+def connect_ray(config: AppConfig, verbose: bool = False) -> bool:
+    """Join the configured cluster, or start a local one on loopback. Returns True if we started it.
+    `verbose` copies every Ray worker's output (replicas, engines) to this console."""
     if ray.is_initialized():
         return False
     if config.serve.address is not None:
         _use_local_auth_token()
-        ray.init(address=config.serve.address, logging_level=logging.WARNING)
+        ray.init(address=config.serve.address, logging_level=logging.WARNING, log_to_driver=verbose)
         return False
     # address="local" always starts a fresh cluster: a bare init() may attach to a stale one.
-    haproxy = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"} if config.serve.haproxy else {}
-    for key, value in {**SERVE_ENV, **haproxy}.items():  # read by Serve's processes, which inherit this env
+    for key, value in SERVE_ENV.items():  # read by Serve's processes, which inherit this env
         os.environ.setdefault(key, value)
     ray.init(address="local", num_cpus=config.serve.num_cpus, include_dashboard=False,
              _node_ip_address="127.0.0.1", _metrics_export_port=config.serve.metrics_port,
-             logging_level=logging.WARNING)
+             logging_level=logging.WARNING, log_to_driver=verbose)
     return True
 
 
@@ -120,23 +131,60 @@ def _use_local_auth_token() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
-def start(config: AppConfig) -> Service:
-    """Deploy and block until every model is ready (or raise after `serve.ready_timeout_s`)."""
-    started = connect_ray(config)
+def start(config: AppConfig, verbose: bool = False, report: Callable[[str], None] = logger.warning) -> Service:
+    """Deploy and block until every model is ready (or raise after `serve.ready_timeout_s`); `report`
+    gets what Serve says about replicas that are slow to start."""
+    started = connect_ray(config, verbose)
     host, port = config.serve.host, config.serve.port
     url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
     service = Service(config, started, started or not _serve_running(), url)
     try:
-        serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+        check_capacity(config, strict=started, report=report)
+        serve.start(proxy_location="Disabled")  # the ingress serves HTTP itself
         try:
-            serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+            serve.run(build_app(config), name=APP_NAME, route_prefix=None, blocking=False)
         except RuntimeError as exc:
             raise DeployError(f"{exc}\n{_deployment_messages()}") from None
-        wait_ready(service.url, config.serve.ready_timeout_s)
+        wait_ready(service.url, config.serve.ready_timeout_s, report)
+        service.choices = engine_choices(config)
     except BaseException:
         service.stop()
         raise
     return service
+
+
+def check_capacity(config: AppConfig, strict: bool, report: Callable[[str], None]) -> None:
+    """Refuse a config the cluster cannot hold (strict: a cluster raylm started, which will not grow);
+    on a joined cluster, which may autoscale, only say so."""
+    from raylm.models import resolve_source
+
+    def weights(model) -> int:
+        try:
+            return capacity.weights_bytes(resolve_source(model.source, config.serve.cache_dir))
+        except (OSError, ValueError):
+            return 0
+
+    need = capacity.demand(config, weights)
+    free = psutil.virtual_memory().available if strict else None
+    problems = capacity.shortfalls(need, ray.cluster_resources(), free)
+    if problems and strict:
+        raise DeployError("\n".join(problems))
+    if problems:
+        report("; ".join(problems) + " (waiting: the cluster may grow)")
+
+
+def engine_choices(config: AppConfig) -> dict[str, list[str]]:
+    """What one replica of each running model picked for its machine."""
+    choices = {}
+    for model in config.models:
+        if model.autoscaling is not None and model.autoscaling.min_replicas == 0:
+            continue
+        try:
+            handle = serve.get_deployment_handle(deployment_name(model), APP_NAME)
+            choices[model.name] = handle.describe.remote().result(timeout_s=10)
+        except Exception as exc:  # informational only
+            logger.debug("no engine choices from %s: %r", model.name, exc)
+    return choices
 
 
 class DeployError(RuntimeError):
@@ -151,13 +199,19 @@ def _deployment_messages() -> str:
     return "\n".join(f"{name}: {d.message}" for name, d in app.deployments.items() if d.message)
 
 
-def wait_ready(url: str, timeout_s: float) -> None:
+def wait_ready(url: str, timeout_s: float, report: Callable[[str], None] = logger.warning) -> None:
+    """Until /ready answers 200; each new thing Serve says about a deployment (a replica it cannot place,
+    a runtime env being built, a constructor that failed) goes to `report` as it appears."""
     deadline = time.monotonic() + timeout_s
-    last = "no answer"
+    last, said = "no answer", set()
     while time.monotonic() < deadline:
         status = serve.status().applications.get(APP_NAME)
         if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
             raise DeployError(f"deployment failed: {status.message or status.status}\n{_deployment_messages()}")
+        for line in _deployment_messages().splitlines():
+            if line and line not in said:
+                said.add(line)
+                report(line)
         try:
             r = httpx.get(f"{url}/ready", timeout=10)
             if r.status_code == 200:
@@ -169,12 +223,13 @@ def wait_ready(url: str, timeout_s: float) -> None:
     raise TimeoutError(f"raylm was not ready after {timeout_s:.0f}s: {last}")
 
 
-def run_forever(config: AppConfig, on_ready=print) -> None:
+def run_forever(config: AppConfig, on_ready=print, verbose: bool = False,
+                report: Callable[[str], None] = logger.warning) -> None:
     """Serve until Ctrl-C or SIGTERM, then stop cleanly (also when interrupted while starting)."""
     # Explicit handlers: a process started in the background inherits SIGINT ignored.
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
-    service = start(config)
+    service = start(config, verbose, report)
     try:
         on_ready(service)
         while True:

@@ -1,8 +1,9 @@
 """The model server: one Serve deployment per model, each replica hosting one engine behind admission.
 
 The ingress calls `reply` through a Serve handle. A replica runs up to `max_running` requests in its
-engine and queues the rest fairly (see admission.py); Serve's health check runs a real one-token request,
-so an engine that is alive but stalled is replaced like a dead one.
+engine and queues the rest fairly (see admission.py); a whole answer comes back through the handle, a
+stream's bytes over a direct connection (stream.py) while the handle call stays open. Serve's health check
+runs a real one-token request, so an engine that is alive but stalled is replaced like a dead one.
 """
 
 from __future__ import annotations
@@ -10,19 +11,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import ray
 from ray import serve
 
+from raylm import errors, hardware
 from raylm.config import ModelConfig
 from raylm.engine.protocol import Endpoint, Engine
 from raylm.models import resolve_source
 from raylm.serve import http
 from raylm.serve.admission import Admission, Tenant
-from raylm.serve.http import Reply, StreamError
+from raylm.serve.builder import HEAD_NODE_RESOURCE
+from raylm.serve.http import Reply
 from raylm.serve.metrics import ReplicaMetrics
+from raylm.serve.stream import Direct, StreamHub
 
 logger = logging.getLogger("raylm.serve")
 
@@ -33,6 +37,21 @@ def _make_engine(model: ModelConfig, cache_dir: Path) -> Engine:
     return VLLMEngine(resolve_source(model.source, cache_dir), model.name, model.task, model.engine_args)
 
 
+def stream_host() -> str:
+    """Where this replica's streams wait: loopback on the head node, where every ingress replica runs (a
+    node's Ray address is its public one, even for a cluster started on 127.0.0.1); else this node's address,
+    which the ingress reaches across the cluster (tickets guard it; see stream.py)."""
+    node_id = ray.get_runtime_context().get_node_id()
+    node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
+    return "127.0.0.1" if HEAD_NODE_RESOURCE in node["Resources"] else node["NodeManagerAddress"]
+
+
+def sequences(body: dict) -> int:
+    """Sequences a request runs side by side in the engine: `n`, or `best_of` when larger."""
+    counts = [v for v in (body.get("n"), body.get("best_of")) if isinstance(v, int) and not isinstance(v, bool)]
+    return max([1, *counts])
+
+
 class ModelServer:
     """Hosts one engine; the ingress reaches it through `reply` on a Serve handle."""
 
@@ -40,8 +59,14 @@ class ModelServer:
         self.name = model.name
         self.admission = Admission(model.admission)
         self.probe_timeout_s = model.health.probe_timeout_s
-        self.engine: Engine = engine_factory(model, Path(cache_dir))
+        self.fit = hardware.fit(model.engine_args, model.env)
+        os.environ.update(self.fit.env)  # read by vLLM here and in the EngineCore process it spawns
+        logger.info("%s: %s", model.name, "; ".join(self.fit.notes))
+        self.engine: Engine = engine_factory(model.model_copy(update={"engine_args": self.fit.engine_args}),
+                                             Path(cache_dir))
         await self.engine.start()
+        self.streams = StreamHub()
+        await self.streams.start(stream_host())
         self.metrics = ReplicaMetrics(model.name, serve.get_replica_context().replica_id.unique_id)
         self._sampler = asyncio.create_task(self._sample())
 
@@ -52,40 +77,46 @@ class ModelServer:
             await asyncio.sleep(1.0)
 
     async def reply(self, endpoint: Endpoint, body: dict, rid: str,
-                    tenant: Tenant = Tenant()) -> AsyncIterator[Reply | str | StreamError]:
-        """One request: a Reply first (a whole body, or `body=None` when chunk payloads follow)."""
+                    tenant: Tenant = Tenant()) -> AsyncIterator[Reply | Direct]:
+        """One request, one item: a Reply (a whole body, or an error), or a Direct for a stream; the call
+        then lasts until the stream has ended, so Serve and admission count it while it runs."""
         try:
-            async with self.admission.slot(tenant, lambda: self.engine.prompt_tokens(endpoint, body)):
-                async for item in self._run(endpoint, body, rid):
-                    yield item
+            # Refuse early: a bad request, or a prompt too long for the context, never takes a queue place.
+            prepared = await self.engine.prepare(endpoint, body)
+            size = prepared.size
+            if size.longest > self.engine.max_model_len > 0:
+                raise errors.InvalidRequestError(
+                    f"This model's maximum context length is {self.engine.max_model_len} tokens; the prompt has "
+                    f"{size.longest}.", param={"chat": "messages", "completions": "prompt"}.get(endpoint, "input"),
+                    code="context_length_exceeded")
+            async with self.admission.slot(tenant, size.total, sequences(body)):
+                result = await self.engine.create(prepared, rid)
+                if isinstance(result, bytes):
+                    yield Reply(body=result)
+                    return
+                direct, out = self.streams.open(http.sse_frames(result, rid))
+                try:
+                    yield direct
+                    await asyncio.wait({out.task})
+                finally:  # also when Serve cancels this call (the client went away)
+                    out.abort()
         except Exception as exc:  # refused by admission (429), or the engine failed before answering
             yield http.error_reply(exc, rid)
 
-    async def _run(self, endpoint: Endpoint, body: dict, rid: str) -> AsyncIterator[Reply | str | StreamError]:
-        result = await self.engine.create(endpoint, body, rid)  # raising here: `reply` answers with the error
-        if isinstance(result, bytes):
-            yield Reply(body=result)
-            return
-        yield Reply()
-        try:
-            async for payload in result:
-                yield payload
-        except Exception as exc:
-            yield StreamError(http.api_error(exc, rid).body())
-
     async def check_health(self) -> None:
-        """Serve calls this every period: the engine must answer a one-token request within the deadline."""
+        """Serve calls this every period: the engine must be alive and, while it holds requests, finish a
+        step within the deadline. A busy engine (a full batch, long prompts) steps, so it stays healthy; a
+        stalled one does not. Nothing is queued to find out (a probe request waited behind a full batch)."""
         await self.engine.health()
-        endpoint: Endpoint = "embeddings" if "embeddings" in self.engine.endpoints else "completions"
-        body = {"model": self.name, "input": "ok"} if endpoint == "embeddings" else {
-            "model": self.name, "prompt": "ok", "max_tokens": 1}
-        try:
-            await asyncio.wait_for(self.engine.create(endpoint, body, f"health-{uuid.uuid4().hex}"),
-                                   self.probe_timeout_s)
-        except TimeoutError:
-            logger.error("engine of %s produced no token in %.0fs: reporting unhealthy", self.name,
-                         self.probe_timeout_s)
-            raise RuntimeError(f"engine stalled: no answer to a one-token probe in {self.probe_timeout_s}s")
+        stalled = self.engine.stalled_s()
+        if stalled > self.probe_timeout_s:
+            logger.error("engine of %s made no step in %.0fs with requests in it: reporting unhealthy",
+                         self.name, stalled)
+            raise RuntimeError(f"engine stalled: no step for {stalled:.0f}s with requests waiting")
+
+    async def describe(self) -> list[str]:
+        """What this replica picked for its machine (dtype, thread binding), for the start-up message."""
+        return list(self.fit.notes)
 
     async def ping(self) -> str:
         await self.engine.health()
@@ -95,10 +126,12 @@ class ModelServer:
         """This replica's queue and engine, for tests and operators."""
         return {"pid": os.getpid(), "running": self.admission.running, "queued": self.admission.queued,
                 "queued_tokens": self.admission.queued_tokens, "rejected": dict(self.admission.rejected),
-                "engine_running": self.engine.num_running()}
+                "engine_running": self.engine.num_running(), "streams": f"{self.streams.host}:{self.streams.port}"}
 
     async def __del__(self) -> None:
         # Serve awaits this on graceful replica shutdown: stop the engine and its EngineCore process.
+        if hasattr(self, "streams"):
+            await self.streams.close()
         engine = getattr(self, "engine", None)
         if engine is not None:
             await engine.shutdown()

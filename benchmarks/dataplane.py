@@ -1,0 +1,131 @@
+"""The serving path's own cost: a tiny model behind raylm and behind bare `vllm serve`, CPU per token by role.
+
+    python benchmarks/dataplane.py [--systems raylm,vllm] [--concurrency 64,256] [--seconds 30] [--rounds 1]
+
+The model is the tests' tiny random Llama (2 layers, 128 wide), so the engine's compute is small and the
+serving path dominates. Each system serves it with the same engine arguments (bf16, eager, 256 sequences
+per step) and the engine's OpenMP threads on core 1 (`VLLM_CPU_OMP_THREADS_BIND=1`), so the serving path
+has core 0 to itself. Load: streaming completions of 64 prompt tokens and 128 output tokens (ignore_eos),
+a closed loop at each concurrency for `--seconds` (requests keep coming until then; the ones in flight
+finish). During each point every process under the system's root is read before and after (psutil), and
+its CPU is grouped by role (cpu_breakdown.py). "Outside the worker" is everything but the process that
+runs the model (vLLM's worker process; with raylm's CPU layout the worker runs inside EngineCore, which
+then also schedules): API servers, proxies, ingress, EngineCore when separate, and every Ray process. "Serving
+path" leaves out EngineCore and the worker both, so it compares layouts fairly. Rounds alternate the order
+of the systems. Results: benchmarks/results/dataplane.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from harness import HERE, Setup, cpu_flags, running
+
+from cpu_breakdown import ENGINE_CORE, WORKER, cpu_by_role
+from helpers import TINY_ENGINE_ARGS, make_tiny_llama
+from raylm.bench.prompts import synthetic
+from raylm.bench.run import BenchSpec, run_bench
+from raylm.models import default_cache_dir
+
+NAME = "tiny"
+INPUT_TOKENS, OUTPUT_TOKENS = 64, 128
+ENGINE_ARGS = {**TINY_ENGINE_ARGS, "dtype": "bfloat16", "max_num_seqs": 256}
+ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "1"}
+# raylm runs every request the engine can batch (the peer has no admission limit).
+RAYLM_MODEL = {"num_cpus": 0.5, "admission": {"max_running": 256, "max_queued": 256, "burst": 0}}
+
+
+def measure(url: str, pid: int, prompts: list[str], concurrency: int, seconds: float) -> dict:
+    spec = BenchSpec(url=url, model=NAME, prompts=prompts, output_tokens=OUTPUT_TOKENS, concurrency=[concurrency],
+                     requests=10**6, duration_s=seconds, warmup=0, timeout_s=600)
+    before = cpu_by_role(pid)
+    (point, _), = asyncio.run(run_bench(spec))
+    used = cpu_by_role(pid) - before
+    tokens = point.output_tok_s * point.duration_s
+    per_token = {role: 1000 * s / tokens for role, s in used.most_common()}
+    # The process that runs the model: the worker, or EngineCore when the worker runs inside it (raylm).
+    model_process = WORKER if WORKER in per_token else ENGINE_CORE
+    return {"tok_s": point.output_tok_s, "ok": point.ok, "requests": point.requests,
+            "ttft_p50_ms": 1000 * point.ttft_s["p50"], "ttft_p99_ms": 1000 * point.ttft_s["p99"],
+            "tpot_p50_ms": 1000 * point.tpot_s["p50"], "cpu_ms_per_token": per_token,
+            "outside_worker_ms": sum(v for r, v in per_token.items() if r != model_process),
+            "serving_path_ms": sum(v for r, v in per_token.items() if r not in (WORKER, ENGINE_CORE)),
+            "cores_busy": sum(used.values()) / point.duration_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--systems", default="raylm,vllm,vllm-uni")
+    parser.add_argument("--concurrency", default="64,256")
+    parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+    systems, levels = args.systems.split(","), [int(c) for c in args.concurrency.split(",")]
+    model_dir = make_tiny_llama(default_cache_dir() / "models" / "tiny-llama-bench")
+    from transformers import AutoTokenizer
+
+    prompts = synthetic(AutoTokenizer.from_pretrained(model_dir), 4000, INPUT_TOKENS)
+    setup = Setup(str(model_dir), NAME, ENGINE_ARGS, ENV, RAYLM_MODEL)
+    rows: dict[str, list[dict]] = {s: [] for s in systems}
+    with tempfile.TemporaryDirectory(prefix="raylm-dataplane-") as tmp:
+        for r in range(args.rounds):
+            for system in systems if r % 2 == 0 else systems[::-1]:
+                with running(system, setup, Path(tmp)) as (url, pid):
+                    asyncio.run(run_bench(BenchSpec(url=url, model=NAME, prompts=prompts, concurrency=[16],
+                                                    output_tokens=OUTPUT_TOKENS, requests=32, warmup=0)))
+                    time.sleep(2)
+                    row = {"round": r + 1, **{f"c{c}": measure(url, pid, prompts, c, args.seconds) for c in levels}}
+                rows[system].append(row)
+                for c in levels:
+                    m = row[f"c{c}"]
+                    print(f"round {r + 1} {system:10s} c={c}: {m['tok_s']:7.1f} tok/s, TTFT p50/p99 "
+                          f"{m['ttft_p50_ms']:.0f}/{m['ttft_p99_ms']:.0f} ms, outside the worker "
+                          f"{m['outside_worker_ms']:.3f} ms/token, {m['ok']}/{m['requests']} ok", flush=True)
+    report(rows, levels, args.out)
+
+
+def report(rows: dict[str, list[dict]], levels: list[int], out: Path) -> None:
+    def med(system: str, c: int, key: str) -> float:
+        return statistics.median(row[f"c{c}"][key] for row in rows[system])
+
+    lines = [f"CPU flags: {cpu_flags()}; date {time.strftime('%Y-%m-%d')}", "",
+             "| system | c | tok/s | TTFT p50 | TTFT p99 | TPOT p50 | CPU ms/token outside the worker | "
+             "serving path ms/token | cores busy |", "|---|---|---|---|---|---|---|---|---|"]
+    for system in rows:
+        for c in levels:
+            lines.append(f"| {system} | {c} | {med(system, c, 'tok_s'):.1f} | {med(system, c, 'ttft_p50_ms'):.0f} ms | "
+                         f"{med(system, c, 'ttft_p99_ms'):.0f} ms | {med(system, c, 'tpot_p50_ms'):.1f} ms | "
+                         f"{med(system, c, 'outside_worker_ms'):.3f} | {med(system, c, 'serving_path_ms'):.3f} | "
+                         f"{med(system, c, 'cores_busy'):.2f} |")
+    lines += ["", "CPU ms per output token by role (median of rounds):", ""]
+    for system in rows:
+        for c in levels:
+            per_round = [row[f"c{c}"]["cpu_ms_per_token"] for row in rows[system]]
+            roles = Counter({role: statistics.median(r.get(role, 0.0) for r in per_round)
+                             for role in set().union(*per_round)})
+            lines.append(f"- {system} c={c}: " + ", ".join(f"{role} {v:.3f}" for role, v in roles.most_common()))
+    if "raylm" in rows:
+        lines.append("")
+        for c in levels:
+            for peer in (p for p in rows if p.startswith("vllm")):
+                lines.append(f"- c={c}: raylm / {peer} tok/s **{med('raylm', c, 'tok_s') / med(peer, c, 'tok_s'):.2f}×**"
+                             " (target ≥ 0.95× vllm)")
+            lines.append(f"- c={c}: raylm outside the worker {med('raylm', c, 'outside_worker_ms'):.3f} ms/token "
+                         "(target ≤ 0.4)")
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dataplane.md").write_text(text)
+    (out / "dataplane.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""What the serving benchmarks share: how each system is started on a model, and a clean stop.
+
+    with running("raylm", Setup(model_dir, name, engine_args, env), work) as (url, pid): ...
+
+Systems (each its own process tree, stopped by PID afterwards; only what this harness started):
+    raylm           `raylm serve` with this one model
+    vllm            bare `vllm serve` (python -m vllm.entrypoints.openai.api_server), same engine arguments
+    vllm-uni        the same with raylm's CPU engine layout (the worker inside EngineCore; systems/vllm_uni.py)
+    ray-serve-llm   Ray Serve LLM (ray.serve.llm.build_openai_app), same engine arguments, Serve's
+                    throughput-optimized mode (suffix `-direct`: its direct streaming with Serve's HAProxy)
+    naive           a transformers pipeline per request on Serve (benchmarks/systems/naive_pipeline.py)
+Suffix `-bindSPEC` (e.g. `vllm-bind1`) binds the engine's OpenMP threads to those cores instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import yaml
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from helpers import free_port  # noqa: E402  (one free_port, the tests')
+
+from raylm.serve.runner import end_processes  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One model as every system serves it: the same weights, engine arguments and engine environment."""
+
+    model_dir: str
+    name: str
+    engine_args: dict[str, Any]
+    env: dict[str, str]
+    raylm_model: dict[str, Any] = field(default_factory=dict)  # extra raylm model config (admission, ...)
+
+
+def vllm_flags(engine_args: dict[str, Any]) -> list[str]:
+    """Engine arguments as `vllm serve` flags: {"max_model_len": 256, "enforce_eager": True} → flags."""
+    flags = []
+    for key, value in engine_args.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif value is not False:
+            flags += [flag, str(value)]
+    return flags
+
+
+def command(system: str, setup: Setup, port: int, work: Path) -> tuple[list[str], dict[str, str]]:
+    py = sys.executable
+    base, _, bind = system.partition("-bind")
+    env = {**setup.env, "VLLM_CPU_OMP_THREADS_BIND": bind} if bind else dict(setup.env)
+    if base.startswith("raylm"):
+        model = {"name": setup.name, "source": setup.model_dir, "engine_args": setup.engine_args, "env": env,
+                 **setup.raylm_model}
+        config = {"models": [model], "serve": {"port": port, "metrics_port": free_port()}}
+        path = work / f"{system}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return [py, "-m", "raylm.cli", "serve", str(path)], {}
+    if base in ("vllm", "vllm-uni"):
+        server = ["-m", "vllm.entrypoints.openai.api_server"] if base == "vllm" else [str(HERE / "systems/vllm_uni.py")]
+        return [py, *server, "--model", setup.model_dir, "--served-model-name", setup.name, "--host", "127.0.0.1",
+                "--port", str(port), *vllm_flags(setup.engine_args)], env
+    if base.startswith("ray-serve-llm"):
+        direct = base == "ray-serve-llm-direct"
+        mode = ({"RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"} if direct
+                else {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"})
+        return [py, str(HERE / "systems/ray_serve_llm.py"), setup.model_dir, setup.name, str(port),
+                "--engine-args", json.dumps(setup.engine_args), "--env", json.dumps(env)], {
+                    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", **mode}
+    if base == "naive":
+        return [py, str(HERE / "systems/naive_pipeline.py"), setup.model_dir, setup.name, str(port)], {}
+    raise ValueError(f"unknown system {system!r}")
+
+
+@contextmanager
+def running(system: str, setup: Setup, work: Path, timeout_s: float = 600):
+    """Start `system` serving `setup`; yield (OpenAI base URL, root PID) once it answers a completion."""
+    port = free_port()
+    cmd, env = command(system, setup, port, work)
+    log = open(work / f"{system}.log", "ab")
+    proc = subprocess.Popen(cmd, env={**os.environ, **env, "HF_HUB_OFFLINE": "1"}, stdout=log, stderr=log,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{system} exited {proc.returncode}; see {log.name}")
+            try:  # up means answering a completion: some servers list models before an engine is ready
+                probe = {"model": setup.name, "prompt": "hi", "max_tokens": 1}
+                if httpx.post(f"{url}/completions", json=probe, timeout=30).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{system} not up after {timeout_s}s; see {log.name}")
+            time.sleep(1)
+        yield url, proc.pid
+    finally:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)] \
+            if proc.poll() is None else []
+        if tree:
+            proc.terminate()  # each system shuts itself down on SIGTERM; stragglers are ended by PID
+        end_processes(tree, grace_s=60)
+        log.close()
+
+
+def cpu_flags() -> str:
+    """The CPU features that decide dtype speed on this machine, for every printed figure."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "unknown"
+    return " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "none of avx2/avx512"

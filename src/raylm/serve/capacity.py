@@ -1,0 +1,71 @@
+"""What a config asks of the cluster, checked before deploying: an impossible config fails in seconds with
+the reason, instead of waiting `ready_timeout_s` for replicas Ray can never place.
+
+    per model   replicas at deploy time (autoscaling: initial, else min) × (num_cpus, num_gpus, memory)
+    memory      weights (the files' size) + KV cache (VLLM_CPU_KVCACHE_SPACE, on a CPU) + ~1.5 GiB of runtime
+    ingress     ingress_replicas × ingress_num_cpus
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from raylm.config import AppConfig, ModelConfig
+
+GiB = 2**30
+RUNTIME_BYTES = int(1.5 * GiB)  # a replica's Python, torch and vLLM, measured idle: 1.2-1.6 GiB RSS
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
+
+
+@dataclass(frozen=True)
+class Demand:
+    cpus: float
+    gpus: float
+    memory: int
+    lines: tuple[str, ...]  # one per model, for the message
+
+
+def replicas_at_start(model: ModelConfig) -> int:
+    scaling = model.autoscaling
+    if scaling is None:
+        return model.replicas
+    return scaling.initial_replicas if scaling.initial_replicas is not None else scaling.min_replicas
+
+
+def weights_bytes(folder: str) -> int:
+    path = Path(folder)
+    if not path.is_dir():
+        return 0  # an HF id: its size is not known here
+    return sum(f.stat().st_size for pattern in WEIGHT_FILES for f in path.glob(pattern))
+
+
+def demand(config: AppConfig, weights: Callable[[ModelConfig], int]) -> Demand:
+    cpus = config.serve.ingress_replicas * config.serve.ingress_num_cpus
+    gpus, memory, lines = 0.0, 0, []
+    for model in config.models:
+        n = replicas_at_start(model)
+        kv = int(float(model.env.get("VLLM_CPU_KVCACHE_SPACE", "0") or 0) * GiB) if not model.num_gpus else 0
+        each = weights(model) + kv + RUNTIME_BYTES
+        cpus, gpus, memory = cpus + n * model.num_cpus, gpus + n * model.num_gpus, memory + n * each
+        lines.append(f"{model.name}: {n} × ({model.num_cpus:g} CPU, {model.num_gpus:g} GPU, "
+                     f"{each / GiB:.1f} GiB)")
+    lines.append(f"ingress: {config.serve.ingress_replicas} × {config.serve.ingress_num_cpus:g} CPU")
+    return Demand(cpus, gpus, memory, tuple(lines))
+
+
+def shortfalls(need: Demand, cluster: dict[str, float], free_memory: int | None) -> list[str]:
+    """What the cluster lacks for this demand (empty: it fits)."""
+    problems = []
+    for key, wanted in (("CPU", need.cpus), ("GPU", need.gpus)):
+        have = cluster.get(key, 0.0)
+        if wanted > have + 1e-9:
+            problems.append(f"the config needs {wanted:g} {key}s at start, the cluster has {have:g}")
+    if free_memory is not None and need.memory > free_memory:
+        problems.append(f"the config needs about {need.memory / GiB:.1f} GiB of memory at start, "
+                        f"{free_memory / GiB:.1f} GiB is free")
+    if problems:
+        problems.append("asked for: " + "; ".join(need.lines))
+        problems.append("lower `replicas` or `num_cpus`/`num_gpus` (or VLLM_CPU_KVCACHE_SPACE), or add nodes")
+    return problems

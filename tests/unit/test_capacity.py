@@ -1,0 +1,28 @@
+"""An impossible config is refused before deploying, with what it asked for."""
+
+from raylm.config import AppConfig, load_config
+from raylm.serve.capacity import GiB, RUNTIME_BYTES, demand, shortfalls
+
+
+def test_the_default_config_with_two_replicas_does_not_fit_two_cores():
+    config = load_config(replicas=2)  # the issue's case: 2 × 1.0 + 2 × 0.5 + 0.1 CPUs
+    need = demand(config, lambda m: 0)
+    assert need.cpus == 3.1
+    problems = shortfalls(need, {"CPU": 2.0}, free_memory=None)
+    assert "needs 3.1 CPUs at start, the cluster has 2" in problems[0]
+    assert any("smollm2-135m-instruct: 2 × (1 CPU" in p for p in problems)
+    assert shortfalls(demand(load_config(), lambda m: 0), {"CPU": 2.0}, None) == []
+
+
+def test_memory_counts_weights_kv_cache_and_runtime_per_replica():
+    config = AppConfig.model_validate({"models": [
+        {"name": "a", "source": "/m/a", "replicas": 2, "num_cpus": 0.5, "env": {"VLLM_CPU_KVCACHE_SPACE": "2"}},
+        {"name": "b", "source": "/m/b", "autoscaling": {"min_replicas": 0, "max_replicas": 3}}]})
+    need = demand(config, lambda m: GiB)
+    assert need.memory == 2 * (GiB + 2 * GiB + RUNTIME_BYTES)  # b starts at zero replicas
+    assert shortfalls(need, {"CPU": 8.0}, free_memory=4 * GiB)[0].startswith("the config needs about 9.0 GiB")
+
+
+def test_gpus_are_checked_too():
+    config = AppConfig.model_validate({"models": [{"name": "a", "source": "/m/a", "num_gpus": 1}]})
+    assert "needs 1 GPUs at start, the cluster has 0" in shortfalls(demand(config, lambda m: 0), {"CPU": 4}, None)[0]

@@ -12,6 +12,7 @@ import asyncio
 import os
 import random
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -46,7 +47,9 @@ def _tree() -> dict[int, tuple[str, int, int]]:
     out = {}
     for proc in psutil.Process().children(recursive=True):
         try:
-            out[proc.pid] = (" ".join(proc.cmdline())[:60] or proc.name(), proc.memory_info().rss, proc.num_fds())
+            cmd = proc.cmdline()
+            name = f"{proc.name()} {Path(cmd[0]).name if cmd else ''} {' '.join(cmd[1:3])}"[:80]
+            out[proc.pid] = (name, proc.memory_info().rss, proc.num_fds())
         except psutil.Error:
             pass
     return out

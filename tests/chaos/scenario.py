@@ -39,7 +39,7 @@ def chaos_config(tiny_model, only: tuple[str, ...] = ()) -> AppConfig:
         # two spinning OpenMP threads each on 2 cores took 95 s to over 150 s to start the second one.
         tiny("auto", tiny_model, env={**ENV, "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"},
              autoscaling={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
-                          "upscale_delay_s": 1, "downscale_delay_s": 45}),
+                          "upscale_delay_s": 1, "downscale_delay_s": 90}),
         tiny("cold", tiny_model, autoscaling={"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 5},
              admission={**LIMITS, "max_queue_wait_s": 0.05}),
     )

@@ -171,7 +171,8 @@ def test_client_disconnect_aborts_the_engine_request_within_1s(chaos_service):
 
 # Not in `make test` (about 2.5 min). On 2 cores a busy tiny engine and a starting one compete for the CPU:
 # with the load kept on, the second engine took 95 s to over 150 s to start. So the load stops once Serve
-# has decided to scale up; `downscale_delay_s` (45 s) keeps the decision while the replica starts.
+# has decided to scale up; `downscale_delay_s` (90 s) keeps the decision while the replica starts. At 45 s,
+# with Serve's control loop at 0.5 s (issue 11), the replica that took 55 s to start was removed at once.
 @pytest.mark.slow
 def test_load_scales_a_model_up_and_idleness_down(chaos_service):
     assert running_replicas("auto") == 1
@@ -196,7 +197,7 @@ def test_load_scales_a_model_up_and_idleness_down(chaos_service):
            requests=len(served), failed=sum(not r.ok for r in served), scale_down_s=time.monotonic() - idle)
     assert seen.get("decided", 999) < 30
     assert all(r.ok for r in served)
-    assert down_s < 60  # docs/serve.md: 17-27 s after the second replica ran (downscale_delay_s 45 from the load)
+    assert down_s < 90  # downscale_delay_s 90 from the load's end, less the second replica's start (~50 s)
 
 
 def test_a_request_at_zero_replicas_waits_for_the_cold_start(chaos_service):

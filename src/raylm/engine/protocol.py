@@ -34,11 +34,10 @@ class Engine(Protocol):
 
     async def start(self) -> None: ...
 
-    max_model_len: int  # the context: prompt and output tokens
-
     async def prepare(self, endpoint: Endpoint, body: dict) -> Prepared:
         """Check, parse and count a request off the event loop, before admission; raise for a bad one
-        (`raylm.errors`). Its prompt tokens may be an estimate: they bound the queue."""
+        (`raylm.errors`), a prompt longer than the context included. Its prompt tokens may be an estimate:
+        they bound the queue."""
 
     async def create(self, prepared: Prepared, request_id: str) -> Result: ...
 

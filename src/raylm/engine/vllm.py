@@ -139,6 +139,11 @@ class VLLMEngine:
                 raise errors.validation_error(exc) from None
             raise _from_vllm_exception(exc) from None
         size = self._count(endpoint, body)
+        if size.longest > self.max_model_len > 0:
+            raise errors.InvalidRequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
+                f"{size.longest}.", param={"chat": "messages", "completions": "prompt"}.get(endpoint, "input"),
+                code="context_length_exceeded")
         if endpoint != "embeddings":
             try:
                 self._check_sampling(endpoint, request, size)
@@ -242,8 +247,9 @@ def cpu_layout(config: Any, user_args: dict[str, Any]) -> Iterator[None]:
     `mp` also sets the worker's OpenMP environment from VLLM_CPU_OMP_THREADS_BIND when it spawns it
     (OMP_NUM_THREADS, OMP_PLACES, OMP_PROC_BIND); here vLLM's same code sets it for the EngineCore process,
     spawned in this block. Without it EngineCore inherits Ray's OMP_NUM_THREADS=1 (TTFT 170 vs 130 ms for a
-    100-token prompt). Only the OpenMP threads are bound, as in `mp`: EngineCore's I/O threads stay free.
-    A user's `distributed_executor_backend` wins.
+    100-token prompt). libgomp binds EngineCore's main thread to those cores, and every thread it starts
+    later, its I/O threads too: with a binding narrower than the replica's cores they share the model's
+    cores (docs/serve.md: the fairness test's tail). A user's `distributed_executor_backend` wins.
     """
     from vllm.platforms import current_platform
     from vllm.utils.ompmultiprocessing import OMPProcessManager

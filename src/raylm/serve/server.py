@@ -3,7 +3,7 @@
 The ingress calls `reply` through a Serve handle. A replica runs up to `max_running` requests in its
 engine and queues the rest fairly (see admission.py); a whole answer comes back through the handle, a
 stream's bytes over a direct connection (stream.py) while the handle call stays open. Serve's health check
-runs a real one-token request, so an engine that is alive but stalled is replaced like a dead one.
+watches engine steps, so an engine that is alive but stalled is replaced like a dead one.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import ray
 from ray import serve
 
-from raylm import errors, hardware
+from raylm import hardware
 from raylm.config import ModelConfig
 from raylm.engine.protocol import Endpoint, Engine
 from raylm.models import resolve_source
@@ -83,13 +83,7 @@ class ModelServer:
         try:
             # Refuse early: a bad request, or a prompt too long for the context, never takes a queue place.
             prepared = await self.engine.prepare(endpoint, body)
-            size = prepared.size
-            if size.longest > self.engine.max_model_len > 0:
-                raise errors.InvalidRequestError(
-                    f"This model's maximum context length is {self.engine.max_model_len} tokens; the prompt has "
-                    f"{size.longest}.", param={"chat": "messages", "completions": "prompt"}.get(endpoint, "input"),
-                    code="context_length_exceeded")
-            async with self.admission.slot(tenant, size.total, sequences(body)):
+            async with self.admission.slot(tenant, prepared.size.total, sequences(body)):
                 result = await self.engine.create(prepared, rid)
                 if isinstance(result, bytes):
                     yield Reply(body=result)

@@ -39,7 +39,11 @@ INPUT_TOKENS, OUTPUT_TOKENS = 64, 128
 ENGINE_ARGS = {**TINY_ENGINE_ARGS, "dtype": "bfloat16", "max_num_seqs": 256}
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "1"}
 # raylm runs every request the engine can batch (the peer has no admission limit).
-RAYLM_MODEL = {"num_cpus": 0.5, "admission": {"max_running": 256, "max_queued": 256, "burst": 0}}
+# On a one-core binding raylm would keep vLLM's `mp` layout (its tail latency under mixed load is better:
+# docs/serve.md); here the engine has core 1 to itself, so raylm is told to take its `uni` layout, as
+# `vllm-uni` does for bare vLLM.
+RAYLM_MODEL = {"num_cpus": 0.5, "admission": {"max_running": 256, "max_queued": 256, "burst": 0},
+               "engine_args": {**ENGINE_ARGS, "distributed_executor_backend": "uni"}}
 
 
 def measure(url: str, pid: int, prompts: list[str], concurrency: int, seconds: float) -> dict:

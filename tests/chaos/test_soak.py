@@ -11,6 +11,7 @@ fails only the requests it held at that instant.
 import asyncio
 import os
 import random
+import threading
 import time
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def soak_service(tiny_model):
     minilm = default_models()[1]
     svc = start(AppConfig(
         models=(ModelConfig(name="tiny", source=str(tiny_model), num_cpus=0.2, engine_args=TINY_ENGINE_ARGS, env=ENV),
-                minilm.model_copy(update={"num_cpus": 0.2, "env": {**ENV, "VLLM_CPU_OMP_THREADS_BIND": "0"}})),
+                minilm.model_copy(update={"num_cpus": 0.2, "env": ENV})),
         serve={"port": free_port(), "metrics_port": free_port(), "num_cpus": 2, "ingress_replicas": 2}))
     yield svc
     svc.stop()
@@ -96,13 +97,24 @@ def test_a_long_mixed_run_leaks_nothing_and_survives_control_plane_kills(soak_se
     cap = asyncio.run(capacity())
     rate = 0.7 * len(cap.ok) / cap.wall_s
     asyncio.run(run(min(120.0, SOAK_S / 10), rate))  # warm-up: caches, pools, lazily built objects
-    before = _tree()
+    before, samples, done = _tree(), [], threading.Event()
+    def sample():  # RSS along the run: still growing at the end, or levelled off?
+        while not done.wait(SOAK_S / 6):
+            samples.append(_tree())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     result = asyncio.run(run(SOAK_S, rate))
+    done.set()
+    sampler.join()
     after = _tree()
     unexpected = _unexpected(result.results)
     growth = {before[p][0]: (after[p][1] - before[p][1]) / before[p][1] for p in before if p in after}
     fds = {before[p][0]: after[p][2] - before[p][2] for p in before if p in after}
     worst = max(growth, key=growth.get)
+    for pid in sorted((p for p in before if p in after), key=lambda p: -growth[before[p][0]])[:3]:
+        path = [before[pid], *(t[pid] for t in samples if pid in t), after[pid]]
+        print(f"SOAK rss {before[pid][0]}: " + " -> ".join(f"{t[1] / 2**20:.0f}" for t in path) + " MiB")
     report("soak", seconds=SOAK_S, rate_rps=rate, requests=len(result.results), unexpected=len(unexpected),
            worst_rss_growth=f"{worst}: {100 * growth[worst]:.2f}%", fd_growth_max=max(fds.values()),
            processes=f"{len(before)} -> {len(after)}")

@@ -11,6 +11,7 @@ import copy
 import functools
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -248,20 +249,33 @@ def cpu_layout(config: Any, user_args: dict[str, Any]) -> Iterator[None]:
     (OMP_NUM_THREADS, OMP_PLACES, OMP_PROC_BIND); here vLLM's same code sets it for the EngineCore process,
     spawned in this block. Without it EngineCore inherits Ray's OMP_NUM_THREADS=1 (TTFT 170 vs 130 ms for a
     100-token prompt). libgomp binds EngineCore's main thread to those cores, and every thread it starts
-    later, its I/O threads too: with a binding narrower than the replica's cores they share the model's
-    cores (docs/serve.md: the fairness test's tail). A user's `distributed_executor_backend` wins.
+    later, its scheduling and I/O threads too. So `uni` only where the binding covers every core this
+    process may use (raylm's default binds them all): a narrower binding (a user's, or `auto`, which keeps
+    one core for the scheduler) stays `mp`, or the engine's own threads would queue behind the model on its
+    cores (fairness test: light tenant's TTFT p99 3.5-3.8x its unloaded value under `uni` on core 1 of 2,
+    1.13-2.0x under `mp`). A user's `distributed_executor_backend` wins: `mp` keeps vLLM's layout, `uni`
+    (which vLLM's CPU platform would turn into `mp`) takes this one whatever the binding, for throughput
+    when the rest of the serving path has cores of its own (benchmarks/dataplane.py).
     """
     from vllm.platforms import current_platform
     from vllm.utils.ompmultiprocessing import OMPProcessManager
 
     parallel = config.parallel_config
-    if not (current_platform.is_cpu() and "distributed_executor_backend" not in user_args
-            and parallel.world_size == 1 and parallel.data_parallel_size == 1
-            and parallel.distributed_executor_backend == "mp"):
+    chosen = user_args.get("distributed_executor_backend")
+    if not (current_platform.is_cpu() and chosen in (None, "uni") and parallel.world_size == 1
+            and parallel.data_parallel_size == 1 and parallel.distributed_executor_backend == "mp"):
         yield
         return
+    omp = OMPProcessManager(config)
+    covers_all = omp.skip_setup or set(omp.cpu_lists[0]) >= os.sched_getaffinity(0)  # `nobind`: as it is
+    if chosen is None and not covers_all:
+        logger.info("engine layout: vLLM's (worker process apart); OpenMP binds cores %s of %s",
+                    omp.cpu_lists[0], sorted(os.sched_getaffinity(0)))
+        yield
+        return
+    logger.info("engine layout: the model runs inside EngineCore (uni executor)")
     parallel.distributed_executor_backend = "uni"
-    with OMPProcessManager(config).configure_omp_envs(rank=0, local_rank=0):  # `nobind`: as it is
+    with omp.configure_omp_envs(rank=0, local_rank=0):
         yield
 
 

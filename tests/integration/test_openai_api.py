@@ -4,6 +4,7 @@ import json
 import math
 
 import httpx
+import openai
 import pytest
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -12,6 +13,19 @@ MINILM = "all-minilm-l6-v2"
 
 def test_models_lists_every_served_model(client):
     assert {m.id for m in client.models.list().data} == {"tiny", SMOLLM2, MINILM}
+    assert client.models.retrieve(SMOLLM2).id == SMOLLM2
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("no-such-model")
+    assert missing.value.body["code"] == "model_not_found"
+
+
+def test_bundled_chat_model_answers_sensibly_without_sampling_parameters(client):
+    """The README's example as a new user sends it: the model card's sampling defaults apply (vLLM's
+    generation config); at vLLM's own temperature 1.0 it answered noise."""
+    answers = [client.chat.completions.create(
+        model=SMOLLM2, messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=24).choices[0].message.content for _ in range(3)]
+    assert all("Paris" in a for a in answers), answers
 
 
 def test_bundled_smollm2_knows_paris(client):

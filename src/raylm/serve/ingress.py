@@ -179,15 +179,19 @@ class Ingress:
             raise
         timer.end(200)
 
-    async def list_models(self, request: Request) -> Response:
+    async def list_models(self, request: Request, model_id: str | None = None) -> Response:
+        """GET /v1/models, or one model's card (GET /v1/models/{id}: the OpenAI SDK's models.retrieve)."""
+        rid = http.request_id(request)
         try:
             self.access.tenant(request.headers)
+            if model_id is not None and model_id not in self.models:
+                raise errors.NotFoundError(f"The model `{model_id}` does not exist. Served models: "
+                                           f"{', '.join(self.models)}.", param="model", code="model_not_found")
         except errors.APIError as exc:
-            rid = http.request_id(request)
             return http.json_response(http.error_reply(exc, rid), rid)
-        return JSONResponse({"object": "list", "data": [
-            {"id": name, "object": "model", "created": self.created, "owned_by": "raylm"}
-            for name in self.models]})
+        cards = [{"id": name, "object": "model", "created": self.created, "owned_by": "raylm"}
+                 for name in self.models if model_id in (None, name)]
+        return JSONResponse(cards[0] if model_id is not None else {"object": "list", "data": cards})
 
     async def ready(self) -> JSONResponse:
         """Ready when every model that keeps replicas answers a ping; a model scaled to zero counts as ready."""
@@ -252,6 +256,10 @@ def build_api(ingress: Ingress) -> FastAPI:
     @api.get("/v1/models")
     async def list_models(request: Request) -> Response:
         return await ingress.list_models(request)
+
+    @api.get("/v1/models/{model_id:path}")  # names may hold a slash (org/model)
+    async def retrieve_model(request: Request, model_id: str) -> Response:
+        return await ingress.list_models(request, model_id)
 
     @api.get("/health")
     async def health() -> dict:

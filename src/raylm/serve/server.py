@@ -52,10 +52,25 @@ def sequences(body: dict) -> int:
     return max([1, *counts])
 
 
+def _log_to_stderr(*names: str) -> None:
+    """INFO and above of these loggers to the replica's stderr, which Serve writes to the replica's log
+    file (the console too with -v): what vLLM's own logging setup did, off in replicas (see
+    builder._replica_env)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in names:
+        named = logging.getLogger(name)
+        if not named.handlers:
+            named.addHandler(handler)
+            named.setLevel(logging.INFO)
+            named.propagate = False
+
+
 class ModelServer:
     """Hosts one engine; the ingress reaches it through `reply` on a Serve handle."""
 
     async def __init__(self, model: ModelConfig, cache_dir: str, engine_factory=_make_engine) -> None:
+        _log_to_stderr("vllm", "raylm")
         self.name = model.name
         self.admission = Admission(model.admission)
         self.probe_timeout_s = model.health.probe_timeout_s

@@ -20,8 +20,8 @@ def test_models_lists_every_served_model(client):
 
 
 def test_bundled_chat_model_answers_sensibly_without_sampling_parameters(client):
-    """The README's example as a new user sends it: the model card's sampling defaults apply (vLLM's
-    generation config); at vLLM's own temperature 1.0 it answered noise."""
+    """The README's example as a new user sends it: the bundled model's default temperature (0, vLLM's
+    generation config) applies; at vLLM's own 1.0 it answered noise."""
     answers = [client.chat.completions.create(
         model=SMOLLM2, messages=[{"role": "user", "content": "What is the capital of France?"}],
         max_tokens=24).choices[0].message.content for _ in range(3)]

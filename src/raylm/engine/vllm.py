@@ -266,11 +266,11 @@ def cpu_layout(config: Any, user_args: dict[str, Any]) -> Iterator[None]:
             and parallel.data_parallel_size == 1 and parallel.distributed_executor_backend == "mp"):
         yield
         return
-    omp = OMPProcessManager(config)
-    covers_all = omp.skip_setup or set(omp.cpu_lists[0]) >= os.sched_getaffinity(0)  # `nobind`: as it is
+    omp, cores = OMPProcessManager(config), os.sched_getaffinity(0)
+    covers_all = omp.skip_setup or set(omp.cpu_lists[0]) >= cores  # `nobind`: as it is
     if chosen is None and not covers_all:
         logger.info("engine layout: vLLM's (worker process apart); OpenMP binds cores %s of %s",
-                    omp.cpu_lists[0], sorted(os.sched_getaffinity(0)))
+                    omp.cpu_lists[0], sorted(cores))
         yield
         return
     logger.info("engine layout: the model runs inside EngineCore (uni executor)")

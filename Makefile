@@ -7,7 +7,7 @@ EXTRA ?= cpu
 STAMP := $(VENV)/.installed-$(EXTRA)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup serve test test-slow test-unit bench bench-compare bench-dataplane bench-dtype
+.PHONY: setup chromium serve test test-slow test-unit bench bench-compare bench-dataplane bench-dtype
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -29,14 +29,26 @@ endif
 	$(BIN)/raylm prepare
 	touch $@
 
+# The playground test drives Debian's chromium through playwright (no browser download from playwright's
+# CDN); tests only, so `make serve` never needs it. Installed when missing: as root, else passwordless sudo.
+CHROMIUM := /usr/bin/chromium
+chromium: $(CHROMIUM)
+
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	else echo "The playground test needs Debian's chromium at $(CHROMIUM): run 'sudo apt-get install chromium'"; \
+		exit 1; fi; \
+	command -v apt-get >/dev/null || { echo "No apt-get: install Chromium at $(CHROMIUM) by hand"; exit 1; }; \
+	$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium
+
 serve: setup
 	$(BIN)/raylm serve $(ARGS)
 
-test: setup
+test: setup chromium
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider -m "not slow"
 
 # Chaos tests too long for CI: fairness (its own service, ~3.5 min), autoscaling (~3 min), soak (RAYLM_SOAK_S, 30 min).
-test-slow: setup
+test-slow: setup chromium
 	$(BIN)/python -m pytest tests -s -q -p no:cacheprovider -m slow
 
 test-unit: setup

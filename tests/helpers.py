@@ -9,6 +9,9 @@ from pathlib import Path
 # from the CPU (hardware.py), so the suite runs the default path, in float32 on CPUs without bf16 units.
 TINY_ENGINE_ARGS = {"enforce_eager": True, "max_model_len": 256}
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
+# The integration service has an API key, as a production one would: every test sends it.
+API_KEY = "sk-raylm-integration"
+AUTH = {"authorization": f"Bearer {API_KEY}"}
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

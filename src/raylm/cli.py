@@ -42,7 +42,12 @@ def serve_command(
     from raylm.config import load_config
     from raylm.serve.runner import run_forever
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose:  # Serve's driver-side INFO lines ("Started Serve", "Application is ready") are in the logs
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+        # Ray's warning that token auth is on, at every start: raylm's own cluster always has it (docs/serve.md).
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     try:
         cfg = load_config(config, model=model, replicas=replicas, host=host, port=port, address=address)
     except (ValidationError, ValueError) as exc:
@@ -50,20 +55,94 @@ def serve_command(
         raise typer.Exit(2) from None
 
     def on_ready(service) -> None:
-        names = ", ".join(m.name for m in cfg.models)
+        from rich.table import Table
+
         for name, notes in service.choices.items():
-            console.print(f"{name}: " + "; ".join(notes))
-        console.print(f"[green]raylm is serving[/green] {names} at [bold]{service.url}/v1[/bold]  (Ctrl-C stops)")
-        console.print(f"logs: {service.log_dir}")
+            console.print(f"[dim]{name}: " + "; ".join(notes) + "[/dim]", highlight=False)
+        table = Table(show_header=False, box=None, padding=(0, 2))
+        table.add_row("API", f"[bold]{service.url}/v1[/bold]")
+        table.add_row("playground", f"{service.url}/")
+        table.add_row("models", ", ".join(f"{m.name} ({m.task})" for m in cfg.models))
+        table.add_row("status", f"{service.url}/status  (raylm status)")
+        table.add_row("metrics", service.metrics_url)
+        table.add_row("logs", service.log_dir + ("" if verbose else "  (-v: here too)"))
+        console.print(table, highlight=False)
+        console.print("[green]raylm is ready[/green]  (Ctrl-C stops)")
         print(f"{service.url}/v1", flush=True)
 
     from raylm.serve.runner import DeployError
 
     try:
-        run_forever(cfg, on_ready, verbose, report=lambda line: console.print(f"[yellow]{line}[/yellow]"))
+        run_forever(cfg, on_ready, verbose, report=lambda line: console.print(f"[yellow]{line}[/yellow]"),
+                    progress=lambda line: console.print(line, highlight=False))
     except DeployError as exc:
         console.print(f"[red]raylm could not start:[/red] {exc}")
         raise typer.Exit(1) from None
+
+
+@app.command("status")
+def status_command(
+    url: Annotated[str, typer.Option(help="The raylm server.")] = "http://127.0.0.1:8000",
+    as_json: Annotated[bool, typer.Option("--json", help="The raw /status body.")] = False,
+    api_key_env: Annotated[str, typer.Option(help="Environment variable holding the API key.")] = "OPENAI_API_KEY",
+) -> None:
+    """Each model's replicas, running and queued requests, tok/s, TTFT and tenants over the last minute."""
+    import json
+    import os
+    import sys
+
+    import httpx
+
+    from raylm.serve.status import render
+
+    key = os.environ.get(api_key_env)
+    try:
+        r = httpx.get(f"{url.rstrip('/').removesuffix('/v1')}/status", timeout=30,
+                      headers={"authorization": f"Bearer {key}"} if key else {})
+    except httpx.HTTPError as exc:
+        console.print(f"[red]cannot reach {url}:[/red] {exc}")
+        raise typer.Exit(2) from None
+    if r.status_code != 200:
+        console.print(f"[red]{r.status_code}:[/red] {r.text}")
+        raise typer.Exit(1)
+    if as_json:
+        print(json.dumps(r.json(), indent=2))
+        return
+    out = Console(width=None if sys.stdout.isatty() else 160)  # piped: whole rows, not an 80-column wrap
+    for part in render(r.json()):
+        out.print(part)
+
+
+@app.command("build")
+def build_command(
+    config: Annotated[Optional[Path], typer.Argument(help="raylm YAML config; defaults to the bundled models.",
+                                                     exists=True, dir_okay=False)] = None,
+    out: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write here instead of stdout.")] = None,
+) -> None:
+    """Write a Ray Serve config file for `serve deploy` on any Ray cluster (KubeRay: serveConfigV2)."""
+    import yaml
+    from pydantic import ValidationError
+
+    from raylm.config import load_config
+    from raylm.serve.builder import serve_config_file
+
+    try:
+        cfg = load_config(config)
+        text = yaml.safe_dump(serve_config_file(cfg), sort_keys=False)
+    except (ValidationError, ValueError) as exc:
+        console.print(f"[red]cannot build:[/red] {exc}")
+        raise typer.Exit(2) from None
+    header = ("# Ray Serve config written by `raylm build`: serve deploy FILE (or KubeRay's serveConfigV2).\n"
+              "# Start the cluster with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_DIRECT_INGRESS=0 "
+              "(raylm serve does),\n# and install raylm on every node (the image in deploy/kuberay does).\n")
+    if out is None:
+        print(header + text, end="")
+    else:
+        out.write_text(header + text)
+        console.print(f"wrote {out}")
+    if cfg.serve.host in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"note: the API binds {cfg.serve.host}:{cfg.serve.port} on the head node, reachable from "
+                      "there only; for a cluster Service set serve.host: 0.0.0.0 (with API keys)")
 
 
 @app.command("prepare")

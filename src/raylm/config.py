@@ -101,6 +101,12 @@ class ModelConfig(_Frozen):
         None, description="Scale with traffic between min and max replicas (replaces `replicas`).")
     health: HealthConfig = Field(default_factory=HealthConfig,
                                  description="How a stalled or dead engine is detected.")
+    routing: Literal["default", "prefix"] = Field(
+        "default", description="How the ingress picks a replica. `default`: Serve's power of two choices (the "
+                               "shorter queue of two random replicas). `prefix`: requests sharing a prompt start "
+                               "(a system prompt, a chat's earlier turns) go to the replica that already holds it "
+                               "in vLLM's prefix cache, unless its queue is much longer (serve/routing.py). "
+                               "Matters with more than one replica.")
 
     @model_validator(mode="after")
     def _one_replica_rule(self) -> ModelConfig:

@@ -29,21 +29,25 @@ def write_config(path: Path, model: Path, port: int) -> Path:
 
 
 def start_serve(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([*RAYLM, "serve", *args], stdout=subprocess.PIPE, text=True,
+    return subprocess.Popen([*RAYLM, "serve", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
 
-def wait_for_url(proc: subprocess.Popen, url: str, timeout_s: float = 300) -> None:
-    """raylm prints the API URL on stdout once every model is ready."""
+def wait_for_url(proc: subprocess.Popen, url: str, timeout_s: float = 300) -> list[str]:
+    """raylm prints the API URL on stdout once every model is ready; returns what the console showed
+    (stderr) until then."""
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
-    reader.start()
+    console: list[str] = []
+    for stream, into in ((proc.stdout, lines), (proc.stderr, console)):
+        threading.Thread(target=lambda s=stream, i=into: i.extend(iter(s.readline, "")), daemon=True).start()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and f"{url}/v1\n" not in lines:
         assert proc.poll() is None, f"raylm serve exited with {proc.returncode}"
         time.sleep(0.5)
     assert f"{url}/v1\n" in lines, f"no URL printed after {timeout_s}s: {lines[-5:]}"
     assert httpx.get(f"{url}/ready", timeout=10).status_code == 200
+    time.sleep(0.5)  # the console's last lines come just before the URL
+    return console
 
 
 def interrupt(proc: subprocess.Popen, timeout_s: float = 90) -> None:
@@ -64,12 +68,19 @@ def test_serve_config_file_then_ctrl_c_leaves_nothing(tiny_model, tmp_path):
     proc = start_serve(str(config), "--port", str(port))
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for_url(proc, url)
+        console = wait_for_url(proc, url)
+        # A quiet console: each phase with its seconds, then one table; Ray's and vLLM's lines go to the logs.
+        text = "".join(console)
+        assert "tiny: loading weights" in text and "tiny: ready" in text, text
+        assert all(row in text for row in ("playground", f"{url}/", "metrics", "logs")), text
+        assert len(console) <= 20 and " INFO " not in text and "EngineCore" not in text, text
         ps = psutil.Process(proc.pid)
         descendants = ps.children(recursive=True)
         assert any("EngineCore" in " ".join(p.cmdline()) or p.name() == "VLLM::EngineCore"
                    for p in descendants if p.is_running())
         assert complete(url)["usage"]["completion_tokens"] == 4
+        status = subprocess.run([*RAYLM, "status", "--url", url], capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0 and "tiny" in status.stdout and "1 running" in status.stdout, status
         interrupt(proc)
         assert proc.returncode == 0
         _, alive = psutil.wait_procs(descendants, timeout=30)

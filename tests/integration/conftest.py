@@ -3,7 +3,7 @@
 
 import pytest
 
-from helpers import CPU_ENV, TINY_ENGINE_ARGS, free_port
+from helpers import API_KEY, CPU_ENV, TINY_ENGINE_ARGS, free_port
 
 from raylm.config import AppConfig, ModelConfig, default_models
 
@@ -20,7 +20,8 @@ def service(tiny_model):
             smollm2.model_copy(update={"num_cpus": 0.25, "env": CPU_ENV}),
             minilm.model_copy(update={"num_cpus": 0.25, "env": CPU_ENV}),
         ),
-        serve={"port": free_port(), "metrics_port": free_port(), "num_cpus": 2},
+        serve={"port": free_port(), "metrics_port": free_port(), "num_cpus": 2,
+               "api_keys": [{"tenant": "default", "key": API_KEY}]},
     )
     svc = start(config)
     yield svc
@@ -31,4 +32,4 @@ def service(tiny_model):
 def client(service):
     from openai import OpenAI
 
-    return OpenAI(base_url=f"{service.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return OpenAI(base_url=f"{service.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)

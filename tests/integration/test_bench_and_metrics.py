@@ -7,6 +7,8 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
+from helpers import API_KEY, AUTH
+
 from raylm.cli import app
 
 
@@ -15,7 +17,7 @@ def test_bench_reports_every_point_with_server_token_counts(service, tiny_model,
     result = CliRunner().invoke(app, [
         "bench", "--url", f"{service.url}/v1", "--model", "tiny", "--tokenizer", str(tiny_model),
         "--concurrency", "1,4", "--rate", "8", "--requests", "8", "--input-tokens", "32", "--output-tokens", "8",
-        "--warmup", "2", "--slo", "ttft=30,itl=5", "--out", str(out)])
+        "--warmup", "2", "--slo", "ttft=30,itl=5", "--out", str(out)], env={"OPENAI_API_KEY": API_KEY})
     assert result.exit_code == 0, result.output
     points = json.loads((out / "results.json").read_text())["points"]
     assert [(p["load"], p["value"]) for p in points] == [("concurrency", 1), ("concurrency", 4), ("rate", 8)]
@@ -49,8 +51,8 @@ def test_metrics_move_with_traffic(service):
     before = _samples(service.metrics_url)
     for stream in (False, True):
         body = {"model": "tiny", "prompt": "hello", "max_tokens": 5, "ignore_eos": True, "stream": stream}
-        assert httpx.post(f"{service.url}/v1/completions", json=body, timeout=60).status_code == 200
-    assert httpx.post(f"{service.url}/v1/completions", json={"model": "nope"}, timeout=60).status_code == 404
+        assert httpx.post(f"{service.url}/v1/completions", json=body, headers=AUTH, timeout=60).status_code == 200
+    assert httpx.post(f"{service.url}/v1/completions", json={"model": "nope"}, headers=AUTH, timeout=60).status_code == 404
 
     def moved(samples) -> dict[str, bool]:
         def grew(name, **labels):

@@ -5,6 +5,7 @@ import asyncio
 
 import httpx
 import psutil
+from helpers import AUTH
 from ray import serve
 
 from raylm import hardware
@@ -54,7 +55,7 @@ def test_concurrent_streams_on_keepalive_connections_have_no_tail(service):
     through Serve's HTTP proxy, before issue 11). Its pattern: 16 streams at once from one client whose
     connections are reused. Every request must finish, none far behind the others."""
     async def run():
-        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_keepalive_connections=20)) as client:
+        async with httpx.AsyncClient(timeout=120, headers=AUTH, limits=httpx.Limits(max_keepalive_connections=20)) as client:
             return await closed_loop(lambda i: send(client, f"{service.url}/v1/completions",
                                                     completion_body("tiny", f"request {i}", 64)), 16, 48, 120)
 

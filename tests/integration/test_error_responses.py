@@ -3,6 +3,8 @@
 import httpx
 import pytest
 
+from helpers import AUTH
+
 TOO_LONG = "hello " * 400  # > the tiny model's 256-token context
 
 CASES = [
@@ -26,7 +28,7 @@ CASES = [
 
 @pytest.mark.parametrize(("path", "body", "status", "param", "code"), CASES)
 def test_bad_request_gets_openai_error(service, path, body, status, param, code):
-    r = httpx.post(f"{service.url}{path}", content=body, headers={"content-type": "application/json"},
+    r = httpx.post(f"{service.url}{path}", content=body, headers={"content-type": "application/json", **AUTH},
                    timeout=60)
     assert r.status_code == status, r.text
     error = r.json()["error"]
@@ -40,7 +42,7 @@ def test_bad_request_gets_openai_error(service, path, body, status, param, code)
 
 
 def test_prompt_too_long_says_so(service):
-    r = httpx.post(f"{service.url}/v1/completions", json={"model": "tiny", "prompt": TOO_LONG}, timeout=60)
+    r = httpx.post(f"{service.url}/v1/completions", json={"model": "tiny", "prompt": TOO_LONG}, headers=AUTH, timeout=60)
     assert r.status_code == 400
     assert "context length" in r.json()["error"]["message"].lower()
 

@@ -7,14 +7,24 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import AUTH
+
 VALID = {
     "/v1/chat/completions": {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
     "/v1/completions": {"model": "tiny", "prompt": "hi", "max_tokens": 2},
     "/v1/embeddings": {"model": "all-minilm-l6-v2", "input": "hi"},
+    "/v1/responses": {"model": "tiny", "input": "hi", "max_output_tokens": 2},
+    "/v1/messages": {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+    "/v1/messages/count_tokens": {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]},
+    "/v1/score": {"model": "all-minilm-l6-v2", "queries": "hi", "documents": ["a", "b"]},
+    "/v1/rerank": {"model": "all-minilm-l6-v2", "query": "hi", "documents": ["a", "b"]},
+    "/tokenize": {"model": "tiny", "prompt": "hi"},
+    "/detokenize": {"model": "tiny", "tokens": [5, 6]},
 }
 FIELDS = ["model", "messages", "prompt", "input", "max_tokens", "temperature", "top_p", "n", "stream", "stop",
           "logprobs", "seed", "stream_options", "response_format", "tools", "encoding_format", "dimensions",
-          "logit_bias", "user"]
+          "logit_bias", "user", "max_output_tokens", "instructions", "system", "queries", "documents", "query",
+          "tokens", "top_n", "add_special_tokens"]
 # Small numbers and a few huge ones: a valid `n` of thousands would only make the test slow.
 NUMBERS = st.one_of(st.integers(-3, 4), st.sampled_from([2**31, -(2**63), 10**30]),
                     st.floats(allow_nan=False, allow_infinity=False, width=32))
@@ -49,7 +59,7 @@ def _check(r: httpx.Response) -> None:
 
 @pytest.mark.parametrize(("path", "raw"), CASES)
 def test_what_the_fuzzer_found_is_a_4xx(service, path, raw):
-    r = httpx.post(f"{service.url}{path}", content=raw, headers={"content-type": "application/json"}, timeout=60)
+    r = httpx.post(f"{service.url}{path}", content=raw, headers={"content-type": "application/json", **AUTH}, timeout=60)
     _check(r)
     assert 400 <= r.status_code < 500
 
@@ -57,15 +67,15 @@ def test_what_the_fuzzer_found_is_a_4xx(service, path, raw):
 def test_unknown_routes_wrong_methods_and_big_bodies_get_the_error_shape(service):
     for r, status in ((httpx.get(f"{service.url}/v1/nope", timeout=30), 404),
                       (httpx.get(f"{service.url}/v1/chat/completions", timeout=30), 405),
-                      (httpx.post(f"{service.url}/v1/completions", content=b"x" * (17 * 2**20), timeout=60), 413)):
+                      (httpx.post(f"{service.url}/v1/completions", content=b"x" * (17 * 2**20), headers=AUTH, timeout=60), 413)):
         assert r.status_code == status, r.text
         _check(r)
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
           derandomize=True)
 @given(path=st.sampled_from(sorted(VALID)), field=st.sampled_from(FIELDS), value=VALUES)
 def test_mutated_requests_never_get_a_5xx(service, path, field, value):
     body = {**VALID[path], field: value}
-    with httpx.Client(timeout=60) as client:
+    with httpx.Client(timeout=60, headers=AUTH) as client:
         _check(client.post(f"{service.url}{path}", json=body))

@@ -6,6 +6,7 @@ import math
 import httpx
 import openai
 import pytest
+from helpers import AUTH
 
 SMOLLM2 = "smollm2-135m-instruct"
 MINILM = "all-minilm-l6-v2"
@@ -58,7 +59,7 @@ def test_stream_equals_non_stream_and_reports_usage(client):
 
 def test_sse_wire_format_ends_with_done(service):
     body = {"model": "tiny", "prompt": "Hello", "max_tokens": 5, "stream": True, "temperature": 0}
-    with httpx.stream("POST", f"{service.url}/v1/completions", json=body, timeout=60) as r:
+    with httpx.stream("POST", f"{service.url}/v1/completions", json=body, headers=AUTH, timeout=60) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         events = [line for line in r.iter_lines() if line]
     assert all(e.startswith("data: ") for e in events)
@@ -107,7 +108,7 @@ def test_health_and_ready(service):
 
 
 def test_request_id_travels_in_and_out(service):
-    r = httpx.post(f"{service.url}/v1/completions", headers={"x-request-id": "abc-123"},
+    r = httpx.post(f"{service.url}/v1/completions", headers={"x-request-id": "abc-123", **AUTH},
                    json={"model": "tiny", "prompt": "x", "max_tokens": 1})
     assert r.status_code == 200
     assert r.headers["x-request-id"] == "abc-123"

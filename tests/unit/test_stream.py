@@ -104,6 +104,16 @@ def test_a_stream_cut_before_its_last_event_raises():
     (b'data: {"a": 1}\n\n', False),
     (b'data: {"a": 1}\n\ndata: [DO', False),
     (b"", False),
+    # Named events (Responses, Anthropic Messages): the API's last event, however long, or an error event.
+    (b"event: response.created\ndata: {}\n\nevent: response.completed\ndata: {" + b"x" * 10_000 + b"}\n\n", True),
+    (b'event: message_start\ndata: {}\n\nevent: message_stop\ndata: {"type": "message_stop"}\n\n', True),
+    (b'event: message_start\ndata: {}\n\nevent: error\ndata: {"error": {"message": "x"}}\n\n', True),
+    (b"event: message_start\ndata: {}\n\nevent: content_block_delta\ndata: {}\n\n", False),
 ])
 def test_finished_tells_a_whole_stream_from_a_cut_one(tail, done):
     assert stream.finished(tail) is done
+    for size in (1, 2, 3, 7, 64):  # however the bytes arrive
+        events = stream.LastEvent()
+        for start in range(0, len(tail), size):
+            events.feed(tail[start:start + size])
+        assert events.finished() is done, size

@@ -19,7 +19,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from raylm import errors
-from raylm.engine.protocol import Endpoint, Prepared, PromptSize, Result
+from raylm.engine.protocol import PATHS, TASK_ENDPOINTS, Endpoint, Prepared, PromptSize, Result
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +34,13 @@ class VLLMEngine:
         self.served_name = served_name
         self.task = task
         self.engine_args = dict(engine_args)
-        self.endpoints: frozenset[Endpoint] = (
-            frozenset({"embeddings"}) if task == "embed" else frozenset({"chat", "completions"}))
+        self.endpoints: frozenset[Endpoint] = TASK_ENDPOINTS.get(task, frozenset())  # narrowed at start
+        self._handlers: dict[Endpoint, tuple[Any, Any]] = {}
         self._stack = AsyncExitStack()
         self._state: Any = None
         self.client: Any = None
         self._last_step = time.monotonic()  # when the engine last returned a step's outputs
+        self.generated_tokens = 0  # since start, every request's (for `raylm status`)
         self._tokenizer: Any = None
         self._counter: ThreadPoolExecutor | None = None
         self.max_model_len = 0
@@ -64,6 +65,7 @@ class VLLMEngine:
         return args
 
     async def start(self) -> None:
+        started = time.monotonic()
         import ray
         from starlette.datastructures import State
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -71,6 +73,7 @@ class VLLMEngine:
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        marks = [("imports", time.monotonic())]
         args = self.build_args()
         engine_args = AsyncEngineArgs.from_cli_args(args)
         context = UsageContext.OPENAI_API_SERVER
@@ -82,12 +85,14 @@ class VLLMEngine:
 
             loggers.append(RayPrometheusStatLogger)
         config = engine_args.create_engine_config(usage_context=context)
+        marks.append(("engine config", time.monotonic()))
         with cpu_layout(config, self.engine_args):  # the EngineCore process is spawned in here
             self.client = AsyncLLM.from_vllm_config(
                 config, usage_context=context, stat_loggers=loggers,
                 enable_log_requests=engine_args.enable_log_requests,
                 disable_log_stats=engine_args.disable_log_stats)
         self._stack.callback(self.client.shutdown)
+        marks.append(("engine core (spawn, weights, KV cache, warm-up)", time.monotonic()))
         # Counting for admission uses a copy on one thread: vLLM's renderer uses its own from its threads.
         self._tokenizer = copy.deepcopy(self.client.get_tokenizer())
         self._counter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylm-count")
@@ -97,6 +102,11 @@ class VLLMEngine:
         tasks = await self.client.get_supported_tasks()
         self._state = State()
         await init_app_state(self.client, self._state, args, tasks)
+        marks.append(("serving classes", time.monotonic()))
+        logger.info("engine of %s started in %.1fs: %s", self.served_name, marks[-1][1] - started, ", ".join(
+            f"{name} {t - before:.1f}s" for (name, t), (_, before) in zip(marks, [("", started), *marks])))
+        self._handlers = {e: h for e, h in _handlers(self._state).items() if h[1] is not None and e in self.endpoints}
+        self.endpoints = frozenset(self._handlers)
 
     def _progress_logger(self, vllm_config: Any, engine_index: int = 0) -> Any:
         from vllm.v1.metrics.loggers import StatLoggerBase
@@ -107,8 +117,10 @@ class VLLMEngine:
             def __init__(self, *_: Any) -> None:
                 pass
 
-            def record(self, *_: Any, **__: Any) -> None:
+            def record(self, scheduler_stats: Any, iteration_stats: Any, *_: Any, **__: Any) -> None:
                 engine._last_step = time.monotonic()
+                if iteration_stats is not None:
+                    engine.generated_tokens += iteration_stats.num_generation_tokens
 
             def log_engine_initialized(self) -> None:
                 pass
@@ -128,11 +140,10 @@ class VLLMEngine:
     def _prepare(self, endpoint: Endpoint, body: dict) -> Prepared:
         if endpoint not in self.endpoints:
             raise errors.InvalidRequestError(
-                f"model {self.served_name!r} does not serve /v1/{_PATHS[endpoint]}",
+                f"model {self.served_name!r} does not serve {PATHS[endpoint][0]}",
                 param="model", code="unsupported_endpoint")
-        if endpoint != "completions":
-            self._check_media(body)
-        request_cls, _ = self._handler(endpoint)
+        self._check_media(body)
+        request_cls, _ = self._handlers[endpoint]
         try:
             request = _adapter(request_cls).validate_python(body)
         except Exception as exc:  # pydantic's ValidationError, or vLLM's own checks inside validators
@@ -145,7 +156,7 @@ class VLLMEngine:
                 f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
                 f"{size.longest}.", param={"chat": "messages", "completions": "prompt"}.get(endpoint, "input"),
                 code="context_length_exceeded")
-        if endpoint != "embeddings":
+        if endpoint in ("chat", "completions"):
             try:
                 self._check_sampling(endpoint, request, size)
             except Exception as exc:  # vLLM's VLLMValidationError, ValueError: mapped as its server would
@@ -172,7 +183,7 @@ class VLLMEngine:
     async def create(self, prepared: Prepared, request_id: str) -> Result:
         if self.client is not None and self.num_running() == 0:
             self._last_step = time.monotonic()  # an idle engine's last step says nothing of a stall
-        _, handler = self._handler(prepared.endpoint)
+        _, handler = self._handlers[prepared.endpoint]
         try:
             result = await handler(prepared.request, None)
         except Exception as exc:  # vLLM reports bad requests by raising; map them as its server would
@@ -180,11 +191,11 @@ class VLLMEngine:
         return _to_result(result)
 
     def _check_media(self, body: dict) -> None:
-        """Content parts other than text reach only a model that takes them, and never as local files
+        """Media parts (images, audio, files) reach only a model that takes them, and never as local files
         (unless the config allows a folder): vLLM raises a RuntimeError (a 500) for both."""
-        for part in _content_parts(body.get("messages")):
+        for part in _content_parts(body.get("messages")) + _content_parts(body.get("input")):
             kind = part.get("type")
-            if kind in (None, "text"):
+            if not isinstance(kind, str) or kind in _TEXT_PARTS:
                 continue
             if not self._multimodal:
                 raise errors.InvalidRequestError(f"model {self.served_name!r} takes text only, not {kind!r} parts",
@@ -196,21 +207,9 @@ class VLLMEngine:
                                                  "allowed_local_media_path allows a folder)", param="messages",
                                                  code="unsupported_content")
 
-    def _handler(self, endpoint: Endpoint) -> tuple[type, Any]:
-        state = self._state
-        if endpoint == "chat":
-            from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-
-            return ChatCompletionRequest, state.openai_serving_chat.create_chat_completion
-        if endpoint == "completions":
-            from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-
-            return CompletionRequest, state.openai_serving_completion.create_completion
-        from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
-
-        return EmbeddingRequest, state.serving_embedding
-
     def _count(self, endpoint: Endpoint, body: dict) -> PromptSize:
+        if endpoint not in ("chat", "completions", "embeddings"):
+            return self._estimate(body)
         if endpoint == "chat":
             messages = body.get("messages")
             parts = [m.get("content") for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
@@ -225,6 +224,21 @@ class VLLMEngine:
         if endpoint == "chat":  # one conversation, one prompt
             return PromptSize(sum(sizes), sum(sizes))
         return PromptSize(sum(sizes), max(sizes, default=0))
+
+    def _estimate(self, body: dict) -> PromptSize:
+        """Every string in the body (but the model's name) counts: an estimate that bounds the queue. The
+        prompt's true length is vLLM's to check (a score request's documents are prompts of their own)."""
+        texts, stack = [], [v for k, v in body.items() if k != "model"]
+        while stack:  # a loop, not recursion: bodies may be nested deeply
+            value = stack.pop()
+            if isinstance(value, str):
+                texts.append(value)
+            elif isinstance(value, dict):
+                stack.extend(value.values())
+            elif isinstance(value, list):
+                stack.extend(value)
+        total = sum(len(self._tokenizer.encode(t, add_special_tokens=False)) for t in texts)
+        return PromptSize(total, 0)
 
     def num_running(self) -> int:
         return self.client.get_num_unfinished_requests()
@@ -286,7 +300,37 @@ def _adapter(request_cls: Any) -> Any:
     return TypeAdapter(request_cls)  # EmbeddingRequest is a Union, not a model class
 
 
-_PATHS: dict[str, str] = {"chat": "chat/completions", "completions": "completions", "embeddings": "embeddings"}
+# Content parts that are text (OpenAI chat, Responses input, Anthropic blocks); any other kind is media.
+_TEXT_PARTS = frozenset({"text", "input_text", "output_text", "refusal", "thinking", "redacted_thinking",
+                         "tool_use", "tool_result", "reasoning", "summary_text"})
+
+
+def _handlers(state: Any) -> dict[Endpoint, tuple[Any, Any]]:
+    """Each endpoint's request model and handler, from vLLM's own serving classes (None: not for this model)."""
+    from vllm.entrypoints.anthropic.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+    from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
+    from vllm.entrypoints.pooling.scoring.protocol import RerankRequest, ScoreRequest
+    from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeRequest
+
+    def method(owner: str, name: str) -> Any:
+        serving = getattr(state, owner, None)
+        return None if serving is None else getattr(serving, name)
+
+    scores = getattr(state, "serving_scores", None)
+    return {
+        "chat": (ChatCompletionRequest, method("openai_serving_chat", "create_chat_completion")),
+        "completions": (CompletionRequest, method("openai_serving_completion", "create_completion")),
+        "responses": (ResponsesRequest, method("openai_serving_responses", "create_responses")),
+        "messages": (AnthropicMessagesRequest, method("anthropic_serving_messages", "create_messages")),
+        "count_tokens": (AnthropicCountTokensRequest, method("anthropic_serving_messages", "count_tokens")),
+        "embeddings": (EmbeddingRequest, getattr(state, "serving_embedding", None)),
+        "score": (ScoreRequest, scores), "rerank": (RerankRequest, scores),
+        "tokenize": (TokenizeRequest, method("serving_tokenization", "create_tokenize")),
+        "detokenize": (DetokenizeRequest, method("serving_tokenization", "create_detokenize")),
+    }
 
 
 def _from_vllm_exception(exc: Exception) -> errors.APIError:
@@ -299,7 +343,8 @@ def _from_vllm_exception(exc: Exception) -> errors.APIError:
 
 
 def _content_parts(messages: Any) -> list[dict]:
-    """The typed content parts of chat messages (one conversation, or a batch of them)."""
+    """The typed content parts of chat messages (one conversation, or a batch of them), of Anthropic
+    messages, or of a Responses input's items."""
     if not isinstance(messages, list):
         return []
     conversations = messages if messages and all(isinstance(m, list) for m in messages) else [messages]
@@ -318,19 +363,25 @@ def _to_result(result: Any) -> Result:
             err = json.loads(result.body)["error"]
             raise errors.from_status(result.status_code, err["message"], err.get("param"))
         return bytes(result.body)
-    if hasattr(result, "model_dump_json"):
-        return result.model_dump_json().encode()
+    if hasattr(result, "model_dump_json"):  # as vLLM's routers dump each (Responses: aliases; Anthropic: no nulls)
+        return result.model_dump_json(by_alias=True, exclude_none=type(result).__module__.startswith(
+            "vllm.entrypoints.anthropic")).encode()
     if hasattr(result, "__aiter__"):
         return _payloads(result)
     raise errors.InvalidRequestError("this request's response format is not supported",
                                      param="encoding_format")
 
 
-async def _payloads(frames: AsyncIterator[str]) -> AsyncIterator[str]:
-    """vLLM's SSE frames back to bare chunk payloads; an error event becomes an exception. Closing this
-    closes vLLM's generator, which aborts the request."""
+async def _payloads(frames: AsyncIterator[Any]) -> AsyncIterator[str]:
+    """vLLM's SSE frames (`event:` lines too) or event objects (Responses) back to bare chunk payloads; an
+    error event becomes an exception. Closing this closes vLLM's generator, which aborts the request."""
     async with contextlib.aclosing(frames):
         async for frame in frames:
+            if not isinstance(frame, str):
+                yield frame.model_dump_json(by_alias=True)
+                continue
+            if frame.startswith("event:"):
+                frame = frame.partition("\n")[2]
             payload = frame[len(_SSE_PREFIX):].rstrip("\n") if frame.startswith(_SSE_PREFIX) else frame.strip()
             if not payload:
                 continue

@@ -30,6 +30,8 @@ class Access:
         """The caller's tenant; raises AuthenticationError (401) when keys are configured and this one is not."""
         if self.key_hashes:
             scheme, _, key = headers.get("authorization", "").partition(" ")
+            if not scheme and headers.get("x-api-key"):  # Anthropic's SDKs send the key so
+                scheme, key = "bearer", headers["x-api-key"]
             if scheme.lower() != "bearer" or not key.strip():
                 raise errors.AuthenticationError(
                     "You didn't provide an API key. Send it as `Authorization: Bearer <key>`.",

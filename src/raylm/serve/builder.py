@@ -22,6 +22,7 @@ HEALTH_CHECK_TIMEOUT_MARGIN_S = 20.0
 INGRESS_MAX_ONGOING = 4096  # the ingress only forwards: the model replicas bound the work
 HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray's own marker of the head node
 REFUSAL_HEADROOM = 64  # calls a model replica takes beyond its queue, to refuse them itself (serve_options)
+PREFIX_ROUTER = "raylm.serve.routing:PrefixAffinityRouter"  # routing: prefix
 
 
 def deployment_name(model: ModelConfig) -> str:
@@ -42,10 +43,37 @@ def _replica_env(model: ModelConfig) -> dict[str, str]:
 
 
 def engine_args(model: ModelConfig) -> dict[str, Any]:
-    """The user's engine arguments, with room in the engine batch for every sequence admission runs."""
+    """The user's engine arguments, with room in the engine batch for every sequence admission runs. An
+    engine of several workers runs them as Ray actors in the replica's placement group (placement())."""
     args = dict(model.engine_args)
     args.setdefault("max_num_seqs", model.admission.max_running + model.admission.burst)
+    if world_size(model) > 1:
+        args.setdefault("distributed_executor_backend", "ray")
     return args
+
+
+def world_size(model: ModelConfig) -> int:
+    """Engine workers per replica: vLLM's tensor × pipeline parallel sizes."""
+    args = model.engine_args
+    return int(args.get("tensor_parallel_size", 1)) * int(args.get("pipeline_parallel_size", 1))
+
+
+def placement(model: ModelConfig) -> dict[str, Any]:
+    """Ray Serve LLM's pattern for an engine of several workers: one placement group per replica with a
+    bundle per worker, all on one node (STRICT_PACK: a TP group's all-reduce must not cross the network).
+    The replica shares the first bundle with worker 0 and reserves no GPU itself; `num_gpus` is the
+    replica's total, split evenly over its workers. One worker: no group, the replica reserves it all."""
+    world = world_size(model)
+    if world == 1:
+        return {"num_cpus": model.num_cpus, "num_gpus": model.num_gpus}
+    if model.num_gpus:
+        worker = {"GPU": model.num_gpus / world}
+        bundles = [{"CPU": model.num_cpus, **worker}] + [dict(worker) for _ in range(world - 1)]
+        return {"num_cpus": model.num_cpus, "num_gpus": 0.0, "placement_group_bundles": bundles,
+                "placement_group_strategy": "STRICT_PACK"}
+    share = model.num_cpus / world
+    return {"num_cpus": share, "num_gpus": 0.0, "placement_group_bundles": [{"CPU": share}] * world,
+            "placement_group_strategy": "STRICT_PACK"}
 
 
 def serve_options(model: ModelConfig) -> dict[str, Any]:
@@ -62,9 +90,13 @@ def serve_options(model: ModelConfig) -> dict[str, Any]:
         "backpressure_config": {"status_code": 429, "retry_after_s": limits.retry_after_s},
         "health_check_period_s": model.health.period_s,
         "health_check_timeout_s": model.health.probe_timeout_s + HEALTH_CHECK_TIMEOUT_MARGIN_S,
-        "ray_actor_options": {"num_cpus": model.num_cpus, "num_gpus": model.num_gpus,
-                              "runtime_env": {"env_vars": _replica_env(model)}},
     }
+    where = placement(model)
+    options["ray_actor_options"] = {"num_cpus": where.pop("num_cpus"), "num_gpus": where.pop("num_gpus"),
+                                    "runtime_env": {"env_vars": _replica_env(model)}}
+    options.update(where)
+    if model.routing == "prefix":  # every handle to this model (the ingress's) routes with it
+        options["request_router_config"] = {"request_router_class": PREFIX_ROUTER}
     scaling = model.autoscaling
     if scaling is None:
         options["num_replicas"] = model.replicas
@@ -105,3 +137,20 @@ def build_app(args: AppConfig | dict[str, Any] | None = None) -> Application:
     ).bind(config.models, handles, load_access(serve_config),
            IngressOptions(serve_config.host, serve_config.port, serve_config.cold_start_timeout_s,
                           serve_config.max_request_bytes))
+
+
+def serve_config_file(config: AppConfig) -> dict[str, Any]:
+    """The Ray Serve config file (`serve deploy`, KubeRay's `serveConfigV2`) that runs `config` on any Ray
+    cluster: one application whose args are the raylm config tree (what differs from the defaults).
+
+    API keys are never written into it (they would travel in a manifest): name a file on the cluster in
+    `serve.api_keys_file`, e.g. a mounted Kubernetes Secret. `serve.address` belongs to `raylm serve`."""
+    if config.serve.api_keys:
+        raise ValueError("raylm build does not write API keys into a deploy file: put them in a file on the "
+                         "cluster (a mounted Kubernetes Secret) and name it in serve.api_keys_file")
+    tree = config.model_dump(mode="json", exclude_defaults=True, exclude={"serve": {"address"}})
+    if not tree.get("serve"):
+        tree.pop("serve", None)
+    return {"proxy_location": "Disabled",  # the ingress serves HTTP itself (module docstring)
+            "applications": [{"name": APP_NAME, "route_prefix": None, "import_path": "raylm.serve:build_app",
+                              "args": tree}]}

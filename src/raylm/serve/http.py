@@ -86,16 +86,22 @@ def error_event(exc: Exception, rid: str) -> str:
     return f"data: {json.dumps(api_error(exc, rid).body())}\n\n"
 
 
-async def sse_frames(payloads: AsyncIterator[str], rid: str) -> AsyncIterator[str]:
-    """Chunk payloads as SSE events, then `[DONE]`; an error becomes one error event and ends the stream."""
+async def sse_frames(payloads: AsyncIterator[str], rid: str, named: bool = False) -> AsyncIterator[str]:
+    """Chunk payloads as SSE events, then `[DONE]`; an error becomes one error event and ends the stream.
+    Named: each event is named by its payload's `type` and there is no `[DONE]` (the Responses and Anthropic
+    Messages streams, whose SDKs read the names)."""
     async with contextlib.aclosing(payloads):  # closing this closes the engine's stream (an abort)
         try:
             async for payload in payloads:
-                yield f"data: {payload}\n\n"
+                if named:
+                    yield f"event: {json.loads(payload).get('type', 'message')}\ndata: {payload}\n\n"
+                else:
+                    yield f"data: {payload}\n\n"
         except Exception as exc:  # the engine failed mid-stream
-            yield error_event(exc, rid)
+            yield ("event: error\n" if named else "") + error_event(exc, rid)
             return
-    yield "data: [DONE]\n\n"
+    if not named:
+        yield "data: [DONE]\n\n"
 
 
 class _Server(uvicorn.Server):

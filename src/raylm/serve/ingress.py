@@ -19,11 +19,12 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.exceptions import RayActorError
@@ -31,9 +32,10 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 
 from raylm import errors
 from raylm.config import ModelConfig
-from raylm.engine.protocol import Endpoint
-from raylm.serve import http, stream
+from raylm.engine.protocol import PATHS, TASK_ENDPOINTS, Endpoint
+from raylm.serve import http, status, stream
 from raylm.serve.access import Access
+from raylm.serve.builder import deployment_name
 from raylm.serve.http import Reply
 from raylm.serve.metrics import IngressMetrics
 
@@ -44,8 +46,11 @@ CONNECT_TIMEOUT_S = 10.0
 # The replica (or its node) is gone: the request never ran to the end there, so it may run elsewhere.
 # OSError: its stream's connection was refused or reset before a byte came.
 _REPLICA_GONE = (RayActorError, ReplicaUnavailableError, OSError)
-ROUTES: dict[str, Endpoint] = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
-                               "/v1/embeddings": "embeddings"}
+ROUTES: dict[str, Endpoint] = {path: endpoint for endpoint, paths in PATHS.items() for path in paths}
+PLAYGROUND = Path(__file__).parent / "playground"
+# The playground's page may load and reach only its own origin: model output cannot pull scripts in.
+_PLAYGROUND_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+                   "connect-src 'self'")
 
 
 def _as_api_error(exc: Exception) -> Exception:
@@ -93,9 +98,10 @@ class Ingress:
     async def serve(self, endpoint: Endpoint, request: Request) -> Response:
         start = time.perf_counter()
         rid = http.request_id(request)
-        name = "-"  # the metrics' model label: only served names, never what a client made up
+        name = who = "-"  # the metrics' model label: only served names, never what a client made up
         try:
             tenant = self.access.tenant(request.headers)
+            who = tenant.name
             body = await http.json_body(request, self.options.max_request_bytes)
             model = self._model(endpoint, body)
             name = model.name
@@ -103,15 +109,15 @@ class Ingress:
         except Exception as exc:
             head = http.error_reply(_as_api_error(exc), rid)
         if isinstance(head, Reply):
-            self.metrics.answered(name, endpoint, head.status, start, _reason(head))
+            self.metrics.answered(name, endpoint, head.status, start, _reason(head), who)
             return http.json_response(head, rid)
-        return http.sse_response(self._relay(head, name, endpoint, start, rid), rid)
+        return http.sse_response(self._relay(head, name, endpoint, start, rid, who), rid)
 
     def _model(self, endpoint: Endpoint, body: dict) -> ModelConfig:
         name = body.get("model")
         if name is None:
-            wanted = "embed" if endpoint == "embeddings" else "generate"
-            name = next((m.name for m in self.models.values() if m.task == wanted), next(iter(self.models)))
+            name = next((m.name for m in self.models.values() if endpoint in TASK_ENDPOINTS[m.task]),
+                        next(iter(self.models)))
             body["model"] = name
         if not isinstance(name, str):
             raise errors.InvalidRequestError("model must be a string", param="model", code="invalid_type")
@@ -120,10 +126,9 @@ class Ingress:
                 f"The model `{name}` does not exist. Served models: {', '.join(self.models)}.",
                 param="model", code="model_not_found")
         model = self.models[name]
-        if (endpoint == "embeddings") != (model.task == "embed"):
-            path = next(p for p, e in ROUTES.items() if e == endpoint)
-            raise errors.InvalidRequestError(f"model {name!r} does not serve {path}", param="model",
-                                             code="unsupported_endpoint")
+        if endpoint not in TASK_ENDPOINTS[model.task]:
+            raise errors.InvalidRequestError(f"model {name!r} does not serve {PATHS[endpoint][0]}",
+                                             param="model", code="unsupported_endpoint")
         return model
 
     async def _open(self, model: ModelConfig, args: tuple) -> Reply | AsyncIterator[bytes]:
@@ -160,9 +165,9 @@ class Ingress:
                 code="no_replica", retry_after=model.admission.retry_after_s) from None
 
     async def _relay(self, chunks: AsyncIterator[bytes], name: str, endpoint: Endpoint, start: float,
-                     rid: str) -> AsyncIterator[bytes]:
+                     rid: str, tenant: str) -> AsyncIterator[bytes]:
         """A stream's bytes to the client as they come; a stream cut short ends with one error event."""
-        timer = self.metrics.stream(name, endpoint, start)
+        timer = self.metrics.stream(name, endpoint, start, tenant)
         try:
             async for chunk in chunks:
                 timer.chunk()
@@ -189,9 +194,21 @@ class Ingress:
                                            f"{', '.join(self.models)}.", param="model", code="model_not_found")
         except errors.APIError as exc:
             return http.json_response(http.error_reply(exc, rid), rid)
-        cards = [{"id": name, "object": "model", "created": self.created, "owned_by": "raylm"}
-                 for name in self.models if model_id in (None, name)]
+        # `task` is raylm's: which endpoints a model serves (the playground picks its chat models by it).
+        cards = [{"id": name, "object": "model", "created": self.created, "owned_by": "raylm", "task": m.task}
+                 for name, m in self.models.items() if model_id in (None, name)]
         return JSONResponse(cards[0] if model_id is not None else {"object": "list", "data": cards})
+
+    async def status(self, request: Request) -> Response:
+        """GET /status (behind the API key): the service at a glance; see status.py."""
+        rid = http.request_id(request)
+        try:
+            self.access.tenant(request.headers)
+        except errors.APIError as exc:
+            return http.json_response(http.error_reply(exc, rid), rid)
+        deployments = {name: deployment_name(m) for name, m in self.models.items()}
+        app_name = serve.get_replica_context().app_name
+        return JSONResponse(await status.collect(app_name, deployments, self.metrics.window))
 
     async def ready(self) -> JSONResponse:
         """Ready when every model that keeps replicas answers a ping; a model scaled to zero counts as ready."""
@@ -261,7 +278,23 @@ def build_api(ingress: Ingress) -> FastAPI:
     async def retrieve_model(request: Request, model_id: str) -> Response:
         return await ingress.list_models(request, model_id)
 
+    @api.get("/", include_in_schema=False)
+    async def playground() -> Response:
+        return _static(PLAYGROUND / "index.html")
+
+    @api.get("/playground/{name:path}", include_in_schema=False)
+    async def playground_file(name: str) -> Response:
+        path = (PLAYGROUND / name).resolve()
+        if not path.is_relative_to(PLAYGROUND.resolve()) or not path.is_file():
+            raise StarletteHTTPException(404)
+        return _static(path)
+
+    @api.get("/status")
+    async def service_status(request: Request) -> Response:
+        return await ingress.status(request)
+
     @api.get("/health")
+    @api.get("/-/healthz", include_in_schema=False)  # Serve's proxy path, which KubeRay probes on the head
     async def health() -> dict:
         return {"status": "ok"}
 
@@ -270,6 +303,11 @@ def build_api(ingress: Ingress) -> FastAPI:
         return await ingress.ready()
 
     return api
+
+
+def _static(path: Path) -> Response:
+    return FileResponse(path, headers={"content-security-policy": _PLAYGROUND_CSP, "cache-control": "no-cache",
+                                       "x-content-type-options": "nosniff"})
 
 
 def _route(ingress: Ingress, endpoint: Endpoint):

@@ -24,6 +24,8 @@ import time
 
 from ray.util import metrics
 
+from raylm.serve.status import Window
+
 # Seconds; from a few ms (a loaded tiny model's token) to minutes (a cold start behind a queue).
 LATENCY_BUCKETS = [0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 8,
                    13, 20, 30, 60, 120]
@@ -34,6 +36,7 @@ class IngressMetrics:
     """Made in the ingress replica (Ray metrics belong to the process that records them)."""
 
     def __init__(self) -> None:
+        self.window = Window()  # the last minute, for /status
         keys = ("model", "endpoint")
         self.requests = metrics.Counter("raylm_requests_total", "Answers by HTTP status.",
                                         tag_keys=("model", "endpoint", "status"))
@@ -46,26 +49,28 @@ class IngressMetrics:
         self.latency = metrics.Histogram("raylm_request_latency_seconds", "Request in to last byte out, at the ingress.",
                                          boundaries=LATENCY_BUCKETS, tag_keys=keys)
 
-    def answered(self, model: str, endpoint: str, status: int, start: float, reason: str | None = None) -> None:
+    def answered(self, model: str, endpoint: str, status: int, start: float, reason: str | None = None,
+                 tenant: str = "-") -> None:
         tags = {"model": model, "endpoint": endpoint}
         self.requests.inc(tags={**tags, "status": str(status)})
         if status in (429, 503):
             self.rejections.inc(tags={"model": model, "reason": reason or "unknown"})
         elif status == 200:
             self.latency.observe(time.perf_counter() - start, tags=tags)
+            self.window.answered(model, tenant)
 
-    def stream(self, model: str, endpoint: str, start: float) -> StreamTimer:
-        return StreamTimer(self, {"model": model, "endpoint": endpoint}, start)
+    def stream(self, model: str, endpoint: str, start: float, tenant: str = "-") -> StreamTimer:
+        return StreamTimer(self, {"model": model, "endpoint": endpoint}, start, tenant)
 
 
 class StreamTimer:
     """Times one stream at the ingress: its first chunk, its mean gap between chunks (one observation per
     stream, not per token: Ray's agent replays every observation) and its end."""
 
-    __slots__ = ("metrics", "tags", "start", "first", "last", "chunks")
+    __slots__ = ("metrics", "tags", "start", "tenant", "first", "last", "chunks")
 
-    def __init__(self, metrics: IngressMetrics, tags: dict[str, str], start: float) -> None:
-        self.metrics, self.tags, self.start = metrics, tags, start
+    def __init__(self, metrics: IngressMetrics, tags: dict[str, str], start: float, tenant: str = "-") -> None:
+        self.metrics, self.tags, self.start, self.tenant = metrics, tags, start, tenant
         self.first = self.last = 0.0
         self.chunks = 0
 
@@ -74,13 +79,14 @@ class StreamTimer:
         if not self.chunks:
             self.first = self.last
             self.metrics.ttft.observe(self.first - self.start, tags=self.tags)
+            self.metrics.window.ttft(self.tags["model"], self.first - self.start)
         self.chunks += 1
 
     def end(self, status: int) -> None:
         """status: 200, 500 (cut short), 499 (the client went away, nginx's code for it)."""
         if self.chunks > 1:
             self.metrics.itl.observe((self.last - self.first) / (self.chunks - 1), tags=self.tags)
-        self.metrics.answered(self.tags["model"], self.tags["endpoint"], status, self.start)
+        self.metrics.answered(self.tags["model"], self.tags["endpoint"], status, self.start, tenant=self.tenant)
 
 
 class ReplicaMetrics:

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -131,21 +132,29 @@ def _use_local_auth_token() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
-def start(config: AppConfig, verbose: bool = False, report: Callable[[str], None] = logger.warning) -> Service:
+def start(config: AppConfig, verbose: bool = False, report: Callable[[str], None] = logger.warning,
+          progress: Callable[[str], None] = logger.info) -> Service:
     """Deploy and block until every model is ready (or raise after `serve.ready_timeout_s`); `report`
-    gets what Serve says about replicas that are slow to start."""
+    gets what Serve says about replicas that are slow to start, `progress` each model's phase as it
+    changes (pending → starting → loading weights → ready), with the seconds since the start."""
+    began = time.monotonic()
     started = connect_ray(config, verbose)
+    progress(f"{time.monotonic() - began:5.1f}s  Ray " + ("started (local)" if started else "joined"))
     host, port = config.serve.host, config.serve.port
     url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
     service = Service(config, started, started or not _serve_running(), url)
     try:
         check_capacity(config, strict=started, report=report)
         serve.start(proxy_location="Disabled")  # the ingress serves HTTP itself
+        # Not waiting here: wait_ready follows each model's phase while it starts, and raises with Serve's
+        # reasons when a deployment fails.
         try:
-            serve.run(build_app(config), name=APP_NAME, route_prefix=None, blocking=False)
+            serve.run_many([serve.RunTarget(build_app(config), name=APP_NAME, route_prefix=None)],
+                           wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
         except RuntimeError as exc:
-            raise DeployError(f"{exc}\n{_deployment_messages()}") from None
-        wait_ready(service.url, config.serve.ready_timeout_s, report)
+            raise DeployError(f"{exc}\n{_describe_deployments()}") from None
+        phases = _Phases({m.name: deployment_name(m) for m in config.models}, began, progress)
+        wait_ready(service.url, config.serve.ready_timeout_s, report, phases)
         service.choices = engine_choices(config)
     except BaseException:
         service.stop()
@@ -191,45 +200,96 @@ class DeployError(RuntimeError):
     """The app could not be deployed; the message carries each failing deployment's reason."""
 
 
-def _deployment_messages() -> str:
-    try:
-        app = serve.status().applications[APP_NAME]
-    except Exception:  # Serve itself is unreachable: nothing more to say
-        return ""
-    return "\n".join(f"{name}: {d.message}" for name, d in app.deployments.items() if d.message)
+_SLOW_INIT = "to initialize"  # Serve's "replicas that have taken more than 30s to initialize"
 
 
-def wait_ready(url: str, timeout_s: float, report: Callable[[str], None] = logger.warning) -> None:
+def _deployment_messages(app: Any = None) -> dict[str, str]:
+    """What Serve says about each deployment of raylm's app that has something to say."""
+    if app is None:
+        try:
+            app = serve.status().applications[APP_NAME]
+        except Exception:  # Serve itself is unreachable: nothing more to say
+            return {}
+    return {name: d.message for name, d in app.deployments.items() if d.message}
+
+
+def _describe_deployments() -> str:
+    return "\n".join(f"{name}: {message}" for name, message in _deployment_messages().items())
+
+
+class _Phases:
+    """Each model's start-up phase, said once when it changes: pending (no replica placed yet), starting
+    (a replica process importing), loading weights (the replica's own report), ready."""
+
+    def __init__(self, deployments: dict[str, str], began: float, say: Callable[[str], None]) -> None:
+        self.deployments, self.began, self.say = deployments, began, say
+        self.last: dict[str, str] = {}
+
+    def update(self, app) -> None:
+        from raylm.serve import status
+
+        reported = status.reports(max_age_s=None)
+        for name, deployment in self.deployments.items():
+            d = app.deployments.get(deployment) if app is not None else None
+            states = {str(getattr(k, "value", k)): n for k, n in (d.replica_states if d else {}).items()}
+            phases = {r.get("phase") for r in reported.get(name, [])}
+            # A replica reports "ready" a moment before Serve counts it as running: still loading till then.
+            phase = ("ready" if states.get("RUNNING") else "loading weights" if phases & {"loading weights", "ready"}
+                     else "starting" if states.get("STARTING") else "pending")
+            self._say(name, phase)
+
+    def loading(self, deployment: str) -> bool:
+        """Whether that deployment's model is known to be loading (so "slow to initialize" is no news)."""
+        return any(self.last.get(n) == "loading weights" for n, d in self.deployments.items() if d == deployment)
+
+    def done(self) -> None:
+        for name in self.deployments:
+            self._say(name, "ready")
+
+    def _say(self, name: str, phase: str) -> None:
+        if self.last.get(name) != phase:
+            self.last[name] = phase
+            self.say(f"{time.monotonic() - self.began:5.1f}s  {name}: {phase}")
+
+
+def wait_ready(url: str, timeout_s: float, report: Callable[[str], None] = logger.warning,
+               phases: _Phases | None = None) -> None:
     """Until /ready answers 200; each new thing Serve says about a deployment (a replica it cannot place,
     a runtime env being built, a constructor that failed) goes to `report` as it appears."""
     deadline = time.monotonic() + timeout_s
     last, said = "no answer", set()
     while time.monotonic() < deadline:
         status = serve.status().applications.get(APP_NAME)
+        if phases is not None:
+            with contextlib.suppress(Exception):  # the live status is informational
+                phases.update(status)
         if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
-            raise DeployError(f"deployment failed: {status.message or status.status}\n{_deployment_messages()}")
-        for line in _deployment_messages().splitlines():
-            if line and line not in said:
+            raise DeployError(f"deployment failed: {status.message or status.status}\n{_describe_deployments()}")
+        for name, message in _deployment_messages(status).items():
+            line = f"{name}: {message}"
+            if line not in said and not (phases is not None and phases.loading(name) and _SLOW_INIT in message):
                 said.add(line)
                 report(line)
         try:
             r = httpx.get(f"{url}/ready", timeout=10)
             if r.status_code == 200:
+                if phases is not None:
+                    phases.done()
                 return
             last = r.text
         except httpx.HTTPError as exc:
             last = str(exc)
-        time.sleep(1)
+        time.sleep(0.5)
     raise TimeoutError(f"raylm was not ready after {timeout_s:.0f}s: {last}")
 
 
 def run_forever(config: AppConfig, on_ready=print, verbose: bool = False,
-                report: Callable[[str], None] = logger.warning) -> None:
+                report: Callable[[str], None] = logger.warning, progress: Callable[[str], None] = logger.info) -> None:
     """Serve until Ctrl-C or SIGTERM, then stop cleanly (also when interrupted while starting)."""
     # Explicit handlers: a process started in the background inherits SIGINT ignored.
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
-    service = start(config, verbose, report)
+    service = start(config, verbose, report, progress)
     try:
         on_ready(service)
         while True:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,9 +20,9 @@ from ray import serve
 
 from raylm import hardware
 from raylm.config import ModelConfig
-from raylm.engine.protocol import Endpoint, Engine
+from raylm.engine.protocol import NAMED_EVENTS, Endpoint, Engine
 from raylm.models import resolve_source
-from raylm.serve import http
+from raylm.serve import http, status
 from raylm.serve.admission import Admission, Tenant
 from raylm.serve.builder import HEAD_NODE_RESOURCE
 from raylm.serve.http import Reply
@@ -72,6 +73,8 @@ class ModelServer:
     async def __init__(self, model: ModelConfig, cache_dir: str, engine_factory=_make_engine) -> None:
         _log_to_stderr("vllm", "raylm")
         self.name = model.name
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        await self._report("loading weights")  # for the start-up's live status (runner.py)
         self.admission = Admission(model.admission)
         self.probe_timeout_s = model.health.probe_timeout_s
         self.fit = hardware.fit(model.engine_args, model.env)
@@ -82,14 +85,26 @@ class ModelServer:
         await self.engine.start()
         self.streams = StreamHub()
         await self.streams.start(stream_host())
-        self.metrics = ReplicaMetrics(model.name, serve.get_replica_context().replica_id.unique_id)
+        self.metrics = ReplicaMetrics(model.name, self.replica_id)
         self._sampler = asyncio.create_task(self._sample())
 
     async def _sample(self) -> None:
+        """Every second: admission's state to the metrics, and this replica's report for `raylm status`."""
+        rate = status.TokenRate()
         while True:
             a = self.admission
             self.metrics.sample(a.running, a.queued, a.queued_tokens)
+            await self._report("ready", a.running, a.queued,
+                               rate.sample(time.monotonic(), self.engine.generated_tokens))
             await asyncio.sleep(1.0)
+
+    async def _report(self, phase: str, running: int = 0, queued: int = 0, tokens_per_s: float = 0.0) -> None:
+        report = {"phase": phase, "running": running, "queued": queued, "tokens_per_s": round(tokens_per_s, 2),
+                  "pid": os.getpid()}
+        try:
+            await asyncio.to_thread(status.publish, self.name, self.replica_id, report)
+        except Exception as exc:  # the status page is not worth a replica: GCS may be busy or restarting
+            logger.debug("status report of %s not published: %r", self.name, exc)
 
     async def reply(self, endpoint: Endpoint, body: dict, rid: str,
                     tenant: Tenant = Tenant()) -> AsyncIterator[Reply | Direct]:
@@ -103,7 +118,7 @@ class ModelServer:
                 if isinstance(result, bytes):
                     yield Reply(body=result)
                     return
-                direct, out = self.streams.open(http.sse_frames(result, rid))
+                direct, out = self.streams.open(http.sse_frames(result, rid, endpoint in NAMED_EVENTS))
                 try:
                     yield direct
                     await asyncio.wait({out.task})
@@ -141,6 +156,9 @@ class ModelServer:
         # Serve awaits this on graceful replica shutdown: stop the engine and its EngineCore process.
         if hasattr(self, "streams"):
             await self.streams.close()
+        if hasattr(self, "_sampler"):
+            self._sampler.cancel()
+            await asyncio.to_thread(status.withdraw, self.name, self.replica_id)
         engine = getattr(self, "engine", None)
         if engine is not None:
             await engine.shutdown()

@@ -1,0 +1,201 @@
+"""Prefix-aware routing: a request goes to the model replica whose engine already holds its prompt's start.
+
+    request ─► prompt text (system/instructions, then each turn; the first max_chars)
+            ─► full blocks of block_chars, hashed as a chain: h1 = H(endpoint, b1), h2 = H(h1, b2), ...
+            ─► for each replica not overloaded (its queue ≤ the shortest queue + imbalance):
+                   how many leading hashes of the chain it was sent before
+                   ├─ someone holds ≥ 1 block ─► the longest holder (ties: the shorter queue)
+                   │                              [at max_ongoing_requests: Serve tries the pow-2 pair]
+                   └─ nobody ─► the shorter queue of two random replicas (Serve's power of two choices)
+    sent and accepted ─► the chosen replica now holds the request's chain (its own LRU of block hashes)
+
+A chain hash covers every block before it, like vLLM's block hashes, so "holds h_k" means "holds the first k
+blocks". Each ingress replica's router learns only from what it routed: no shared index, no actor on the
+request path (Ray Serve LLM's PrefixCacheAffinityRouter asks a tree actor, with blocking calls, per
+request). With several ingress replicas a prefix may be placed once by each: a bounded cost.
+
+Queue lengths come from Serve's cache (updated as the router sends, and by each replica's answer to it);
+an unknown one (none for 10 s) counts as empty: nobody sent there lately. The LRU mirrors vLLM's
+eviction: a chain is recorded tail first, so a prefix's first blocks are the last forgotten, as vLLM frees
+a request's blocks tail first. Knobs (Serve's request_router_kwargs): block_chars, max_chars, imbalance,
+capacity_blocks. The pure parts (prompt_text, block_chain, PrefixIndex, prefer) are tested without Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+logger = logging.getLogger("raylm.serve")
+
+BLOCK_CHARS = 256  # ~60 tokens of English: a shared start shorter than that is not worth a detour
+MAX_CHARS = 32_768  # ~8k tokens hashed at most: enough to tell system prompts and chats apart, and cheap
+IMBALANCE = 8  # extra requests on the holder before its cache stops being worth the wait
+CAPACITY_BLOCKS = 4096  # per replica: ~1M chars, ~250k tokens, a large engine's KV cache
+
+K = TypeVar("K", bound=Hashable)
+
+
+def prompt_text(body: Any, max_chars: int = MAX_CHARS) -> str:
+    """The start of a request's prompt as plain text, in the order a chat template lays it out: chat
+    `messages`, Responses `instructions` + `input`, Anthropic `system` + `messages`, completions `prompt`
+    (token ids as numbers). Only text parts of content lists count. "" for anything else; never raises."""
+    if not isinstance(body, dict):
+        return ""
+    out: list[str] = []
+    left = max_chars
+    try:
+        for n, piece in enumerate(_pieces(body)):
+            out.append(piece[:left])
+            left -= len(out[-1])
+            if left <= 0 or n >= max_chars:  # also bounds a body of many empty parts
+                break
+    except Exception:  # a shape nobody foresaw routes like an unknown prompt, never fails the request
+        return ""
+    return "".join(out)
+
+
+def _pieces(body: dict) -> Iterator[str]:
+    for key in ("instructions", "system", "messages", "input", "prompt"):
+        value = body.get(key)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, dict) and ("content" in item or "role" in item):  # a turn
+                yield f"\x1e{item.get('role', '')}\x1f"  # separators no prompt text holds
+                yield from _texts(item.get("content"))
+            else:
+                yield from _texts(item)
+
+
+def _texts(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, int) and not isinstance(value, bool):  # a token id
+        yield f"{value},"
+    elif isinstance(value, dict) and isinstance(value.get("text"), str):  # a text part
+        yield value["text"]
+    elif isinstance(value, list):  # parts of one content, or one prompt's token ids
+        for part in value:
+            if not isinstance(part, list):
+                yield from _texts(part)
+
+
+def block_chain(text: str, block_chars: int = BLOCK_CHARS, seed: str = "") -> tuple[int, ...]:
+    """One hash per full block; each covers the blocks before it (and `seed`: the endpoint, whose
+    template differs). Python's hash: fast, and stable within the process that routes."""
+    chain, h = [], hash(seed)
+    for start in range(0, len(text) - block_chars + 1, block_chars):
+        h = hash((h, text[start:start + block_chars]))
+        chain.append(h)
+    return tuple(chain)
+
+
+class PrefixIndex:
+    """Per replica, the block hashes it was sent: a bounded LRU."""
+
+    def __init__(self, capacity_blocks: int = CAPACITY_BLOCKS) -> None:
+        self.capacity = capacity_blocks
+        self._held: dict[Hashable, OrderedDict[int, None]] = {}
+
+    def record(self, replica: Hashable, chain: Sequence[int]) -> None:
+        held = self._held.setdefault(replica, OrderedDict())
+        for h in reversed(chain):  # tail first: the first blocks end most recent, the last evicted
+            held[h] = None
+            held.move_to_end(h)
+        while len(held) > self.capacity:
+            held.popitem(last=False)
+
+    def matched(self, replica: Hashable, chain: Sequence[int]) -> int:
+        """How many leading blocks of `chain` the replica holds."""
+        held = self._held.get(replica, {})
+        n = 0
+        while n < len(chain) and chain[n] in held:
+            n += 1
+        return n
+
+    def blocks(self, replica: Hashable) -> int:
+        return len(self._held.get(replica, ()))
+
+    def keep(self, replicas: Iterable[Hashable]) -> None:
+        """Forget every replica not in `replicas` (gone, or replaced)."""
+        alive = set(replicas)
+        for replica in [r for r in self._held if r not in alive]:
+            del self._held[replica]
+
+
+def prefer(chain: Sequence[int], candidates: Sequence[K], loads: Mapping[K, int], index: PrefixIndex,
+           imbalance: int = IMBALANCE) -> K | None:
+    """The candidate holding the longest start of `chain` among those whose load is within `imbalance` of
+    the least loaded (ties: the less loaded, then the earlier); None when none of them holds a block."""
+    if not chain or not candidates:
+        return None
+    floor = min(loads.get(c, 0) for c in candidates)
+    best, longest = None, 0
+    for c in candidates:
+        load = loads.get(c, 0)
+        if load - floor > imbalance:
+            continue
+        n = index.matched(c, chain)
+        if n > longest or (n == longest and n and load < loads.get(best, 0)):
+            best, longest = c, n
+    return best
+
+
+class PrefixAffinityRouter(RequestRouter):
+    """Serve's request router for a model deployment, `request_router_config` (builder.serve_options)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.initialize_state()  # Serve calls it again with the deployment's kwargs
+
+    def initialize_state(self, block_chars: int = BLOCK_CHARS, max_chars: int = MAX_CHARS,
+                         imbalance: int = IMBALANCE, capacity_blocks: int = CAPACITY_BLOCKS) -> None:
+        self.block_chars, self.max_chars, self.imbalance = block_chars, max_chars, imbalance
+        self.index = PrefixIndex(capacity_blocks)
+
+    def chain(self, pending_request: PendingRequest | None) -> tuple[int, ...]:
+        """The ingress calls `reply(endpoint, body, rid, tenant)`: the chain of the body's prompt."""
+        if pending_request is None:
+            return ()
+        args = pending_request.args
+        body = next((a for a in args if isinstance(a, dict)), None)
+        seed = args[0] if args and isinstance(args[0], str) else ""
+        return block_chain(prompt_text(body, self.max_chars), self.block_chars, seed)
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        if pending_request is not None:
+            # Every try sees every replica, so Serve may sleep between tries when all are full (its
+            # default router's locality mixin sets this; without it the routing task would spin).
+            pending_request.routing_context.should_backoff = True
+        shuffled = random.sample(candidate_replicas, len(candidate_replicas))
+        by_id = {r.replica_id: r for r in shuffled}
+        cache = self.replica_queue_len_cache
+        try:
+            loads = {i: cache.get(i) or 0 for i in by_id}
+            pick = prefer(self.chain(pending_request), list(by_id), loads, self.index, self.imbalance)
+        except Exception:  # an error here would strand the request: route it as if it had no prefix
+            logger.exception("prefix routing failed; routing by queue length")
+            pick = None
+        if pick is None:
+            return [shuffled[:2]]  # Serve sends to the shorter queue of the two
+        others = [r for r in shuffled if r.replica_id != pick][:2]
+        return [[by_id[pick]], others] if others else [[by_id[pick]]]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        try:
+            self.index.record(replica_id, self.chain(pending_request))
+        except Exception:  # learning is best effort: the request is already on its way
+            logger.exception("prefix routing: could not record a routed request")
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        self.index.keep(self._replica_id_set)
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self.index.keep(self._replica_id_set)

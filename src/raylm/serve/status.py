@@ -1,0 +1,151 @@
+"""The service at a glance (`GET /status`, `raylm status`): per model its replicas and their state, requests
+running and queued, tokens/s and TTFT p50/p99 over the last minute, and the tenants' shares.
+
+    model replica ── every second: running, queued, tokens/s ──► Ray's KV store (GCS), one key per replica
+    ingress       ── TTFT and answers per tenant, last 60 s (its own Window) ─┐
+    GET /status   ◄── Serve's replica states + the replicas' keys + the Window ┘
+
+Prometheus (`/metrics`) keeps the history; this is the now, readable without a dashboard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+WINDOW_S = 60.0
+_KEY_PREFIX = "raylm-status/"
+_STALE_S = 5.0  # a replica that has not reported for this long is gone (or stuck) and is not counted
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class Window:
+    """What the ingress saw over the last minute: first-token times and answers by tenant, per model."""
+
+    def __init__(self, span_s: float = WINDOW_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.span_s, self.clock = span_s, clock
+        self._ttft: deque[tuple[float, str, float]] = deque()
+        self._answers: deque[tuple[float, str, str]] = deque()
+
+    def ttft(self, model: str, seconds: float) -> None:
+        self._ttft.append((self.clock(), model, seconds))
+
+    def answered(self, model: str, tenant: str) -> None:
+        self._answers.append((self.clock(), model, tenant))
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        now = self.clock()
+        for events in (self._ttft, self._answers):
+            while events and events[0][0] < now - self.span_s:
+                events.popleft()
+        out: dict[str, dict[str, Any]] = {}
+        for model in {m for _, m, _ in self._ttft} | {m for _, m, _ in self._answers}:
+            ttfts = [s for _, m, s in self._ttft if m == model]
+            tenants = [t for _, m, t in self._answers if m == model]
+            out[model] = {"ttft_p50_s": _percentile(ttfts, 0.5), "ttft_p99_s": _percentile(ttfts, 0.99),
+                          "answered": len(tenants),
+                          "tenant_shares": {t: round(tenants.count(t) / len(tenants), 3) for t in sorted(set(tenants))}}
+        return out
+
+
+class TokenRate:
+    """Tokens/s over the last minute from a running total, sampled once a second."""
+
+    def __init__(self, span_s: float = WINDOW_S) -> None:
+        self.samples: deque[tuple[float, int]] = deque()
+        self.span_s = span_s
+
+    def sample(self, now: float, total: int) -> float:
+        self.samples.append((now, total))
+        while self.samples[0][0] < now - self.span_s:
+            self.samples.popleft()
+        (t0, n0), (t1, n1) = self.samples[0], self.samples[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+def _kv() -> Any:
+    from ray.experimental import internal_kv
+
+    return internal_kv
+
+
+def publish(model: str, replica: str, report: dict[str, Any]) -> None:
+    """A replica's report (blocking: call it off the event loop)."""
+    _kv()._internal_kv_put(f"{_KEY_PREFIX}{model}/{replica}", json.dumps({**report, "time": time.time()}),
+                           overwrite=True)
+
+
+def withdraw(model: str, replica: str) -> None:
+    _kv()._internal_kv_del(f"{_KEY_PREFIX}{model}/{replica}")
+
+
+def reports(max_age_s: float | None = _STALE_S) -> dict[str, list[dict[str, Any]]]:
+    """Every replica's last report, by model (blocking)."""
+    kv, now, out = _kv(), time.time(), {}
+    for key in kv._internal_kv_list(_KEY_PREFIX):
+        raw = kv._internal_kv_get(key)
+        report = json.loads(raw) if raw else None
+        if report and (max_age_s is None or now - report["time"] <= max_age_s):
+            model, _, replica = key.decode()[len(_KEY_PREFIX):].rpartition("/")
+            out.setdefault(model, []).append({"replica": replica, **report})
+    return out
+
+
+def _replica_states(app_name: str, deployments: dict[str, str]) -> dict[str, dict[str, Any]]:
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    out = {}
+    for model, deployment in deployments.items():
+        d = app.deployments.get(deployment) if app is not None else None
+        out[model] = {"status": str(d.status.value if d else "UNKNOWN"),
+                      "replicas": {str(getattr(k, "value", k)): n for k, n in (d.replica_states if d else {}).items()},
+                      "message": d.message if d else ""}
+    return out
+
+
+async def collect(app_name: str, deployments: dict[str, str], window: Window) -> dict[str, Any]:
+    """The /status body: {"models": {name: {...}}}, gathered off the event loop."""
+    states, by_model = await asyncio.gather(asyncio.to_thread(_replica_states, app_name, deployments),
+                                            asyncio.to_thread(reports))
+    seen = window.summary()
+    models = {}
+    for model in deployments:
+        mine = sorted(by_model.get(model, []), key=lambda r: r["replica"])
+        models[model] = {**states[model],
+                         "running": sum(r["running"] for r in mine), "queued": sum(r["queued"] for r in mine),
+                         "tokens_per_s": round(sum(r["tokens_per_s"] for r in mine), 1),
+                         **seen.get(model, {"ttft_p50_s": None, "ttft_p99_s": None, "answered": 0,
+                                            "tenant_shares": {}}),
+                         "replica_reports": mine}
+    return {"window_s": window.span_s, "models": models}
+
+
+def render(status: dict[str, Any]) -> Iterable[Any]:
+    """The body as rich tables, for `raylm status`."""
+    from rich.table import Table
+
+    table = Table(title=f"raylm — last {status['window_s']:.0f} s")
+    for column in ("model", "state", "replicas", "running", "queued", "tok/s", "TTFT p50", "TTFT p99",
+                   "answered", "tenants"):
+        table.add_column(column, justify="left" if column in ("model", "state", "replicas", "tenants") else "right")
+    ms = lambda s: "-" if s is None else f"{s * 1000:.0f} ms"  # noqa: E731
+    for name, m in status["models"].items():
+        table.add_row(name, m["status"], ", ".join(f"{n} {k.lower()}" for k, n in m["replicas"].items()) or "-",
+                      str(m["running"]), str(m["queued"]), f"{m['tokens_per_s']:.1f}", ms(m["ttft_p50_s"]),
+                      ms(m["ttft_p99_s"]), str(m["answered"]),
+                      ", ".join(f"{t} {s:.0%}" for t, s in m["tenant_shares"].items()) or "-")
+    yield table
+    for name, m in status["models"].items():
+        if m["message"]:
+            yield f"{name}: {m['message']}"

@@ -1,0 +1,123 @@
+"""Prefix-aware routing: prompt text of each body shape, chained block hashes, the bounded LRU, the choice,
+and the Serve router around them (constructed without a cluster, on fake replicas)."""
+
+import asyncio
+
+from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
+from ray.serve.request_router import PendingRequest, ReplicaID
+
+from raylm.config import ModelConfig
+from raylm.serve.builder import PREFIX_ROUTER, serve_options
+from raylm.serve.routing import PrefixAffinityRouter, PrefixIndex, block_chain, prefer, prompt_text
+
+SYSTEM = "You answer questions about the solar system. " * 30  # ~1,400 chars: 5 blocks of 256
+
+
+def chat(question: str, system: str = SYSTEM) -> dict:
+    return {"model": "m", "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}]}
+
+
+def test_chat_text_is_each_turn_in_order_with_only_text_parts():
+    body = {"messages": [{"role": "system", "content": "Be brief."},
+                         {"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                                      {"type": "image_url", "image_url": {"url": "data:xyz"}}]}]}
+    assert prompt_text(body) == "\x1esystem\x1fBe brief.\x1euser\x1fWhat is this?"
+
+
+def test_responses_anthropic_and_completions_bodies():
+    responses = {"instructions": "Be brief.", "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "Hi"}]}, {"type": "function_call", "name": "f"}]}
+    assert prompt_text(responses) == "Be brief.\x1euser\x1fHi"
+    assert prompt_text({"input": "Hi"}) == "Hi"
+    anthropic = {"system": [{"type": "text", "text": "Be brief."}], "messages": [{"role": "user", "content": "Hi"}]}
+    assert prompt_text(anthropic) == "Be brief.\x1euser\x1fHi"
+    assert prompt_text({"prompt": "Once upon"}) == "Once upon"
+    assert prompt_text({"prompt": [1, 2, 3]}) == prompt_text({"prompt": [[1, 2, 3]]}) == "1,2,3,"
+
+
+def test_text_is_bounded_and_odd_shapes_give_nothing_rather_than_an_error():
+    assert prompt_text({"prompt": "x" * 10_000}, max_chars=300) == "x" * 300
+    assert prompt_text({"prompt": [7] * 10_000}, max_chars=10) == "7,7,7,7,7,"
+    odd = {"messages": [None, 3.5, {"content": {"a": 1}}, {"role": "user", "content": [[{"text": "deep"}]]}]}
+    assert [prompt_text(body) for body in (None, "text", [1, 2], {}, {"prompt": True}, {"messages": "hi"}, odd)] \
+        == ["", "", "", "", "", "hi", "\x1e\x1f\x1euser\x1f"]
+
+
+def test_block_hashes_are_chained_over_full_blocks_only():
+    a, b = prompt_text(chat("What is the largest planet? " * 20)), prompt_text(chat("How far is Mars? " * 20))
+    chain_a, chain_b = block_chain(a, 256), block_chain(b, 256)
+    assert len(chain_a) == len(a) // 256  # the partial last block is not hashed, as vLLM's
+    shared = next(i for i in range(len(a)) if a[i] != b[i]) // 256
+    assert chain_a[:shared] == chain_b[:shared] and chain_a[shared] != chain_b[shared]
+    edited = block_chain("y" + a[1:], 256)  # one change in the first block changes every hash after it
+    assert not set(edited) & set(chain_a)
+    assert not set(block_chain(a, 256, seed="completions")) & set(chain_a)
+
+
+def test_the_lru_is_bounded_and_forgets_a_prefix_from_its_tail():
+    index = PrefixIndex(capacity_blocks=4)
+    index.record("r1", (1, 2, 3))
+    index.record("r1", (9, 8))  # 5 blocks held: the oldest goes, the first chain's tail
+    assert (index.blocks("r1"), index.matched("r1", (1, 2, 3)), index.matched("r1", (9, 8, 7))) == (4, 2, 2)
+    index.record("r2", (1,))
+    index.keep(["r2"])
+    assert (index.blocks("r1"), index.matched("r2", (1, 2))) == (0, 1)
+
+
+def test_the_longest_holder_wins_unless_it_is_overloaded():
+    index = PrefixIndex()
+    index.record("a", (1, 2, 3))
+    index.record("b", (1,))
+    chain, idle = (1, 2, 3, 4), {"a": 0, "b": 0, "c": 0}
+    assert prefer(chain, ["c", "b", "a"], idle, index) == "a"
+    assert prefer(chain, ["c", "b", "a"], {"a": 9, "b": 2, "c": 0}, index, imbalance=8) == "b"  # a: 9 > 0 + 8
+    assert prefer(chain, ["c", "b", "a"], {"a": 9, "b": 9, "c": 0}, index, imbalance=8) is None  # pow-2 then
+    assert prefer((7, 8), ["a", "b"], idle, index) is None and prefer((), ["a"], idle, index) is None
+    index.record("b", (1, 2, 3))
+    assert prefer(chain, ["a", "b"], {"a": 3, "b": 1}, index) == "b"  # equal matches: the shorter queue
+
+
+class FakeReplica:
+    """What Serve's router reads of a replica."""
+
+    def __init__(self, name: str) -> None:
+        self.replica_id = ReplicaID(name, DeploymentID(name="model-m", app_name="raylm"))
+        self.max_ongoing_requests = 100
+
+    async def get_queue_len(self, *, deadline_s: float) -> int:
+        return 0
+
+
+def test_the_router_sends_a_shared_prefix_where_it_went_before():
+    def request(question: str) -> PendingRequest:
+        return PendingRequest(args=["chat", chat(question), "rid", None], kwargs={},
+                              metadata=RequestMetadata(request_id="rid", internal_request_id=question))
+
+    async def main() -> list:
+        router = PrefixAffinityRouter(DeploymentID(name="model-m", app_name="raylm"), DeploymentHandleSource.UNKNOWN,
+                                      use_replica_queue_len_cache=True)
+        router.initialize_state(imbalance=2)
+        a, b = FakeReplica("a"), FakeReplica("b")
+        router.update_replicas([a, b])
+        first = request("What is the largest planet?")
+        unknown = await router.choose_replicas([a, b], first)
+        router.on_request_routed(first, b.replica_id, None)
+        second = request("How far is Mars?")
+        affine = await router.choose_replicas([a, b], second)
+        for _ in range(3):
+            router.on_send_request(b.replica_id)  # b: 3 ongoing, a: 0
+        busy = await router.choose_replicas([a, b], second)
+        router.update_replicas([a])
+        return [len(unknown[0]), affine, busy, first.routing_context.should_backoff, router.index.blocks(b.replica_id)]
+
+    sizes, affine, busy, backoff, left = asyncio.run(main())
+    assert sizes == 2 and backoff  # no match: the pow-2 pair; Serve backs off between tries
+    assert [[r.replica_id.unique_id for r in rank] for rank in affine] == [["b"], ["a"]]
+    assert len(busy) == 1 and {r.replica_id.unique_id for r in busy[0]} == {"a", "b"}  # b too busy: pow-2
+    assert left == 0  # a replica that left is forgotten
+
+
+def test_prefix_routing_is_set_on_the_model_deployment_only_when_asked():
+    prefix = serve_options(ModelConfig(name="m", source="/m", replicas=2, routing="prefix"))
+    assert prefix["request_router_config"] == {"request_router_class": PREFIX_ROUTER}
+    assert "request_router_config" not in serve_options(ModelConfig(name="m", source="/m", replicas=2))

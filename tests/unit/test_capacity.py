@@ -1,6 +1,6 @@
 """An impossible config is refused before deploying, with what it asked for."""
 
-from raylm.config import AppConfig, load_config
+from raylm.config import AppConfig, ModelConfig, load_config
 from raylm.serve.capacity import GiB, RUNTIME_BYTES, demand, shortfalls
 
 
@@ -26,3 +26,19 @@ def test_memory_counts_weights_kv_cache_and_runtime_per_replica():
 def test_gpus_are_checked_too():
     config = AppConfig.model_validate({"models": [{"name": "a", "source": "/m/a", "num_gpus": 1}]})
     assert "needs 1 GPUs at start, the cluster has 0" in shortfalls(demand(config, lambda m: 0), {"CPU": 4}, None)[0]
+
+
+def test_the_gpu_memory_arithmetic_of_a_70b_model_on_tp_8(tmp_path):
+    import json
+
+    from raylm.serve.capacity import gpu_plan, kv_bytes_per_token
+
+    llama_70b = {"num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+                 "hidden_size": 8192}
+    assert kv_bytes_per_token(llama_70b) == 2 * 80 * 8 * 128 * 2  # 320 KiB: GQA keeps 8 of 64 heads
+    (tmp_path / "config.json").write_text(json.dumps(llama_70b))
+    model = ModelConfig(name="llama-70b", source=str(tmp_path), num_gpus=8,
+                        engine_args={"tensor_parallel_size": 8})
+    plan = gpu_plan(model, str(tmp_path), int(141.1 * GiB))
+    assert "weights 17.6 GiB" in plan and "KV cache 40 KiB per token" in plan
+    assert gpu_plan(model.model_copy(update={"num_gpus": 0}), str(tmp_path), 0) is None

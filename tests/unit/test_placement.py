@@ -16,7 +16,8 @@ def test_tensor_parallel_2_gets_a_packed_group_with_a_gpu_per_worker():
 def test_tp_8_by_pp_2_is_sixteen_bundles_and_a_users_backend_wins():
     model = ModelConfig(name="m", source="/m", num_gpus=16, engine_args={
         "tensor_parallel_size": 8, "pipeline_parallel_size": 2, "distributed_executor_backend": "mp"})
-    assert len(serve_options(model)["placement_group_bundles"]) == 16
+    options = serve_options(model)
+    assert len(options["placement_group_bundles"]) == 16 and options["placement_group_strategy"] == "PACK"
     assert engine_args(model)["distributed_executor_backend"] == "mp"
 
 

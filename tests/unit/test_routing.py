@@ -71,8 +71,10 @@ def test_the_longest_holder_wins_unless_it_is_overloaded():
     chain, idle = (1, 2, 3, 4), {"a": 0, "b": 0, "c": 0}
     assert prefer(chain, ["c", "b", "a"], idle, index) == "a"
     assert prefer(chain, ["c", "b", "a"], {"a": 9, "b": 2, "c": 0}, index, imbalance=8) == "b"  # a: 9 > 0 + 8
-    assert prefer(chain, ["c", "b", "a"], {"a": 9, "b": 9, "c": 0}, index, imbalance=8) is None  # pow-2 then
-    assert prefer((7, 8), ["a", "b"], idle, index) is None and prefer((), ["a"], idle, index) is None
+    assert prefer(chain, ["c", "b", "a"], {"a": 9, "b": 9, "c": 0}, index, imbalance=8) == "c"  # holders busy
+    # A new prefix goes to the replica holding the fewest blocks (a: 3, b: 1, c: 0); no full block: pow-2.
+    assert prefer((7, 8), ["a", "b", "c"], idle, index) == "c" and prefer((7, 8), ["a", "b"], idle, index) == "b"
+    assert prefer((), ["a"], idle, index) is None
     index.record("b", (1, 2, 3))
     assert prefer(chain, ["a", "b"], {"a": 3, "b": 1}, index) == "b"  # equal matches: the shorter queue
 
@@ -111,9 +113,9 @@ def test_the_router_sends_a_shared_prefix_where_it_went_before():
         return [len(unknown[0]), affine, busy, first.routing_context.should_backoff, router.index.blocks(b.replica_id)]
 
     sizes, affine, busy, backoff, left = asyncio.run(main())
-    assert sizes == 2 and backoff  # no match: the pow-2 pair; Serve backs off between tries
+    assert sizes == 1 and backoff  # no match: the replica holding least (both nothing); Serve backs off
     assert [[r.replica_id.unique_id for r in rank] for rank in affine] == [["b"], ["a"]]
-    assert len(busy) == 1 and {r.replica_id.unique_id for r in busy[0]} == {"a", "b"}  # b too busy: pow-2
+    assert [[r.replica_id.unique_id for r in rank] for rank in busy] == [["a"], ["b"]]  # b too busy
     assert left == 0  # a replica that left is forgotten
 
 

@@ -60,20 +60,22 @@ def world_size(model: ModelConfig) -> int:
 
 def placement(model: ModelConfig) -> dict[str, Any]:
     """Ray Serve LLM's pattern for an engine of several workers: one placement group per replica with a
-    bundle per worker, all on one node (STRICT_PACK: a TP group's all-reduce must not cross the network).
+    bundle per worker, all on one node (STRICT_PACK: a TP group's all-reduce must not cross the network);
+    with pipeline stages, packed as far as it goes (PACK: stages may span nodes, Ray places them).
     The replica shares the first bundle with worker 0 and reserves no GPU itself; `num_gpus` is the
     replica's total, split evenly over its workers. One worker: no group, the replica reserves it all."""
     world = world_size(model)
     if world == 1:
         return {"num_cpus": model.num_cpus, "num_gpus": model.num_gpus}
+    strategy = "PACK" if int(model.engine_args.get("pipeline_parallel_size", 1)) > 1 else "STRICT_PACK"
     if model.num_gpus:
         worker = {"GPU": model.num_gpus / world}
         bundles = [{"CPU": model.num_cpus, **worker}] + [dict(worker) for _ in range(world - 1)]
         return {"num_cpus": model.num_cpus, "num_gpus": 0.0, "placement_group_bundles": bundles,
-                "placement_group_strategy": "STRICT_PACK"}
+                "placement_group_strategy": strategy}
     share = model.num_cpus / world
     return {"num_cpus": share, "num_gpus": 0.0, "placement_group_bundles": [{"CPU": share}] * world,
-            "placement_group_strategy": "STRICT_PACK"}
+            "placement_group_strategy": strategy}
 
 
 def serve_options(model: ModelConfig) -> dict[str, Any]:

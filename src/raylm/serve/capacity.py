@@ -41,6 +41,32 @@ def weights_bytes(folder: str) -> int:
     return sum(f.stat().st_size for pattern in WEIGHT_FILES for f in path.glob(pattern))
 
 
+def kv_bytes_per_token(hf_config: dict, dtype_bytes: int = 2) -> int:
+    """KV cache of one token, all layers: keys and values of every KV head (GQA: fewer than query heads)."""
+    text = hf_config.get("text_config", hf_config)
+    heads = text["num_attention_heads"]
+    kv_heads = text.get("num_key_value_heads") or heads
+    head_dim = text.get("head_dim") or text["hidden_size"] // heads
+    return 2 * text["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes
+
+
+def gpu_plan(model: ModelConfig, folder: str, weight_bytes: int) -> str | None:
+    """Per GPU of one replica: its share of the weights and of each token's KV cache (tensor parallel splits
+    KV heads, pipeline parallel splits layers), for the memory arithmetic raylm prints with a GPU config."""
+    config_file = Path(folder) / "config.json"
+    if not model.num_gpus or not config_file.is_file():
+        return None
+    import json
+
+    args = model.engine_args
+    world = int(args.get("tensor_parallel_size", 1)) * int(args.get("pipeline_parallel_size", 1))
+    per_token = kv_bytes_per_token(json.loads(config_file.read_text())) / world
+    budget = float(args.get("gpu_memory_utilization", 0.9))
+    return (f"{model.name}: per GPU ({world} per replica) weights {weight_bytes / world / GiB:.1f} GiB, KV cache "
+            f"{per_token / 1024:.0f} KiB per token; vLLM takes {budget:.0%} of each GPU and gives the KV cache "
+            f"what weights and activations leave")
+
+
 def demand(config: AppConfig, weights: Callable[[ModelConfig], int]) -> Demand:
     cpus = config.serve.ingress_replicas * config.serve.ingress_num_cpus
     gpus, memory, lines = 0.0, 0, []

@@ -174,6 +174,13 @@ def check_capacity(config: AppConfig, strict: bool, report: Callable[[str], None
             return 0
 
     need = capacity.demand(config, weights)
+    for model in config.models:  # the memory arithmetic of GPU models whose files are here
+        try:
+            plan = capacity.gpu_plan(model, resolve_source(model.source, config.serve.cache_dir), weights(model))
+        except (OSError, ValueError, KeyError):
+            plan = None
+        if plan:
+            report(plan)
     free = psutil.virtual_memory().available if strict else None
     problems = capacity.shortfalls(need, ray.cluster_resources(), free)
     if problems and strict:

@@ -47,7 +47,8 @@ serve: setup
 test: setup chromium
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider -m "not slow"
 
-# Chaos tests too long for CI: fairness (its own service, ~3.5 min), autoscaling (~3 min), soak (RAYLM_SOAK_S, 30 min).
+# Too long for CI: fairness (its own service, ~3.5 min), autoscaling (~3 min), soak (RAYLM_SOAK_S, 30 min),
+# raylm build → serve deploy on a second Ray cluster (~80 s).
 test-slow: setup chromium
 	$(BIN)/python -m pytest tests -s -q -p no:cacheprovider -m slow
 

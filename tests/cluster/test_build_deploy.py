@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 import yaml
 
 from helpers import CPU_ENV, TINY_ENGINE_ARGS, free_port
@@ -18,6 +19,7 @@ from raylm.serve.runner import end_processes
 BIN = Path(sys.executable).parent
 
 
+@pytest.mark.slow  # ~80 s (a second Ray cluster with its dashboard): `make test-slow`, run before resolving
 def test_raylm_build_output_deploys_with_serve_deploy(tiny_model, tmp_path):
     port, dashboard = free_port(), free_port()
     config = tmp_path / "raylm.yaml"

@@ -18,6 +18,10 @@ def test_window_keeps_the_last_minute_per_model():
     assert summary["answered"] == 4 and summary["tenant_shares"] == {"free": 0.25, "gold": 0.75}
     now[0] = 100.0
     assert window.summary() == {}
+    for _ in range(1000):  # never asked for a summary, it still keeps only the last minute
+        now[0] += 1.0
+        window.answered("a", "gold")
+    assert len(window._answers) <= 61
 
 
 def test_token_rate_over_the_window():

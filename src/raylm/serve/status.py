@@ -38,16 +38,24 @@ class Window:
         self._answers: deque[tuple[float, str, str]] = deque()
 
     def ttft(self, model: str, seconds: float) -> None:
-        self._ttft.append((self.clock(), model, seconds))
+        now = self.clock()
+        self._ttft.append((now, model, seconds))
+        self._trim(self._ttft, now)
 
     def answered(self, model: str, tenant: str) -> None:
-        self._answers.append((self.clock(), model, tenant))
+        now = self.clock()
+        self._answers.append((now, model, tenant))
+        self._trim(self._answers, now)
+
+    def _trim(self, events: deque, now: float) -> None:
+        """Forget what left the window: kept at each event, so memory follows the last minute's traffic."""
+        while events and events[0][0] < now - self.span_s:
+            events.popleft()
 
     def summary(self) -> dict[str, dict[str, Any]]:
         now = self.clock()
         for events in (self._ttft, self._answers):
-            while events and events[0][0] < now - self.span_s:
-                events.popleft()
+            self._trim(events, now)
         out: dict[str, dict[str, Any]] = {}
         for model in {m for _, m, _ in self._ttft} | {m for _, m, _ in self._answers}:
             ttfts = [s for _, m, s in self._ttft if m == model]

@@ -174,7 +174,7 @@ def check_capacity(config: AppConfig, strict: bool, report: Callable[[str], None
             return 0
 
     need = capacity.demand(config, weights)
-    for model in config.models:  # the memory arithmetic of GPU models whose files are here
+    for model in (m for m in config.models if m.num_gpus):  # their memory arithmetic, where the files are here
         try:
             plan = capacity.gpu_plan(model, resolve_source(model.source, config.serve.cache_dir), weights(model))
         except (OSError, ValueError, KeyError):
@@ -238,7 +238,7 @@ class _Phases:
         reported = status.reports(max_age_s=None)
         for name, deployment in self.deployments.items():
             d = app.deployments.get(deployment) if app is not None else None
-            states = {str(getattr(k, "value", k)): n for k, n in (d.replica_states if d else {}).items()}
+            states = status.replica_counts(d)
             phases = {r.get("phase") for r in reported.get(name, [])}
             # A replica reports "ready" a moment before Serve counts it as running: still loading till then.
             phase = ("ready" if states.get("RUNNING") else "loading weights" if phases & {"loading weights", "ready"}

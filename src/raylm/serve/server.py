@@ -158,7 +158,10 @@ class ModelServer:
             await self.streams.close()
         if hasattr(self, "_sampler"):
             self._sampler.cancel()
-            await asyncio.to_thread(status.withdraw, self.name, self.replica_id)
+            try:  # never in the way of stopping the engine below
+                await asyncio.to_thread(status.withdraw, self.name, self.replica_id)
+            except Exception as exc:
+                logger.debug("status report of %s not withdrawn: %r", self.name, exc)
         engine = getattr(self, "engine", None)
         if engine is not None:
             await engine.shutdown()

@@ -109,6 +109,11 @@ def reports(max_age_s: float | None = _STALE_S) -> dict[str, list[dict[str, Any]
     return out
 
 
+def replica_counts(deployment: Any) -> dict[str, int]:
+    """A Serve deployment status's replicas by state (`RUNNING`, `STARTING`, ...); {} for none."""
+    return {str(getattr(k, "value", k)): n for k, n in (deployment.replica_states if deployment else {}).items()}
+
+
 def _replica_states(app_name: str, deployments: dict[str, str]) -> dict[str, dict[str, Any]]:
     from ray import serve
 
@@ -117,7 +122,7 @@ def _replica_states(app_name: str, deployments: dict[str, str]) -> dict[str, dic
     for model, deployment in deployments.items():
         d = app.deployments.get(deployment) if app is not None else None
         out[model] = {"status": str(d.status.value if d else "UNKNOWN"),
-                      "replicas": {str(getattr(k, "value", k)): n for k, n in (d.replica_states if d else {}).items()},
+                      "replicas": replica_counts(d),
                       "message": d.message if d else ""}
     return out
 

@@ -7,7 +7,7 @@ EXTRA ?= cpu
 STAMP := $(VENV)/.installed-$(EXTRA)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup chromium serve test test-slow test-unit bench bench-compare bench-dataplane bench-dtype
+.PHONY: setup chromium serve test test-slow test-unit bench bench-compare bench-dataplane bench-dtype bench-batch
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -71,3 +71,8 @@ bench-dataplane: setup
 # SmolLM2 and MiniLM speed per dtype on this CPU (~3 min)
 bench-dtype: setup
 	$(BIN)/python benchmarks/dtype_probe.py
+
+# raylm data generate/embed beside vLLM offline, Ray Data LLM and sentence-transformers (~20 min)
+bench-batch: setup
+	$(BIN)/pip install -q -e '.[$(EXTRA),bench]'
+	$(BIN)/python benchmarks/batch_inference.py

@@ -12,6 +12,7 @@ CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
 # The integration service has an API key, as a production one would: every test sends it.
 API_KEY = "sk-raylm-integration"
 AUTH = {"authorization": f"Bearer {API_KEY}"}
+OTHER_KEY = "sk-raylm-other-tenant"  # a second tenant (the Batch API's objects are scoped to one)
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

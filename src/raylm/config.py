@@ -36,6 +36,10 @@ class AdmissionConfig(_Frozen):
         5.0, gt=0, description="A request whose expected wait for a slot (the sequences queued ahead of it at "
                                "the replica's recent finishing rate) is longer gets 429 at once, with that wait "
                                "as Retry-After. None: bounded by max_queued only.")
+    batch_max_running: int = Field(
+        4, ge=1, description="Sequences of Batch API work one replica runs at once. Batch work is the lowest "
+                             "class: it starts only while no other request waits and never queues, so "
+                             "interactive requests keep their latency (measured in docs/batch.md).")
 
 
 class AutoscalingConfig(_Frozen):
@@ -148,6 +152,11 @@ class ServeConfig(_Frozen):
                                                                     "ones get 413.")
     ingress_replicas: int = Field(1, ge=1, description="Replicas of the HTTP ingress (auth, routing, retry).")
     ingress_num_cpus: float = Field(0.1, ge=0, description="Logical CPUs each ingress replica reserves.")
+    batch_dir: Path | None = Field(
+        None, description="Where the Batch API keeps files and batches (default: <cache_dir>/batches). It must "
+                          "outlive `raylm serve`: a restarted service finishes the batches it finds there.")
+    batch_max_file_bytes: int = Field(200 * 2**20, ge=1, description="Largest file `POST /v1/files` takes (413).")
+    batch_max_requests: int = Field(50_000, ge=1, description="Most lines (requests) in one batch's input file.")
     metrics_port: int = Field(
         8080, ge=1, le=65535, description="Prometheus endpoint (Ray's metrics export) of the local Ray "
                                           "cluster raylm starts; Ray's agent listens on all interfaces, like "
@@ -175,17 +184,37 @@ def default_models() -> tuple[ModelConfig, ...]:
 
 
 class DataConfig(_Frozen):
+    """`raylm data` jobs. Their models come from the same tree as `raylm serve`: a model named here that is
+    one of `models` brings its source, engine arguments, environment and resources along."""
+
     text_column: str = Field("text", description="Input column holding the text.")
     output_format: Literal["parquet", "jsonl"] = Field("parquet", description="Format of OUT's files.")
     batch_size: int = Field(256, ge=1, description="Rows per batch handed to a stage.")
     concurrency: int = Field(1, ge=1, description="Actors in the stage's pool (each loads the model once).")
-    num_cpus: float = Field(1.0, gt=0, description="Logical CPUs each stage actor reserves.")
-    tokenizer: str = Field(f"{BUNDLED_PREFIX}{SMOLLM2}", description="Tokenizer source for `data tokenize`.")
-    embed_model: str = Field(f"{BUNDLED_PREFIX}{MINILM}", description="Model source for `data embed`.")
-    generate_model: str = Field(f"{BUNDLED_PREFIX}{SMOLLM2}", description="Model source for `data generate`.")
+    num_cpus: float | None = Field(
+        None, gt=0, description="Logical CPUs each embed/generate stage actor reserves (default: the model's "
+                                "num_cpus, 1 for a model not in `models`); tokenize actors reserve 1.")
+    num_gpus: float | None = Field(
+        None, ge=0, description="GPUs each embed/generate stage actor reserves (default: the model's num_gpus, "
+                                "0 for a model not in `models`).")
+    tokenizer: str = Field(SMOLLM2, description="`data tokenize`: a model's name in `models`, or a source.")
+    embed_model: str = Field(MINILM, description="`data embed`: a model's name in `models`, or a source "
+                                                 "(bundled:, a folder, an HF id).")
+    generate_model: str = Field(SMOLLM2, description="`data generate`: a model's name in `models`, or a source.")
     engine_args: dict[str, Any] = Field(
-        default_factory=lambda: {"enforce_eager": True},
-        description="vLLM engine arguments for the embed and generate stages, passed untouched.")
+        default_factory=dict,
+        description="vLLM engine arguments of the embed and generate stages, over the model's own (a model "
+                    "not in `models` starts from enforce_eager: true); passed untouched, and what is set "
+                    "here or in the model wins over what raylm fits to the machine (dtype, threads).")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Environment of the stage actors, over the model's `env`.")
+
+
+# A data stage's model that is not one of `models`: eager, as the bundled ones (compiling on a small CPU
+# costs more than it saves on a batch job).
+_DATA_ENGINE_ARGS = {"enforce_eager": True}
+# ...and with a bounded KV cache on a CPU (vLLM's own default asks for 92% of the machine's memory).
+_DATA_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
 class AppConfig(_Frozen):
@@ -208,6 +237,21 @@ class AppConfig(_Frozen):
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
+
+    def data_model(self, ref: str, task: Literal["generate", "embed"] | None) -> ModelConfig:
+        """The model a data stage runs: `ref` names one of `models` (its source, engine arguments, env and
+        resources), else it is a source; `data`'s engine_args, env and resources go on top. `task` None: any
+        model (a tokenizer's)."""
+        data = self.data
+        model = self.model(ref) or next((m for m in default_models() if m.name == ref), None)
+        if model is None:
+            model = ModelConfig(name=_name_of(ref), source=ref, task=task or "generate",
+                                engine_args=_DATA_ENGINE_ARGS, env=_DATA_ENV)
+        elif task is not None and model.task != task:
+            raise ValueError(f"model {ref!r} is a {model.task} model; this job needs a {task} model")
+        resources = {k: v for k, v in (("num_cpus", data.num_cpus), ("num_gpus", data.num_gpus)) if v is not None}
+        return model.model_copy(update={"engine_args": {**model.engine_args, **data.engine_args},
+                                        "env": {**model.env, **data.env}, **resources})
 
 
 def load_config(path: str | Path | None = None, *, model: str | None = None,

@@ -47,8 +47,11 @@ class Fit:
     notes: tuple[str, ...]
 
 
-def detect() -> Hardware:
-    return Hardware(gpus=_gpus(), cpu_flags=_cpu_flags(), cores=tuple(sorted(os.sched_getaffinity(0))),
+def detect(gpus: int | None = None) -> Hardware:
+    """This machine; `gpus` when the caller knows them (a Ray worker: its assigned GPUs), else counted with
+    torch, which loads OpenMP with the environment of this moment (see llm_stages._make_llm)."""
+    return Hardware(gpus=_gpus() if gpus is None else gpus, cpu_flags=_cpu_flags(),
+                    cores=tuple(sorted(os.sched_getaffinity(0))),
                     numa_nodes=len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))) or 1)
 
 

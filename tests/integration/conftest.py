@@ -3,13 +3,13 @@
 
 import pytest
 
-from helpers import API_KEY, CPU_ENV, TINY_ENGINE_ARGS, free_port
+from helpers import API_KEY, CPU_ENV, OTHER_KEY, TINY_ENGINE_ARGS, free_port
 
 from raylm.config import AppConfig, ModelConfig, default_models
 
 
 @pytest.fixture(scope="session")
-def service(tiny_model):
+def service(tiny_model, tmp_path_factory):
     from raylm.serve.runner import start
 
     smollm2, minilm = default_models()
@@ -21,7 +21,9 @@ def service(tiny_model):
             minilm.model_copy(update={"num_cpus": 0.25, "env": CPU_ENV}),
         ),
         serve={"port": free_port(), "metrics_port": free_port(), "num_cpus": 2,
-               "api_keys": [{"tenant": "default", "key": API_KEY}]},
+               "api_keys": [{"tenant": "default", "key": API_KEY}, {"tenant": "other", "key": OTHER_KEY}],
+               "batch_dir": str(tmp_path_factory.mktemp("batches")), "batch_max_file_bytes": 2**20,
+               "batch_max_requests": 1000},
     )
     svc = start(config)
     yield svc

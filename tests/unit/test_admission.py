@@ -212,3 +212,33 @@ def test_a_request_that_would_wait_too_long_is_refused_at_once_with_that_wait():
     assert refused.status == 429 and refused.code == "queue_wait" and refused.headers() == {"Retry-After": "2"}
     assert (queued, rejected) == (5, 1)
     assert rate_after_idle is None
+
+
+def test_batch_work_is_capped_never_queues_and_never_delays_a_waiter():
+    async def main():
+        admission = Admission(AdmissionConfig(max_running=3, max_queued=4, burst=0, batch_max_running=2))
+        batch, order, hold = Tenant("a", batch=True), [], asyncio.Event()
+        tasks = [asyncio.create_task(_run(admission, batch, order, hold)) for _ in range(2)]
+        await _settle()
+        with pytest.raises(errors.OverloadedError) as capped:  # a third batch sequence: over its cap
+            async with admission.slot(batch, 1):
+                pass
+        assert capped.value.code == "batch_deferred" and admission.queued == 0
+        tasks += [asyncio.create_task(_run(admission, LIGHT, order, hold)) for _ in range(2)]
+        await _settle()
+        assert (admission.running, admission.queued, admission.batch_running) == (3, 1, 2)
+        hold.set()
+        await asyncio.sleep(0)
+        hold.clear()
+        # The batch sequences finished; with an interactive request running and none waiting, batch may start.
+        await _settle()
+        assert admission.batch_running == 0
+        tasks.append(asyncio.create_task(_run(admission, batch, order, hold)))
+        await _settle()
+        assert admission.batch_running == 1
+        hold.set()
+        await asyncio.gather(*tasks)
+        return order, admission.rejected["batch_deferred"]
+
+    order, deferred = asyncio.run(main())
+    assert order == ["a", "a", "light", "light", "a"] and deferred == 1

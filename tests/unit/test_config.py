@@ -92,3 +92,28 @@ def test_replicas_flag_turns_autoscaling_off(tmp_path):
     path.write_text(yaml.safe_dump({"models": [{"name": "a", "source": "/a", "autoscaling": {"max_replicas": 4}}]}))
     config = load_config(path, replicas=2)
     assert config.models[0].replicas == 2 and config.models[0].autoscaling is None
+
+
+def test_data_jobs_take_their_model_from_the_served_models():
+    cfg = AppConfig.model_validate({
+        "models": [{"name": "chat", "source": "/m/chat", "num_cpus": 2, "num_gpus": 1,
+                    "engine_args": {"dtype": "float16", "max_model_len": 2048}, "env": {"A": "1"}},
+                   {"name": "vec", "source": "/m/vec", "task": "embed"}],
+        "data": {"engine_args": {"max_model_len": 1024}, "env": {"B": "2"}}})
+    chat = cfg.data_model("chat", "generate")
+    assert (chat.source, chat.num_cpus, chat.num_gpus) == ("/m/chat", 2, 1)  # the GPU stage reserves its GPU
+    # The user's engine arguments reach the stage untouched (dtype too); data's go on top of the model's.
+    assert chat.engine_args == {"dtype": "float16", "max_model_len": 1024}
+    assert chat.env == {"A": "1", "B": "2"}
+    with pytest.raises(ValueError, match="embed model"):
+        cfg.data_model("vec", "generate")
+    assert cfg.data_model("vec", None).source == "/m/vec"  # a tokenizer may come from any model
+    other = cfg.data_model("/some/folder", "embed")
+    assert (other.source, other.task, other.engine_args, other.num_gpus) == ("/some/folder", "embed",
+                                                                              {"enforce_eager": True,
+                                                                               "max_model_len": 1024}, 0)
+    assert other.env == {"VLLM_CPU_KVCACHE_SPACE": "1", "B": "2"}
+    # The bundled models' names resolve even when the config serves others.
+    assert cfg.data_model(cfg.data.generate_model, "generate").source == "bundled:smollm2-135m-instruct"
+    sized = AppConfig.model_validate({"data": {"num_cpus": 0.5, "num_gpus": 1}}).data_model("all-minilm-l6-v2", "embed")
+    assert (sized.num_cpus, sized.num_gpus, sized.env) == (0.5, 1, {"VLLM_CPU_KVCACHE_SPACE": "1"})

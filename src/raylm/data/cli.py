@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -31,26 +32,38 @@ def _run(task: str, input: str, output: Path, config: Path | None, stage: str, k
     from raylm.config import load_config
     from raylm.data import io, job, llm_stages
     from raylm.models import resolve_source
+    from raylm.serve.builder import replica_env
+    from raylm.serve.runner import LOCAL_RAY_CONFIG
 
     app_cfg = load_config(config, data=data)
     cfg = app_cfg.data
-    model = resolve_source(kwargs.pop("source") or getattr(cfg, _SOURCE[stage]), app_cfg.serve.cache_dir)
-    if "engine_args" in kwargs:
-        kwargs["engine_args"] = {**cfg.engine_args, **kwargs["engine_args"]}
+    ref = kwargs.pop("source") or getattr(cfg, _SOURCE[stage])
+    with _job_errors():
+        model = app_cfg.data_model(ref, _TASK[stage])
+    path = resolve_source(model.source, app_cfg.serve.cache_dir)
+    resources = {"num_cpus": model.num_cpus or 1.0, "num_gpus": model.num_gpus}
+    if stage == "Tokenize":
+        resources = {"num_cpus": 1.0, "num_gpus": 0.0}
+    else:
+        kwargs["engine_args"] = model.engine_args
     spec = job.JobSpec(task, input, str(output), cfg.text_column, cfg.output_format,
-                       {**options, "model": model})
+                       {**options, "model": path})
     with _job_errors():  # fail fast, before starting Ray, on a bad input or an OUT that is not ours
         io.list_inputs(spec.input)
         job.claim_output(spec)
+    console.print(f"{stage.lower()}: {model.source} ({resources['num_cpus']:g} CPU, {resources['num_gpus']:g} GPU "
+                  f"per actor, {cfg.concurrency} actor(s))")
+    # The job's own cluster: its workers at nice 0, not Ray's 15 (the engine's OpenMP threads stalled
+    # behind every nice-0 process; llm_stages._unnice covers a cluster started by others).
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
-             _node_ip_address="127.0.0.1")
+             _node_ip_address="127.0.0.1", _system_config=LOCAL_RAY_CONFIG)
     try:
         with _job_errors():
             summary = job.run_job(spec, getattr(llm_stages, stage),
-                                  {"text_column": cfg.text_column, **kwargs, _MODEL_ARG[stage]: model},
-                                  concurrency=cfg.concurrency, num_cpus=cfg.num_cpus,
-                                  batch_size=cfg.batch_size,
-                                  env={"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"})
+                                  {"text_column": cfg.text_column, **kwargs, _MODEL_ARG[stage]: path},
+                                  concurrency=cfg.concurrency, batch_size=cfg.batch_size,
+                                  read_num_cpus=READ_NUM_CPUS, env=replica_env(model), **resources)
     finally:
         ray.shutdown()
     console.print(f"[green]done[/green]: rows in {summary.rows_in}, out {summary.rows_out}, "
@@ -66,19 +79,21 @@ def _job_errors() -> Iterator[None]:
 
     try:
         yield
-    except (JobError, FileNotFoundError) as exc:
+    except (JobError, FileNotFoundError, ValueError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
 
 
+READ_NUM_CPUS = 0.25  # reading is light: a read task holding a whole core slowed the engine actor's start
 _MODEL_ARG = {"Tokenize": "tokenizer", "Embed": "model", "Generate": "model"}
+_TASK = {"Tokenize": None, "Embed": "embed", "Generate": "generate"}
 _SOURCE = {"Tokenize": "tokenizer", "Embed": "embed_model", "Generate": "generate_model"}
 
 
 @app.command()
 def tokenize(input: In, output: Out, config: ConfigOpt = None, text_column: TextCol = None, fmt: Fmt = None,
              concurrency: Conc = None,
-             tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer source (bundled:, folder).")] = None,
+             tokenizer: Annotated[Optional[str], typer.Option(help="A model's name in the config, or a source.")] = None,
              chunk_size: Annotated[Optional[int], typer.Option(min=1, help="Split into windows of N tokens.")] = None,
              ) -> None:
     """Tokenize text into token ids with the model's own tokenizer."""
@@ -90,22 +105,24 @@ def tokenize(input: In, output: Out, config: ConfigOpt = None, text_column: Text
 @app.command()
 def embed(input: In, output: Out, config: ConfigOpt = None, text_column: TextCol = None, fmt: Fmt = None,
           concurrency: Conc = None,
-          model: Annotated[Optional[str], typer.Option(help="Embedding model source.")] = None) -> None:
+          model: Annotated[Optional[str], typer.Option(help="A model's name in the config (its engine args, env "
+                                                         "and resources come along), or a source.")] = None) -> None:
     """Sentence embeddings with vLLM's pooling runner (dtype fitted to the CPU; unit-norm float32 vectors)."""
     _run("embed", input, output, config, "Embed",
-         {"source": model, "engine_args": {}},
+         {"source": model},
          {}, text_column=text_column, output_format=fmt, concurrency=concurrency)
 
 
 @app.command()
 def generate(input: In, output: Out, config: ConfigOpt = None, text_column: TextCol = None, fmt: Fmt = None,
              concurrency: Conc = None,
-             model: Annotated[Optional[str], typer.Option(help="Generation model source.")] = None,
+             model: Annotated[Optional[str], typer.Option(help="A model's name in the config (its engine args, env "
+                                                            "and resources come along), or a source.")] = None,
              max_tokens: Annotated[int, typer.Option(min=1, help="Default max tokens per row.")] = 64,
              temperature: Annotated[float, typer.Option(min=0, help="Default temperature per row.")] = 0.0,
              ) -> None:
     """Batch generation with vLLM (chat template for chat models; per-row max_tokens/temperature)."""
     _run("generate", input, output, config, "Generate",
-         {"source": model, "max_tokens": max_tokens, "temperature": temperature, "engine_args": {}},
+         {"source": model, "max_tokens": max_tokens, "temperature": temperature},
          {"max_tokens": max_tokens, "temperature": temperature},
          text_column=text_column, output_format=fmt, concurrency=concurrency)

@@ -27,6 +27,7 @@ from raylm.data import io
 from raylm.data.io import ERROR, ID_COLUMNS
 
 JOB_FILE = "_raylm_job.json"
+IO_TASKS = 1
 
 
 @dataclass(frozen=True)
@@ -132,11 +133,22 @@ class SplitSink(Datasink):
                 self.counts[key] += value
 
 
+def plan_blocks(files: list[str], text_column: str, rows_per_block: int) -> list[dict[str, Any]]:
+    """Row ranges of the input files, one Ray Data block each: every stage actor gets work, output is
+    written (and a resume picks up) block by block, and a block's rows are read where it runs."""
+    ranges = []
+    for path in files:
+        rows = io.count_rows(path, text_column)
+        ranges += [{"path": path, "lo": lo, "hi": min(rows, lo + rows_per_block)}
+                   for lo in range(0, rows, rows_per_block)]
+    return ranges
+
+
 def _reader(text_column: str, done: dict[str, list[int]]) -> Callable[[dict], pa.Table]:
     def read(batch: dict) -> pa.Table:
         tables = []
-        for path in batch["path"]:
-            table = io.read_file(str(path), text_column)
+        for path, lo, hi in zip(batch["path"], batch["lo"], batch["hi"]):
+            table = io.read_file(str(path), text_column).slice(lo, hi - lo)
             skip = done.get(str(path))
             if skip:
                 table = table.filter(pc.invert(pc.is_in(table["_row"], pa.array(skip, pa.int64()))))
@@ -146,20 +158,38 @@ def _reader(text_column: str, done: dict[str, list[int]]) -> Callable[[dict], pa
 
 
 def run_job(spec: JobSpec, stage_cls: type, stage_kwargs: dict[str, Any], *, concurrency: int = 1,
-            num_cpus: float = 1.0, batch_size: int = 256, env: dict[str, str] | None = None) -> Summary:
-    """Run (or resume) a job on the connected Ray cluster; returns this run's counts."""
+            num_cpus: float = 1.0, num_gpus: float = 0.0, batch_size: int = 256, rows_per_block: int | None = None,
+            read_num_cpus: float = 1.0, env: dict[str, str] | None = None,
+            ray_remote_args: dict[str, Any] | None = None) -> Summary:
+    """Run (or resume) a job on the connected Ray cluster; returns this run's counts.
+
+    Each stage actor reserves `num_cpus` and `num_gpus`; blocks hold `rows_per_block` rows (default: the
+    rows split four ways per actor, at least a batch, at most 16 batches). `ray_remote_args` go to every
+    read, stage and write (e.g. `resources` that keep them where the files are)."""
     files = io.list_inputs(spec.input)
     out = claim_output(spec)
     done = done_rows(out)
     skipped = sum(len(r) for r in done.values())
     start = time.perf_counter()
-    ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
-    ds = ds.map_batches(_reader(spec.text_column, done), batch_size=1, batch_format="pyarrow")
-    remote_args: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
+    if rows_per_block is None:
+        total = sum(io.count_rows(f, spec.text_column) for f in files)
+        rows_per_block = min(max(batch_size, -(-total // (4 * concurrency))), 16 * batch_size)
+    blocks = plan_blocks(files, spec.text_column, rows_per_block)
+    ds = ray.data.from_items(blocks or [{"path": files[0], "lo": 0, "hi": 0}], override_num_blocks=max(1, len(blocks)))
+    everywhere = dict(ray_remote_args or {})
+    # The reads stay their own tasks (max_retries differs from the stage's arguments, so Ray Data does not
+    # fuse them into the stage): fused, it bundled `batch_size` ranges, i.e. the whole input, into one task
+    # whose output was written once, at the end, and a killed job had saved nothing.
+    # At most IO_TASKS reads and writes at once: with a fraction of a CPU (or none) each, Ray Data would
+    # start one worker process per block (24 at once were seen, each taking CPU from the engines to start).
+    ds = ds.map_batches(_reader(spec.text_column, done), batch_size=1, batch_format="pyarrow",
+                        num_cpus=read_num_cpus, max_retries=3, concurrency=IO_TASKS, **everywhere)
+    stage_args = {**everywhere, "runtime_env": {"env_vars": env}} if env else everywhere
     ds = ds.map_batches(stage_cls, fn_constructor_kwargs=stage_kwargs, batch_size=batch_size,
-                        batch_format="pyarrow", concurrency=concurrency, num_cpus=num_cpus, **remote_args)
+                        batch_format="pyarrow", concurrency=concurrency, num_cpus=num_cpus, num_gpus=num_gpus,
+                        **stage_args)
     sink = SplitSink(out, spec.output_format)
-    ds.write_datasink(sink)
+    ds.write_datasink(sink, ray_remote_args={"num_cpus": read_num_cpus, **everywhere}, concurrency=IO_TASKS)
     c = sink.counts
     if c["rows_in"] == 0 and skipped == 0:
         raise JobError(f"input {spec.input!r} holds no rows")

@@ -17,6 +17,11 @@ the start tag of the request that started last. A flooding tenant's requests get
 light tenant's request lands at the front and waits only for a free slot. Tags are forgotten whenever the
 queue drains: fairness is about contention now, not about yesterday's traffic.
 
+Batch API work is a class below every priority: it starts only when its sequences fit, nobody waits and
+fewer than `batch_max_running` batch sequences run, and otherwise is refused at once (it never queues, so it
+never delays a waiter); the batch runner retries it later. Few batch sequences in the engine's steps leave
+interactive requests their latency.
+
 Fair order alone still makes a light tenant wait for the next slot to free up, about a request's length
 divided by the batch size. The extra slots let it start at once: the engine's batch has room for them
 (max_num_seqs is set above max_running + burst) and a flooding tenant, above its share, cannot take them.
@@ -48,6 +53,7 @@ class Tenant:
     name: str = "default"
     weight: float = 1.0
     priority: int = 0
+    batch: bool = False  # Batch API work, for this tenant: the lowest class
 
 
 @dataclass(order=True)
@@ -72,6 +78,7 @@ class Admission:
         self._seq = itertools.count()
         self._clock = clock
         self._finished_at: deque[tuple[float, int]] = deque(maxlen=RATE_WINDOW)  # (time, sequences)
+        self.batch_running = 0  # sequences of Batch API work
 
     @property
     def running(self) -> int:
@@ -86,7 +93,9 @@ class Admission:
         """Hold engine slots for a request's sequences during the block; may wait in the queue, or raise
         OverloadedError. `tokens`: its prompt tokens (they bound the queue)."""
         self._weights[tenant.name] = tenant.weight
-        if self._fits(sequences) and not self._waiting:
+        if tenant.batch:
+            self._start_batch(tenant, sequences)
+        elif self._fits(sequences) and not self._waiting:
             self._vtime = self._start_tag(tenant)
             self._finish[tenant.name] = self._vtime + 1 / tenant.weight
             self._started(tenant.name, sequences)
@@ -100,7 +109,17 @@ class Admission:
         try:
             yield
         finally:
+            self.batch_running -= sequences if tenant.batch else 0
             self._finished(tenant.name, sequences)
+
+    def _start_batch(self, tenant: Tenant, sequences: int) -> None:
+        if (self._waiting or not self._fits(sequences)
+                or self.batch_running + sequences > max(self.limits.batch_max_running, sequences)):
+            self.rejected["batch_deferred"] += 1
+            raise errors.OverloadedError("batch work waits for free capacity", code="batch_deferred",
+                                         retry_after=self.limits.retry_after_s)
+        self.batch_running += sequences
+        self._started(tenant.name, sequences)
 
     def _fits(self, sequences: int) -> bool:
         return self.running + sequences <= self.limits.max_running or self.running == 0

@@ -18,6 +18,7 @@ from raylm.models import BUNDLED_PREFIX
 
 APP_NAME = "raylm"
 INGRESS_NAME = "ingress"
+BATCH_NAME = "batches"
 HEALTH_CHECK_TIMEOUT_MARGIN_S = 20.0
 INGRESS_MAX_ONGOING = 4096  # the ingress only forwards: the model replicas bound the work
 HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray's own marker of the head node
@@ -29,7 +30,7 @@ def deployment_name(model: ModelConfig) -> str:
     return "model-" + re.sub(r"[^A-Za-z0-9_.-]", "_", model.name)
 
 
-def _replica_env(model: ModelConfig) -> dict[str, str]:
+def replica_env(model: ModelConfig) -> dict[str, str]:
     env = dict(model.env)
     if model.source.startswith(BUNDLED_PREFIX):
         env.setdefault("HF_HUB_OFFLINE", "1")  # bundled weights are local: never reach for a hub
@@ -39,7 +40,6 @@ def _replica_env(model: ModelConfig) -> dict[str, str]:
     # The replica gives vLLM's loggers a handler itself (server.py).
     env.setdefault("VLLM_CONFIGURE_LOGGING", "0")
     return env
-
 
 
 def engine_args(model: ModelConfig) -> dict[str, Any]:
@@ -95,7 +95,7 @@ def serve_options(model: ModelConfig) -> dict[str, Any]:
     }
     where = placement(model)
     options["ray_actor_options"] = {"num_cpus": where.pop("num_cpus"), "num_gpus": where.pop("num_gpus"),
-                                    "runtime_env": {"env_vars": _replica_env(model)}}
+                                    "runtime_env": {"env_vars": replica_env(model)}}
     options.update(where)
     if model.routing == "prefix":  # every handle to this model (the ingress's) routes with it
         options["request_router_config"] = {"request_router_class": PREFIX_ROUTER}
@@ -119,6 +119,7 @@ def build_app(args: AppConfig | dict[str, Any] | None = None) -> Application:
     or the config tree itself.
     """
     from raylm.serve.access import load_access
+    from raylm.serve.batches import BatchDeployment
     from raylm.serve.ingress import IngressDeployment, IngressOptions
     from raylm.serve.server import ModelDeployment
 
@@ -133,12 +134,19 @@ def build_app(args: AppConfig | dict[str, Any] | None = None) -> Application:
             m.model_copy(update={"engine_args": engine_args(m)}), str(config.serve.cache_dir))
         for m in config.models}
     serve_config = config.serve
+    access = load_access(serve_config)
+    batch_dir = str(serve_config.batch_dir or serve_config.cache_dir / "batches")
+    # One runner, on the head node with the ingress: both read and write batch_dir there.
+    runner = BatchDeployment.options(
+        name=BATCH_NAME, num_replicas=1, ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}},
+    ).bind(config.models, batch_dir, dict(access.tenants), serve_config.batch_max_requests)
     return IngressDeployment.options(
         name=INGRESS_NAME, num_replicas=serve_config.ingress_replicas, max_ongoing_requests=INGRESS_MAX_ONGOING,
         ray_actor_options={"num_cpus": serve_config.ingress_num_cpus, "resources": {HEAD_NODE_RESOURCE: 0.001}},
-    ).bind(config.models, handles, load_access(serve_config),
+    ).bind(config.models, handles, access,
            IngressOptions(serve_config.host, serve_config.port, serve_config.cold_start_timeout_s,
-                          serve_config.max_request_bytes))
+                          serve_config.max_request_bytes, batch_dir, serve_config.batch_max_file_bytes,
+                          serve_config.batch_max_requests), runner)
 
 
 def serve_config_file(config: AppConfig) -> dict[str, Any]:

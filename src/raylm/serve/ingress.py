@@ -33,8 +33,9 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from raylm import errors
 from raylm.config import ModelConfig
 from raylm.engine.protocol import PATHS, TASK_ENDPOINTS, Endpoint
-from raylm.serve import http, status, stream
+from raylm.serve import batch_api, http, status, stream
 from raylm.serve.access import Access
+from raylm.serve.batch_store import Store
 from raylm.serve.builder import deployment_name
 from raylm.serve.http import Reply
 from raylm.serve.metrics import IngressMetrics
@@ -81,13 +82,18 @@ class IngressOptions:
     port: int
     cold_start_timeout_s: float
     max_request_bytes: int
+    batch_dir: str
+    batch_max_file_bytes: int
+    batch_max_requests: int
 
 
 class Ingress:
     async def __init__(self, models: tuple[ModelConfig, ...], handles: dict[str, Any], access: Access,
-                       options: IngressOptions) -> None:
+                       options: IngressOptions, batch_runner: Any) -> None:
         self.models = {m.name: m for m in models}
         self.handles = handles
+        self.batch_runner = batch_runner
+        self.batch_store = Store(Path(options.batch_dir))
         self.callers = {name: h.options(stream=True) for name, h in handles.items()}
         self.access = access
         self.options = options
@@ -269,6 +275,7 @@ def build_api(ingress: Ingress) -> FastAPI:
 
     for path, endpoint in ROUTES.items():
         api.add_api_route(path, _route(ingress, endpoint), methods=["POST"])
+    batch_api.add_routes(api, ingress)
 
     @api.get("/v1/models")
     async def list_models(request: Request) -> Response:

@@ -56,7 +56,7 @@ def sequences(body: dict) -> int:
 def _log_to_stderr(*names: str) -> None:
     """INFO and above of these loggers to the replica's stderr, which Serve writes to the replica's log
     file (the console too with -v): what vLLM's own logging setup did, off in replicas (see
-    builder._replica_env)."""
+    builder.replica_env)."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     for name in names:

@@ -1,0 +1,331 @@
+"""The OpenAI Batch API: a batch is a `raylm data` job whose stage sends each line to the served models.
+
+    POST /v1/batches ─► BatchRunner (one replica, on the head node, next to batch_dir)
+                          validating: the input file is the tenant's, its lines are counted
+                          in_progress: run_job(input.txt → out/), stage BatchRequests in a Ray Data actor:
+                              each line ─► the model's Serve handle, as the tenant's batch work (admission's
+                              lowest class: refused while others wait, retried here) ─► its answer
+                          finalizing: out/data → the output file, out/errors → the error file, by line
+                          completed | cancelled | expired (a line not run: `batch_cancelled`/`batch_expired`)
+
+Restart-safe as `raylm data` is: answers are written block by block, each file whole, and a restarted
+runner resumes every unfinished batch it finds in batch_dir, skipping the lines already answered, so each
+line is answered exactly once. A malformed line fails that line (in the error file), never the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from ray import serve
+
+from raylm import errors
+from raylm.config import ModelConfig
+from raylm.data import io
+from raylm.data.job import JobSpec, run_job
+from raylm.serve.admission import Tenant
+from raylm.serve.batch_store import TENANT, Store, new_id, page, public
+from raylm.serve.builder import HEAD_NODE_RESOURCE, deployment_name
+from raylm.serve.http import Reply
+
+logger = logging.getLogger("raylm.serve")
+
+ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/embeddings": "embeddings"}
+WINDOW_S = {"24h": 24 * 3600}
+LINE = "line"  # the input's column: each line as text, parsed by the stage (a bad line fails alone)
+INPUT = "input.txt"  # the input file's lines (.txt: raylm data reads each line as the text column)
+LINES_PER_BLOCK = 16  # answers are saved (and a restart resumes) this many lines at a time
+DEFERRED_RETRY_S = 0.2
+FINAL = ("completed", "failed", "expired", "cancelled")
+
+
+class BatchRequests:
+    """Ray Data stage: input lines → `custom_id`, `status_code`, `response` (the body, JSON text), `request_id`,
+    `error`.
+
+    Serve's handles here run their router in the caller's event loop: the stage keeps one loop in a thread
+    and sends `in_flight` lines at a time through it: as many as admission lets run, so few are refused."""
+
+    def __init__(self, app_name: str, deployments: dict[str, str], endpoint: str, tenant: Tenant,
+                 folder: str, expires_at: float, in_flight: int) -> None:
+        self.endpoint, self.tenant, self.folder, self.expires_at = endpoint, tenant, Path(folder), expires_at
+        self.in_flight = in_flight
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="batch-requests", daemon=True).start()
+
+        async def handles() -> dict[str, Any]:
+            return {model: serve.get_deployment_handle(name, app_name).options(stream=True)
+                    for model, name in deployments.items()}
+        self.handles = asyncio.run_coroutine_threadsafe(handles(), self.loop).result()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        lines = batch[LINE].to_pylist() if LINE in batch.column_names else [None] * len(batch)
+        answers = asyncio.run_coroutine_threadsafe(self._answers(lines), self.loop).result()
+        for name in ("custom_id", "status_code", "response", "request_id", io.ERROR):
+            kind = pa.int32() if name == "status_code" else pa.string()
+            column = pa.array([a.get(name) for a in answers], kind)
+            batch = batch.drop_columns([name]) if name in batch.column_names else batch
+            batch = batch.append_column(name, column)
+        return batch
+
+    async def _answers(self, lines: list[str | None]) -> list[dict[str, Any]]:
+        gate = asyncio.Semaphore(self.in_flight)
+
+        async def one(line: str | None) -> dict[str, Any]:
+            async with gate:
+                return await self._answer(line)
+        return await asyncio.gather(*(one(line) for line in lines))
+
+    async def _answer(self, line: str | None) -> dict[str, Any]:
+        try:
+            request = json.loads(line or "")
+        except ValueError as exc:
+            return _line_error("invalid_json", f"line is not JSON: {exc}")
+        if not isinstance(request, dict):
+            return _line_error("invalid_request", "a line must be a JSON object")
+        custom_id = request.get("custom_id")
+        problem = _check_line(request, self.endpoint)
+        if problem:
+            return _line_error("invalid_request", problem, custom_id)
+        body = {k: v for k, v in request["body"].items() if k not in ("stream", "stream_options")}
+        handle = self.handles.get(body.get("model"))
+        if handle is None:
+            err = errors.NotFoundError(f"The model `{body.get('model')}` does not exist", param="model",
+                                       code="model_not_found")
+            return {"custom_id": custom_id, "status_code": err.status, "response": json.dumps(err.body()),
+                    io.ERROR: err.message}
+        rid = new_id("req_")
+        reply = await self._send(handle, body, custom_id, rid)
+        if isinstance(reply, dict):
+            return reply
+        answer = {"custom_id": custom_id, "status_code": reply.status, "response": reply.body.decode(),
+                  "request_id": rid}
+        if reply.status != 200:
+            answer[io.ERROR] = json.loads(reply.body)["error"]["message"]
+        return answer
+
+    async def _send(self, handle: Any, body: dict, custom_id: str, rid: str) -> Reply | dict[str, Any]:
+        """The line's answer; refusals for capacity (batch work waits for free slots) are tried again."""
+        while True:
+            stop = self._stopped(custom_id)
+            if stop:
+                return stop
+            try:
+                replies = handle.reply.remote(ENDPOINTS[self.endpoint], body, rid, self.tenant)
+                reply = await replies.__anext__()
+                async for _ in replies:  # a Reply is the call's one item: this only ends the call
+                    pass
+            except Exception as exc:  # the replica died or Serve refused: the line did not run; try again
+                logger.info("batch line %s: %r; trying again", custom_id, exc)
+                await asyncio.sleep(1.0)
+                continue
+            if reply.status not in (429, 503):
+                return reply
+            code = json.loads(reply.body)["error"].get("code")
+            await asyncio.sleep(DEFERRED_RETRY_S if code == "batch_deferred"
+                                else min(5.0, float(reply.headers.get("Retry-After", 1))))
+
+    def _stopped(self, custom_id: str) -> dict[str, Any] | None:
+        if (self.folder / "cancel").exists():
+            return _line_error("batch_cancelled", "the batch was cancelled before this request ran", custom_id)
+        if time.time() > self.expires_at:
+            return _line_error("batch_expired", "the batch expired before this request ran", custom_id)
+        return None
+
+
+def _check_line(request: dict, endpoint: str) -> str | None:
+    if not isinstance(request.get("custom_id"), str):
+        return "custom_id must be a string"
+    if request.get("method") != "POST":
+        return "method must be POST"
+    if request.get("url") != endpoint:
+        return f"url must be the batch's endpoint, {endpoint}"
+    if not isinstance(request.get("body"), dict):
+        return "body must be a JSON object"
+    return None
+
+
+def _line_error(code: str, message: str, custom_id: Any = None) -> dict[str, Any]:
+    """A line that was not run: in the error file with `error` set and no response, as OpenAI writes it."""
+    return {"custom_id": custom_id if isinstance(custom_id, str) else None,
+            io.ERROR: json.dumps({"code": code, "message": message})}
+
+
+class BatchRunner:
+    """Creates, runs, cancels and resumes batches; the ingress forwards the Batch API's writes here."""
+
+    async def __init__(self, models: tuple[ModelConfig, ...], batch_dir: str, tenants: dict[str, Tenant],
+                       max_requests: int) -> None:
+        self.store = Store(Path(batch_dir))
+        self.models = {m.name: m for m in models}
+        self.tenants = tenants
+        self.max_requests = max_requests
+        self.app_name = serve.get_replica_context().app_name
+        self.tasks: dict[str, asyncio.Task] = {}
+        for record in self.store.batches():
+            if record["status"] not in FINAL:  # the service stopped while it ran: finish it
+                logger.info("resuming batch %s (%s)", record["id"], record["status"])
+                self._start(record)
+
+    async def create(self, tenant: str, body: dict) -> dict[str, Any]:
+        endpoint, window = body.get("endpoint"), body.get("completion_window", "24h")
+        if endpoint not in ENDPOINTS:
+            raise errors.InvalidRequestError(f"endpoint must be one of {', '.join(ENDPOINTS)}", param="endpoint")
+        if window not in WINDOW_S:
+            raise errors.InvalidRequestError("completion_window must be 24h", param="completion_window")
+        metadata = body.get("metadata")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise errors.InvalidRequestError("metadata must be an object", param="metadata")
+        file = self.store.file(tenant, str(body.get("input_file_id")))
+        if file["purpose"] != "batch":
+            raise errors.InvalidRequestError(f"file {file['id']} has purpose {file['purpose']}, not batch",
+                                             param="input_file_id")
+        lines = sum(1 for line in self.store.file_path(tenant, file["id"]).read_bytes().splitlines() if line.strip())
+        if lines > self.max_requests:
+            raise errors.InvalidRequestError(f"the input file has {lines} requests; a batch takes at most "
+                                             f"{self.max_requests}", param="input_file_id", code="too_many_requests")
+        if lines == 0:
+            raise errors.InvalidRequestError("the input file holds no requests", param="input_file_id")
+        now = int(time.time())
+        record = {"id": new_id("batch_"), "object": "batch", "endpoint": endpoint, "errors": None,
+                  "input_file_id": file["id"], "completion_window": window, "status": "validating",
+                  "output_file_id": None, "error_file_id": None, "created_at": now, "in_progress_at": None,
+                  "expires_at": now + WINDOW_S[window], "finalizing_at": None, "completed_at": None,
+                  "failed_at": None, "expired_at": None, "cancelling_at": None, "cancelled_at": None,
+                  "request_counts": {"total": lines, "completed": 0, "failed": 0}, "metadata": metadata,
+                  TENANT: tenant}
+        folder = self.store.batch_dir(record["id"])
+        folder.mkdir()
+        # The batch keeps its input even if the file is deleted; blank lines are not requests.
+        (folder / INPUT).write_bytes(b"\n".join(
+            line for line in self.store.file_path(tenant, file["id"]).read_bytes().splitlines() if line.strip()))
+        self.store.save_batch(record)
+        self._start(record)
+        return public(record)
+
+    async def retrieve(self, tenant: str, batch_id: str) -> dict[str, Any]:
+        return public(self._current(self.store.batch(tenant, batch_id)))
+
+    async def list_batches(self, tenant: str, limit: int, after: str | None) -> dict[str, Any]:
+        return page([self._current(r) for r in self.store.batches(tenant)], limit, after)
+
+    def _current(self, record: dict[str, Any]) -> dict[str, Any]:
+        """A running batch's counts are its answers written so far."""
+        if record["status"] in ("in_progress", "cancelling"):
+            return {**record, "request_counts": self._counts(record)}
+        return record
+
+    async def cancel(self, tenant: str, batch_id: str) -> dict[str, Any]:
+        record = self.store.batch(tenant, batch_id)
+        if record["status"] in FINAL or record["status"] == "cancelling":
+            if record["status"] in ("completed", "failed", "expired"):
+                raise errors.InvalidRequestError(f"batch {batch_id} is {record['status']}; it cannot be cancelled",
+                                                 param="batch_id", code="batch_not_cancellable")
+            return public(record)
+        (self.store.batch_dir(batch_id) / "cancel").touch()
+        record.update(status="cancelling", cancelling_at=int(time.time()))
+        self.store.save_batch(record)
+        return public(record)
+
+    def _start(self, record: dict[str, Any]) -> None:
+        self.tasks[record["id"]] = asyncio.get_running_loop().create_task(self._run(record["id"], record[TENANT]))
+
+    async def _run(self, batch_id: str, tenant: str) -> None:
+        try:
+            await asyncio.to_thread(self._execute, batch_id, tenant)
+        except Exception as exc:
+            logger.exception("batch %s failed", batch_id)
+            record = self.store.batch(tenant, batch_id)
+            record.update(status="failed", failed_at=int(time.time()), errors={"object": "list", "data": [
+                {"code": "batch_failed", "message": f"the batch could not run: {type(exc).__name__}",
+                 "param": None, "line": None}]})
+            self.store.save_batch(record)
+
+    def _execute(self, batch_id: str, tenant: str) -> None:
+        record = self.store.batch(tenant, batch_id)
+        folder = self.store.batch_dir(batch_id)
+        if record["status"] == "validating":
+            record.update(status="in_progress", in_progress_at=int(time.time()))
+            self.store.save_batch(record)
+        if record["status"] in ("in_progress", "cancelling"):
+            who = self.tenants.get(tenant) or Tenant(tenant)
+            spec = JobSpec("batch", str(folder / INPUT), str(folder / "out"), LINE, "jsonl",
+                           {"batch": batch_id})
+            deployments = {name: deployment_name(m) for name, m in self.models.items()}
+            stage = {"app_name": self.app_name, "deployments": deployments, "endpoint": record["endpoint"],
+                     "tenant": Tenant(who.name, who.weight, who.priority, batch=True), "folder": str(folder),
+                     "expires_at": record["expires_at"],
+                     "in_flight": max(_batch_slots(m) for m in self.models.values())}
+            # Reading, the stage and writing stay on this node, next to batch_dir; the stage only waits on
+            # the models, so nothing reserves a CPU the engines need.
+            run_job(spec, BatchRequests, stage, num_cpus=0.0, read_num_cpus=0.0, batch_size=LINES_PER_BLOCK,
+                    rows_per_block=LINES_PER_BLOCK, ray_remote_args={"resources": {HEAD_NODE_RESOURCE: 0.001}})
+            record = self.store.batch(tenant, batch_id)
+            if record["status"] != "cancelling":
+                record.update(status="finalizing", finalizing_at=int(time.time()))
+                self.store.save_batch(record)
+        self._finalize(record, folder)
+
+    def _finalize(self, record: dict[str, Any], folder: Path) -> None:
+        """out/ → the output and error files, in input order; then the final status."""
+        answered, failed = _rows(folder / "out" / "data"), _rows(folder / "out" / "errors")
+        tenant = record[TENANT]
+        output = b"".join(_output_line(r) for r in answered)
+        error = b"".join(_output_line(r) for r in failed)
+        if output and not record["output_file_id"]:
+            record["output_file_id"] = self.store.create_file(tenant, f"{record['id']}_output.jsonl", "batch_output",
+                                                              output)["id"]
+        if error and not record["error_file_id"]:
+            record["error_file_id"] = self.store.create_file(tenant, f"{record['id']}_error.jsonl", "batch_output",
+                                                             error)["id"]
+        codes = {json.loads(r[io.ERROR]).get("code") for r in failed if r.get("status_code") is None}
+        status = ("cancelled" if record["status"] == "cancelling" or "batch_cancelled" in codes
+                  else "expired" if "batch_expired" in codes else "completed")
+        now = int(time.time())
+        record.update(status=status, **{f"{status}_at": now},
+                      request_counts={"total": record["request_counts"]["total"],
+                                      "completed": sum(r.get("status_code") == 200 for r in answered),
+                                      "failed": len(failed)})
+        self.store.save_batch(record)
+
+    def _counts(self, record: dict[str, Any]) -> dict[str, int]:
+        out = self.store.batch_dir(record["id"]) / "out"
+        done = {sub: sum(p.read_bytes().count(b"\n") for p in (out / sub).glob("*.jsonl")) for sub in ("data", "errors")}
+        return {"total": record["request_counts"]["total"], "completed": done["data"], "failed": done["errors"]}
+
+    async def check_health(self) -> None:
+        for batch_id, task in list(self.tasks.items()):
+            if task.done():
+                del self.tasks[batch_id]
+
+
+def _batch_slots(model: ModelConfig) -> int:
+    """Batch sequences a model's replicas run at once, at most."""
+    replicas = model.autoscaling.max_replicas if model.autoscaling else model.replicas
+    return model.admission.batch_max_running * replicas
+
+
+def _rows(folder: Path) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for p in folder.glob("*.jsonl") for line in p.read_text().splitlines() if line]
+    return sorted(rows, key=lambda r: r["_row"])
+
+
+def _output_line(row: dict[str, Any]) -> bytes:
+    """One line of an output or error file, in OpenAI's shape."""
+    response = None
+    if row.get("status_code") is not None:
+        response = {"status_code": row["status_code"], "request_id": row.get("request_id"),
+                    "body": json.loads(row["response"])}
+    error = json.loads(row[io.ERROR]) if response is None else None
+    return (json.dumps({"id": new_id("batch_req_"), "custom_id": row.get("custom_id"), "response": response,
+                        "error": error}) + "\n").encode()
+
+
+BatchDeployment = serve.deployment(BatchRunner)

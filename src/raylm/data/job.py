@@ -133,15 +133,12 @@ class SplitSink(Datasink):
                 self.counts[key] += value
 
 
-def plan_blocks(files: list[str], text_column: str, rows_per_block: int) -> list[dict[str, Any]]:
-    """Row ranges of the input files, one Ray Data block each: every stage actor gets work, output is
-    written (and a resume picks up) block by block, and a block's rows are read where it runs."""
-    ranges = []
-    for path in files:
-        rows = io.count_rows(path, text_column)
-        ranges += [{"path": path, "lo": lo, "hi": min(rows, lo + rows_per_block)}
-                   for lo in range(0, rows, rows_per_block)]
-    return ranges
+def plan_blocks(rows: dict[str, int], rows_per_block: int) -> list[dict[str, Any]]:
+    """Row ranges of the input files (`rows`: each file's row count), one Ray Data block each: every stage
+    actor gets work, output is written (and a resume picks up) block by block, and a block's rows are read
+    where it runs."""
+    return [{"path": path, "lo": lo, "hi": min(n, lo + rows_per_block)}
+            for path, n in rows.items() for lo in range(0, n, rows_per_block)]
 
 
 def _reader(text_column: str, done: dict[str, list[int]]) -> Callable[[dict], pa.Table]:
@@ -171,10 +168,10 @@ def run_job(spec: JobSpec, stage_cls: type, stage_kwargs: dict[str, Any], *, con
     done = done_rows(out)
     skipped = sum(len(r) for r in done.values())
     start = time.perf_counter()
+    rows = {f: io.count_rows(f, spec.text_column) for f in files}
     if rows_per_block is None:
-        total = sum(io.count_rows(f, spec.text_column) for f in files)
-        rows_per_block = min(max(batch_size, -(-total // (4 * concurrency))), 16 * batch_size)
-    blocks = plan_blocks(files, spec.text_column, rows_per_block)
+        rows_per_block = min(max(batch_size, -(-sum(rows.values()) // (4 * concurrency))), 16 * batch_size)
+    blocks = plan_blocks(rows, rows_per_block)
     ds = ray.data.from_items(blocks or [{"path": files[0], "lo": 0, "hi": 0}], override_num_blocks=max(1, len(blocks)))
     everywhere = dict(ray_remote_args or {})
     # The reads stay their own tasks (max_retries differs from the stage's arguments, so Ray Data does not

@@ -9,7 +9,8 @@ Each route resolves the caller's tenant from the API key first; a tenant sees on
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,7 +21,7 @@ from starlette.formparsers import MultiPartException
 
 from raylm import errors
 from raylm.serve import http
-from raylm.serve.batch_store import Store, page, public
+from raylm.serve.batch_store import Store, page, public, request_lines
 
 MAX_PAGE = 100
 
@@ -33,11 +34,14 @@ def add_routes(api: FastAPI, ingress: Any) -> None:
     def runner() -> Any:
         return ingress.batch_runner
 
-    async def answer(request: Request, work: Callable[[str], Awaitable[Any]]) -> Response:
+    async def answer(request: Request, work: Callable[[str], Any]) -> Response:
+        """`work(tenant)`'s result (awaited if it must be) as JSON, or its error as OpenAI's."""
         rid = http.request_id(request)
         try:
             tenant = ingress.access.tenant(request.headers).name
-            result = await work(tenant)
+            result = work(tenant)
+            if inspect.isawaitable(result):
+                result = await result
         except Exception as exc:
             cause = exc.cause if isinstance(exc, RayTaskError) else exc
             return http.json_response(http.error_reply(cause, rid), rid)
@@ -51,7 +55,7 @@ def add_routes(api: FastAPI, ingress: Any) -> None:
             content, filename, purpose = await _upload(request, ingress.options.batch_max_file_bytes)
             if purpose != "batch":
                 raise errors.InvalidRequestError("purpose must be batch", param="purpose", code="invalid_purpose")
-            lines = sum(1 for line in content.splitlines() if line.strip())
+            lines = len(request_lines(content))
             if lines > ingress.options.batch_max_requests:
                 raise errors.InvalidRequestError(
                     f"the file has {lines} lines; a batch file holds at most {ingress.options.batch_max_requests}",
@@ -62,15 +66,15 @@ def add_routes(api: FastAPI, ingress: Any) -> None:
     @api.get("/v1/files")
     async def list_files(request: Request, purpose: str | None = None, limit: int = 20,
                          after: str | None = None) -> Response:
-        return await answer(request, lambda tenant: _now(page(store().files(tenant, purpose), _limit(limit), after)))
+        return await answer(request, lambda tenant: page(store().files(tenant, purpose), _limit(limit), after))
 
     @api.get("/v1/files/{file_id}")
     async def retrieve_file(request: Request, file_id: str) -> Response:
-        return await answer(request, lambda tenant: _now(public(store().file(tenant, file_id))))
+        return await answer(request, lambda tenant: public(store().file(tenant, file_id)))
 
     @api.delete("/v1/files/{file_id}")
     async def delete_file(request: Request, file_id: str) -> Response:
-        return await answer(request, lambda tenant: _now(store().delete_file(tenant, file_id)))
+        return await answer(request, lambda tenant: store().delete_file(tenant, file_id))
 
     @api.get("/v1/files/{file_id}/content")
     async def file_content(request: Request, file_id: str) -> Response:
@@ -96,10 +100,6 @@ def add_routes(api: FastAPI, ingress: Any) -> None:
     @api.post("/v1/batches/{batch_id}/cancel")
     async def cancel_batch(request: Request, batch_id: str) -> Response:
         return await answer(request, lambda tenant: runner().cancel.remote(tenant, batch_id))
-
-
-async def _now(value: Any) -> Any:
-    return value
 
 
 def _limit(limit: int) -> int:

@@ -24,17 +24,26 @@ from typing import Any
 from raylm import errors
 
 TENANT = "_tenant"  # raylm's own key in a record; never sent to a client
-FILE_PURPOSES = ("batch", "batch_output")
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:24]}"
 
 
-def write_json(path: Path, record: dict[str, Any]) -> None:
+def write_whole(path: Path, data: bytes) -> None:
+    """Written to a temporary name, then renamed: a reader sees all of it or none."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record))
+    tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, record: dict[str, Any]) -> None:
+    write_whole(path, json.dumps(record).encode())
+
+
+def request_lines(content: bytes) -> list[bytes]:
+    """A batch file's requests: its lines, blank ones left out."""
+    return [line for line in content.splitlines() if line.strip()]
 
 
 def public(record: dict[str, Any]) -> dict[str, Any]:
@@ -65,10 +74,7 @@ class Store:
         record = {"id": new_id("file-"), "object": "file", "bytes": len(content), "created_at": int(time.time()),
                   "expires_at": None, "filename": filename, "purpose": purpose, "status": "processed",
                   "status_details": None, TENANT: tenant}
-        data = self.files_dir / record["id"]
-        tmp = data.with_name(f".{data.name}.tmp")
-        tmp.write_bytes(content)
-        os.replace(tmp, data)
+        write_whole(self.files_dir / record["id"], content)
         write_json(self.files_dir / f"{record['id']}.json", record)
         return record
 

@@ -31,7 +31,7 @@ from raylm.config import ModelConfig
 from raylm.data import io
 from raylm.data.job import JobSpec, run_job
 from raylm.serve.admission import Tenant
-from raylm.serve.batch_store import TENANT, Store, new_id, page, public
+from raylm.serve.batch_store import TENANT, Store, new_id, page, public, request_lines
 from raylm.serve.builder import HEAD_NODE_RESOURCE, deployment_name
 from raylm.serve.http import Reply
 
@@ -187,7 +187,8 @@ class BatchRunner:
         if file["purpose"] != "batch":
             raise errors.InvalidRequestError(f"file {file['id']} has purpose {file['purpose']}, not batch",
                                              param="input_file_id")
-        lines = sum(1 for line in self.store.file_path(tenant, file["id"]).read_bytes().splitlines() if line.strip())
+        requests = request_lines(self.store.file_path(tenant, file["id"]).read_bytes())
+        lines = len(requests)
         if lines > self.max_requests:
             raise errors.InvalidRequestError(f"the input file has {lines} requests; a batch takes at most "
                                              f"{self.max_requests}", param="input_file_id", code="too_many_requests")
@@ -203,9 +204,7 @@ class BatchRunner:
                   TENANT: tenant}
         folder = self.store.batch_dir(record["id"])
         folder.mkdir()
-        # The batch keeps its input even if the file is deleted; blank lines are not requests.
-        (folder / INPUT).write_bytes(b"\n".join(
-            line for line in self.store.file_path(tenant, file["id"]).read_bytes().splitlines() if line.strip()))
+        (folder / INPUT).write_bytes(b"\n".join(requests))  # kept even if the file is deleted
         self.store.save_batch(record)
         self._start(record)
         return public(record)
@@ -224,10 +223,10 @@ class BatchRunner:
 
     async def cancel(self, tenant: str, batch_id: str) -> dict[str, Any]:
         record = self.store.batch(tenant, batch_id)
-        if record["status"] in FINAL or record["status"] == "cancelling":
-            if record["status"] in ("completed", "failed", "expired"):
-                raise errors.InvalidRequestError(f"batch {batch_id} is {record['status']}; it cannot be cancelled",
-                                                 param="batch_id", code="batch_not_cancellable")
+        if record["status"] in ("completed", "failed", "expired"):
+            raise errors.InvalidRequestError(f"batch {batch_id} is {record['status']}; it cannot be cancelled",
+                                             param="batch_id", code="batch_not_cancellable")
+        if record["status"] in ("cancelling", "cancelled"):
             return public(record)
         (self.store.batch_dir(batch_id) / "cancel").touch()
         record.update(status="cancelling", cancelling_at=int(time.time()))
@@ -235,7 +234,9 @@ class BatchRunner:
         return public(record)
 
     def _start(self, record: dict[str, Any]) -> None:
-        self.tasks[record["id"]] = asyncio.get_running_loop().create_task(self._run(record["id"], record[TENANT]))
+        task = asyncio.get_running_loop().create_task(self._run(record["id"], record[TENANT]))
+        self.tasks[record["id"]] = task  # held until done: the loop keeps only a weak reference
+        task.add_done_callback(lambda _: self.tasks.pop(record["id"], None))
 
     async def _run(self, batch_id: str, tenant: str) -> None:
         try:
@@ -299,11 +300,6 @@ class BatchRunner:
         out = self.store.batch_dir(record["id"]) / "out"
         done = {sub: sum(p.read_bytes().count(b"\n") for p in (out / sub).glob("*.jsonl")) for sub in ("data", "errors")}
         return {"total": record["request_counts"]["total"], "completed": done["data"], "failed": done["errors"]}
-
-    async def check_health(self) -> None:
-        for batch_id, task in list(self.tasks.items()):
-            if task.done():
-                del self.tasks[batch_id]
 
 
 def _batch_slots(model: ModelConfig) -> int:

@@ -58,10 +58,11 @@ def gpu_plan(model: ModelConfig, folder: str, weight_bytes: int) -> str | None:
         return None
     import json
 
-    args = model.engine_args
-    world = int(args.get("tensor_parallel_size", 1)) * int(args.get("pipeline_parallel_size", 1))
+    from raylm.serve.builder import world_size
+
+    world = world_size(model)
     per_token = kv_bytes_per_token(json.loads(config_file.read_text())) / world
-    budget = float(args.get("gpu_memory_utilization", 0.9))
+    budget = float(model.engine_args.get("gpu_memory_utilization", 0.9))
     return (f"{model.name}: per GPU ({world} per replica) weights {weight_bytes / world / GiB:.1f} GiB, KV cache "
             f"{per_token / 1024:.0f} KiB per token; vLLM takes {budget:.0%} of each GPU and gives the KV cache "
             f"what weights and activations leave")

@@ -40,6 +40,10 @@ class AdmissionConfig(_Frozen):
         4, ge=1, description="Sequences of Batch API work one replica runs at once. Batch work is the lowest "
                              "class: it starts only while no other request waits and never queues, so "
                              "interactive requests keep their latency (measured in docs/batch.md).")
+    batch_quiet_s: float = Field(
+        1.0, ge=0, description="Batch API work starts on a replica only once no interactive request has run "
+                               "there for this many seconds (what it already runs finishes). 0: it starts "
+                               "whenever slots are free, beside interactive requests, at their latency's cost.")
 
 
 class AutoscalingConfig(_Frozen):

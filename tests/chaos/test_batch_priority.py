@@ -1,8 +1,8 @@
 """Batch API work runs below interactive traffic: interactive TTFT p99 while a batch runs, against alone.
 
 SmolLM2 with its defaults (the model interactive users chat with), one replica. Interactive traffic: one
-user at a time, streaming chat answers of 16 tokens. Measured alone, then while a batch of completions
-keeps the replica busy.
+user at a time, streaming chat answers of 16 tokens. Measured alone, then once a batch of completions keeps
+the replica busy: batch work yields (admission.batch_quiet_s), and goes on when the user stops.
 """
 
 import asyncio
@@ -16,7 +16,7 @@ from helpers import free_port
 from raylm.bench.load import percentile, send
 from raylm.config import AppConfig, default_models
 
-ROUNDS, BATCH_LINES = 40, 400
+ROUNDS, BATCH_LINES = 100, 400  # 100 rounds: p99 is not just the slowest one
 
 
 async def _interactive(url: str, rounds: int) -> list[float]:
@@ -59,7 +59,11 @@ def test_interactive_latency_holds_while_a_batch_runs(tmp_path):
         during = asyncio.run(_interactive(svc.url, ROUNDS))
         counts = client.batches.retrieve(batch.id).request_counts
         elapsed = time.monotonic() - started
-        assert counts.completed < BATCH_LINES, "the batch ended before the interactive traffic did"
+        deadline = time.monotonic() + 60
+        while client.batches.retrieve(batch.id).request_counts.completed <= counts.completed:
+            assert time.monotonic() < deadline, "the batch did not go on after the interactive traffic stopped"
+            time.sleep(0.5)
+        assert client.batches.retrieve(batch.id).request_counts.completed < BATCH_LINES
         client.batches.cancel(batch.id)
     finally:
         svc.stop()
@@ -70,8 +74,6 @@ def test_interactive_latency_holds_while_a_batch_runs(tmp_path):
           f"(ratio {p99_during / p99_alone:.2f}); batch {batch_rate:.2f} lines/s "
           f"({batch_rate * 64:.0f} tok/s) meanwhile; slowest during: "
           f"{', '.join(f'{t * 1e3:.0f}' for t in sorted(during)[-4:])} ms", flush=True)
-    assert counts.completed > first, "the batch made no progress beside interactive traffic"
-    # Issue 15 asks for <= 1.5x. On 2 cores this measured 2.5-2.8x (the median itself rises ~1.5x: every
-    # process beside the engine takes a core from its OpenMP threads); before the worker-pool fix
-    # (runner.LOCAL_RAY_CONFIG) 7-11x. The bound guards against that regression.
-    assert p99_during <= 4 * p99_alone
+    # Issue 15: <= 1.5x. Before batch_quiet_s, with batch work beside the user: 2.5-2.8x (one batch sequence
+    # beside it alone doubled the p99 on 2 cores); before the worker-pool fix (runner.LOCAL_RAY_CONFIG) 7-11x.
+    assert p99_during <= 1.5 * p99_alone

@@ -216,7 +216,8 @@ def test_a_request_that_would_wait_too_long_is_refused_at_once_with_that_wait():
 
 def test_batch_work_is_capped_never_queues_and_never_delays_a_waiter():
     async def main():
-        admission = Admission(AdmissionConfig(max_running=3, max_queued=4, burst=0, batch_max_running=2))
+        admission = Admission(AdmissionConfig(max_running=3, max_queued=4, burst=0, batch_max_running=2,
+                                              batch_quiet_s=0))
         batch, order, hold = Tenant("a", batch=True), [], asyncio.Event()
         tasks = [asyncio.create_task(_run(admission, batch, order, hold)) for _ in range(2)]
         await _settle()
@@ -242,3 +243,30 @@ def test_batch_work_is_capped_never_queues_and_never_delays_a_waiter():
 
     order, deferred = asyncio.run(main())
     assert order == ["a", "a", "light", "light", "a"] and deferred == 1
+
+
+def test_batch_work_waits_while_interactive_requests_run_and_for_a_quiet_spell_after():
+    async def main():
+        now = [0.0]
+        admission = Admission(AdmissionConfig(max_running=4, batch_quiet_s=1.0), clock=lambda: now[0])
+        hold, order = asyncio.Event(), []
+
+        async def batch_starts() -> bool:
+            try:
+                async with admission.slot(Tenant("a", batch=True), 1):
+                    return True
+            except errors.OverloadedError:
+                return False
+
+        first = await batch_starts()  # nothing interactive yet: at once
+        chat = asyncio.create_task(_run(admission, LIGHT, order, hold))
+        await _settle()
+        beside = await batch_starts()  # slots are free, but an interactive request runs
+        hold.set()
+        await chat
+        now[0] += 0.5
+        soon_after = await batch_starts()
+        now[0] += 0.6
+        return first, beside, soon_after, await batch_starts(), admission.rejected["batch_deferred"]
+
+    assert asyncio.run(main()) == (True, False, False, True, 2)

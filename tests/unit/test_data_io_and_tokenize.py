@@ -66,3 +66,22 @@ def test_tokenize_stage_chunks_and_keeps_failed_rows(tiny_model):
     assert all(len(w) <= 2 for w in windows) and sum(len(w) for w in windows) > 2
     assert [r["chunk"] for r in out if r["error"] is None] == list(range(len(windows)))
     assert sum(1 for r in out if r["error"]) == 1
+
+
+def test_an_engine_stage_runs_every_batch_on_the_thread_that_made_its_engine(monkeypatch):
+    """OpenMP keeps a thread team per calling thread: the engine must run where vLLM bound its team."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from raylm.data import llm_stages
+
+    monkeypatch.setattr(llm_stages, "_make_llm", lambda *a, **k: threading.get_ident())
+
+    class Stage(llm_stages._EngineStage):
+        def map(self, batch):
+            return threading.get_ident()
+
+    stage = Stage("model", {})
+    with ThreadPoolExecutor(1) as caller:  # as Ray Data calls a stage: from a thread of its own
+        ran_on = caller.submit(stage, pa.table({"text": ["a"]})).result()
+    assert ran_on == stage.llm != threading.get_ident()

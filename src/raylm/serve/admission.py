@@ -17,10 +17,11 @@ the start tag of the request that started last. A flooding tenant's requests get
 light tenant's request lands at the front and waits only for a free slot. Tags are forgotten whenever the
 queue drains: fairness is about contention now, not about yesterday's traffic.
 
-Batch API work is a class below every priority: it starts only when its sequences fit, nobody waits and
-fewer than `batch_max_running` batch sequences run, and otherwise is refused at once (it never queues, so it
-never delays a waiter); the batch runner retries it later. Few batch sequences in the engine's steps leave
-interactive requests their latency.
+Batch API work is a class below every priority: it starts only when its sequences fit, nobody waits,
+fewer than `batch_max_running` batch sequences run and no interactive request has run for `batch_quiet_s`,
+and otherwise is refused at once (it never queues, so it never delays a waiter); the batch runner retries it
+later. On a CPU every sequence beside an interactive one lengthens the engine's steps (one batch sequence
+doubled the interactive TTFT p99 on 2 cores), so batch work fills the pauses between interactive requests.
 
 Fair order alone still makes a light tenant wait for the next slot to free up, about a request's length
 divided by the batch size. The extra slots let it start at once: the engine's batch has room for them
@@ -79,6 +80,7 @@ class Admission:
         self._clock = clock
         self._finished_at: deque[tuple[float, int]] = deque(maxlen=RATE_WINDOW)  # (time, sequences)
         self.batch_running = 0  # sequences of Batch API work
+        self._batch_from = float("-inf")  # batch work may start from this time on (quiet after interactive)
 
     @property
     def running(self) -> int:
@@ -109,11 +111,16 @@ class Admission:
         try:
             yield
         finally:
-            self.batch_running -= sequences if tenant.batch else 0
+            if tenant.batch:
+                self.batch_running -= sequences
+            else:
+                self._batch_from = self._clock() + self.limits.batch_quiet_s
             self._finished(tenant.name, sequences)
 
     def _start_batch(self, tenant: Tenant, sequences: int) -> None:
-        if (self._waiting or not self._fits(sequences)
+        interactive = self.limits.batch_quiet_s > 0 and (
+            self.running > self.batch_running or self._clock() < self._batch_from)
+        if (self._waiting or interactive or not self._fits(sequences)
                 or self.batch_running + sequences > max(self.limits.batch_max_running, sequences)):
             self.rejected["batch_deferred"] += 1
             raise errors.OverloadedError("batch work waits for free capacity", code="batch_deferred",

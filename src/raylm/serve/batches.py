@@ -42,7 +42,7 @@ WINDOW_S = {"24h": 24 * 3600}
 LINE = "line"  # the input's column: each line as text, parsed by the stage (a bad line fails alone)
 INPUT = "input.txt"  # the input file's lines (.txt: raylm data reads each line as the text column)
 LINES_PER_BLOCK = 16  # answers are saved (and a restart resumes) this many lines at a time
-DEFERRED_RETRY_S = 0.2
+DEFERRED_RETRY_S = (0.2, 2.0)  # a deferred line is tried again after 0.2 s, doubling up to 2 s
 FINAL = ("completed", "failed", "expired", "cancelled")
 
 
@@ -112,7 +112,9 @@ class BatchRequests:
         return answer
 
     async def _send(self, handle: Any, body: dict, custom_id: str, rid: str) -> Reply | dict[str, Any]:
-        """The line's answer; refusals for capacity (batch work waits for free slots) are tried again."""
+        """The line's answer; refusals for capacity (batch work waits for free slots) are tried again. While
+        interactive traffic keeps a replica busy, deferred lines back off: their retries are work too."""
+        deferred = DEFERRED_RETRY_S[0]
         while True:
             stop = self._stopped(custom_id)
             if stop:
@@ -128,9 +130,11 @@ class BatchRequests:
                 continue
             if reply.status not in (429, 503):
                 return reply
-            code = json.loads(reply.body)["error"].get("code")
-            await asyncio.sleep(DEFERRED_RETRY_S if code == "batch_deferred"
-                                else min(5.0, float(reply.headers.get("Retry-After", 1))))
+            if json.loads(reply.body)["error"].get("code") == "batch_deferred":
+                await asyncio.sleep(deferred)
+                deferred = min(2 * deferred, DEFERRED_RETRY_S[1])
+            else:
+                await asyncio.sleep(min(5.0, float(reply.headers.get("Retry-After", 1))))
 
     def _stopped(self, custom_id: str) -> dict[str, Any] | None:
         if (self.folder / "cancel").exists():

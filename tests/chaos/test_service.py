@@ -322,5 +322,8 @@ def test_a_busy_replica_is_not_replaced(chaos_service, tiny_model):
     after = {p.pid for p in replica_processes("pair")}
     report("busy", requests=len(result.results), failed=result.errors, replicas_replaced=len(before - after),
            statuses=dict(result.statuses()))
-    assert result.errors == 0 and len(result.results) >= 6
+    # Saturated on purpose: admission may refuse a request (429 with Retry-After, on a slow run its expected
+    # wait passes max_queue_wait_s); nothing else may fail.
+    assert all(r.status == 200 or (r.status == 429 and r.retry_after) for r in result.results), result.statuses()
+    assert len(result.ok) >= 6
     assert after == before  # no replica was replaced while busy

@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 from helpers import free_port  # noqa: E402  (one free_port, the tests')
 
-from raylm.serve.runner import end_processes  # noqa: E402
+from raylm.serve.control.service import end_processes  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -106,8 +106,8 @@ def use_ray_llm_router() -> None:
     """Deploy the model with Ray Serve LLM's router, reading raylm's calls (see the module docstring)."""
     from ray.serve.llm.request_router import PrefixCacheAffinityRouter
 
-    from raylm.serve import builder
-    from raylm.serve.routing import prompt_text
+    from raylm.serve.control import builder
+    from raylm.serve.edge.routing import prompt_text
 
     class RayLLMPrefixRouter(PrefixCacheAffinityRouter):
         def _extract_text_from_request(self, pending_request) -> str:
@@ -163,7 +163,7 @@ def measure(system: str, requests: int, concurrency: int, cache_tokens: int) -> 
     import httpx
 
     from raylm.bench.load import closed_loop, send
-    from raylm.serve.runner import start
+    from raylm.serve.control.service import start
 
     if system == "ray-llm-prefix":
         use_ray_llm_router()
@@ -208,7 +208,7 @@ def run_child(system: str, args: argparse.Namespace) -> dict | None:
     """Measure one system in a child process (its own Ray); its whole tree is ended after the timeout."""
     import psutil
 
-    from raylm.serve.runner import end_processes
+    from raylm.serve.control.service import end_processes
 
     cmd = [sys.executable, __file__, "--child", system, "--requests", str(args.requests),
            "--concurrency", str(args.concurrency), "--cache-tokens", str(args.cache_tokens)]

@@ -63,7 +63,7 @@ def offline(model_path: str, engine_args: dict, env: dict, prompts: list[str]) -
 
 
 def served(config: AppConfig, prompts: list[str], per_level: int) -> dict:
-    from raylm.serve.runner import start
+    from raylm.serve.control.service import start
 
     service = start(config)
     try:

@@ -40,14 +40,16 @@ def serve_command(
     from pydantic import ValidationError
 
     from raylm.config import load_config
-    from raylm.serve.runner import run_forever
+    from raylm.serve.control.service import run_forever
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not verbose:  # Serve's driver-side INFO lines ("Started Serve", "Application is ready") are in the logs
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
         # Ray's warning that token auth is on, at every start: raylm's own cluster always has it (docs/serve.md).
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        from raylm._ray import TOKEN_AUTH_LOGGER
+
+        logging.getLogger(TOKEN_AUTH_LOGGER).setLevel(logging.ERROR)
     try:
         cfg = load_config(config, model=model, replicas=replicas, host=host, port=port, address=address)
     except (ValidationError, ValueError) as exc:
@@ -70,7 +72,7 @@ def serve_command(
         console.print("[green]raylm is ready[/green]  (Ctrl-C stops)")
         print(f"{service.url}/v1", flush=True)
 
-    from raylm.serve.runner import DeployError
+    from raylm.serve.control.service import DeployError
 
     try:
         run_forever(cfg, on_ready, verbose, report=lambda line: console.print(f"[yellow]{line}[/yellow]"),
@@ -124,7 +126,7 @@ def build_command(
     from pydantic import ValidationError
 
     from raylm.config import load_config
-    from raylm.serve.builder import serve_config_file
+    from raylm.serve.control.builder import serve_config_file
 
     try:
         cfg = load_config(config)

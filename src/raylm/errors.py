@@ -15,9 +15,13 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from http import HTTPStatus
 from typing import Any
+
+
+logger = logging.getLogger("raylm.serve")
 
 
 class APIError(Exception):
@@ -76,6 +80,15 @@ class UnavailableError(APIError):
 
 class InternalError(APIError):
     status, type, default_code = 500, "server_error", "internal_error"
+
+
+def public_error(exc: Exception, request_id: str) -> APIError:
+    """Any exception as the APIError a client may see: client errors as they are; anything else is logged
+    with the request id and answered as a 500 that hides it."""
+    if isinstance(exc, APIError) and not isinstance(exc, InternalError):
+        return exc
+    logger.error("request %s failed: %r", request_id, exc, exc_info=exc)
+    return InternalError(f"internal error (request id {request_id})")
 
 
 _BY_STATUS: dict[int, type[APIError]] = {

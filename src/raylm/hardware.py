@@ -78,6 +78,22 @@ def fit(engine_args: dict[str, Any], env: dict[str, str], hw: Hardware | None = 
     return Fit(args, env, tuple(notes))
 
 
+def engine_env(env: dict[str, str], source: str) -> dict[str, str]:
+    """The environment of a process that runs a model's engine (a model replica, a data stage actor): the
+    model's `env`, plus what every engine process needs."""
+    from raylm.models import BUNDLED_PREFIX
+
+    env = dict(env)
+    if source.startswith(BUNDLED_PREFIX):
+        env.setdefault("HF_HUB_OFFLINE", "1")  # bundled weights are local: never reach for a hub
+    # vLLM's logging setup (logging.config.dictConfig) closes every handler in the process, Serve's buffered
+    # request log among them: closed, it keeps the handler attached with no target, so it never empties and
+    # held every request's log record (~1.5 KB each; the soak's model replica grew 743 → 836 MiB in 30 min).
+    # The replica gives vLLM's loggers a handler itself (serve/replica/server.py).
+    env.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+    return env
+
+
 def cpu_list(cores: tuple[int, ...]) -> str:
     """(0, 1, 2, 5) → "0-2,5", the form VLLM_CPU_OMP_THREADS_BIND takes."""
     parts, start = [], None

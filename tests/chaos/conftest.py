@@ -9,7 +9,7 @@ def chaos_service(tiny_model):
 
 
 def _service(config):
-    from raylm.serve.runner import start
+    from raylm.serve.control.service import start
 
     svc = start(config)
     yield svc

@@ -16,7 +16,7 @@ from helpers import TINY_ENGINE_ARGS, free_port
 
 from raylm.bench.load import completion_body, send
 from raylm.config import AppConfig, ModelConfig
-from raylm.serve.builder import APP_NAME
+from raylm.contract import APP_NAME
 
 KEYS = {"light": "sk-light-test", "heavy": "sk-heavy-test", "gold": "sk-gold-test", "free": "sk-free-test"}
 # One OpenMP thread per tiny engine, left to the OS scheduler: two threads spin on both cores (120% CPU

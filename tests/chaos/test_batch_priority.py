@@ -35,7 +35,7 @@ async def _interactive(url: str, rounds: int) -> list[float]:
 def test_interactive_latency_holds_while_a_batch_runs(tmp_path):
     from openai import OpenAI
 
-    from raylm.serve.runner import start
+    from raylm.serve.control.service import start
 
     smollm2, _ = default_models()
     svc = start(AppConfig(models=(smollm2,), serve={"port": free_port(), "metrics_port": free_port(),

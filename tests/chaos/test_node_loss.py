@@ -22,8 +22,8 @@ from scenario import ENV, replica_processes
 
 from raylm.bench.load import closed_loop, send
 from raylm.config import AppConfig, ModelConfig
-from raylm.serve.builder import APP_NAME
-from raylm.serve.runner import end_processes
+from raylm.contract import APP_NAME
+from raylm.serve.control.service import end_processes
 
 
 def _ray(*args: str) -> None:
@@ -71,7 +71,7 @@ def _replicas() -> list[psutil.Process]:
 
 
 def test_losing_a_node_reschedules_its_replica_while_the_other_serves(two_nodes, tiny_model):
-    from raylm.serve.runner import start
+    from raylm.serve.control.service import start
 
     port, worker = two_nodes
     config = AppConfig(

@@ -20,7 +20,7 @@ from ray import serve
 from scenario import KEYS, LIMITS, auth, load, replica_processes, report, sender
 
 from raylm.bench.load import RequestResult, closed_loop, completion_body, open_loop, percentile, send
-from raylm.serve.builder import APP_NAME
+from raylm.contract import APP_NAME
 
 def stats(model: str) -> dict:
     return serve.get_deployment_handle(f"model-{model}", APP_NAME).stats.remote().result(timeout_s=30)

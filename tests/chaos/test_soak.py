@@ -25,14 +25,14 @@ from scenario import ENV, report
 
 from raylm.bench.load import closed_loop, completion_body, open_loop, send
 from raylm.config import AppConfig, ModelConfig, default_models
-from raylm.serve.builder import APP_NAME
+from raylm.contract import APP_NAME
 
 SOAK_S = float(os.environ.get("RAYLM_SOAK_S", "1800"))
 
 
 @pytest.fixture(scope="module")
 def soak_service(tiny_model):
-    from raylm.serve.runner import start
+    from raylm.serve.control.service import start
 
     minilm = default_models()[1]
     svc = start(AppConfig(

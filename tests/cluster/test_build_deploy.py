@@ -14,7 +14,7 @@ import yaml
 
 from helpers import CPU_ENV, TINY_ENGINE_ARGS, free_port
 
-from raylm.serve.runner import end_processes
+from raylm.serve.control.service import end_processes
 
 BIN = Path(sys.executable).parent
 

@@ -15,7 +15,7 @@ import yaml
 
 from helpers import CPU_ENV, TINY_ENGINE_ARGS, free_port
 
-from raylm.serve.runner import end_processes
+from raylm.serve.control.service import end_processes
 
 RAYLM = [sys.executable, "-m", "raylm.cli"]
 

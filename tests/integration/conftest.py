@@ -10,7 +10,7 @@ from raylm.config import AppConfig, ModelConfig, default_models
 
 @pytest.fixture(scope="session")
 def service(tiny_model, tmp_path_factory):
-    from raylm.serve.runner import start
+    from raylm.serve.control.service import start
 
     smollm2, minilm = default_models()
     config = AppConfig(

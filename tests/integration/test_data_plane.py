@@ -10,7 +10,7 @@ from ray import serve
 
 from raylm import hardware
 from raylm.bench.load import closed_loop, completion_body, send
-from raylm.serve.builder import APP_NAME
+from raylm.contract import APP_NAME
 
 
 def _replica(model: str) -> psutil.Process:

@@ -4,7 +4,7 @@ import pytest
 
 from raylm import errors
 from raylm.config import ServeConfig
-from raylm.serve.access import load_access
+from raylm.serve.edge.access import load_access
 
 
 def test_keys_from_config_and_file_name_tenants(tmp_path):

@@ -6,7 +6,8 @@ import pytest
 
 from raylm import errors
 from raylm.config import AdmissionConfig
-from raylm.serve.admission import Admission, Tenant
+from raylm.contract import Tenant
+from raylm.serve.replica.admission import Admission
 
 HEAVY, LIGHT = Tenant("heavy"), Tenant("light")
 

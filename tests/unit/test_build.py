@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from raylm.cli import app
 from raylm.config import AppConfig, load_config
-from raylm.serve.builder import serve_config_file
+from raylm.serve.control.builder import serve_config_file
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 

@@ -1,7 +1,7 @@
 """An impossible config is refused before deploying, with what it asked for."""
 
 from raylm.config import AppConfig, ModelConfig, load_config
-from raylm.serve.capacity import GiB, RUNTIME_BYTES, demand, shortfalls
+from raylm.serve.control.capacity import GiB, RUNTIME_BYTES, demand, shortfalls
 
 
 def test_the_default_config_with_two_replicas_does_not_fit_two_cores():
@@ -31,7 +31,7 @@ def test_gpus_are_checked_too():
 def test_the_gpu_memory_arithmetic_of_a_70b_model_on_tp_8(tmp_path):
     import json
 
-    from raylm.serve.capacity import gpu_plan, kv_bytes_per_token
+    from raylm.serve.control.capacity import gpu_plan, kv_bytes_per_token
 
     llama_70b = {"num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
                  "hidden_size": 8192}

@@ -62,7 +62,7 @@ def test_config_is_frozen_and_documented():
 
 
 def test_admission_sets_serve_limits_and_engine_batch():
-    from raylm.serve.builder import REFUSAL_HEADROOM, engine_args, serve_options
+    from raylm.serve.control.builder import REFUSAL_HEADROOM, engine_args, serve_options
 
     model = ModelConfig(name="m", source="/m", admission={"max_running": 8, "max_queued": 16, "burst": 2,
                                                           "retry_after_s": 3})
@@ -75,7 +75,7 @@ def test_admission_sets_serve_limits_and_engine_batch():
 
 
 def test_autoscaling_goes_to_serve_and_excludes_fixed_replicas():
-    from raylm.serve.builder import serve_options
+    from raylm.serve.control.builder import serve_options
 
     model = ModelConfig(name="m", source="/m", autoscaling={"min_replicas": 0, "max_replicas": 3})
     scaling = serve_options(model)["autoscaling_config"]

@@ -1,7 +1,7 @@
 """Placement of an engine of several workers: one placement group per replica, a bundle per worker."""
 
 from raylm.config import ModelConfig
-from raylm.serve.builder import engine_args, serve_options
+from raylm.serve.control.builder import engine_args, serve_options
 
 
 def test_tensor_parallel_2_gets_a_packed_group_with_a_gpu_per_worker():

@@ -3,7 +3,7 @@ probes), the playground's files and their content policy, and the error shape of
 
 from starlette.testclient import TestClient
 
-from raylm.serve.ingress import build_api
+from raylm.serve.edge.routes import build_api
 
 client = TestClient(build_api(None))  # these routes never reach the ingress object
 

@@ -3,12 +3,13 @@ and the Serve router around them (constructed without a cluster, on fake replica
 
 import asyncio
 
-from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
 from ray.serve.request_router import PendingRequest, ReplicaID
 
+from raylm import _ray
 from raylm.config import ModelConfig
-from raylm.serve.builder import PREFIX_ROUTER, serve_options
-from raylm.serve.routing import PrefixAffinityRouter, PrefixIndex, block_chain, prefer, prompt_text
+from raylm.contract import Call
+from raylm.serve.control.builder import PREFIX_ROUTER, serve_options
+from raylm.serve.edge.routing import PrefixAffinityRouter, PrefixIndex, block_chain, prefer, prompt_text
 
 SYSTEM = "You answer questions about the solar system. " * 30  # ~1,400 chars: 5 blocks of 256
 
@@ -79,6 +80,9 @@ def test_the_longest_holder_wins_unless_it_is_overloaded():
     assert prefer(chain, ["a", "b"], {"a": 3, "b": 1}, index) == "b"  # equal matches: the shorter queue
 
 
+DeploymentID = _ray.load("DeploymentID")
+
+
 class FakeReplica:
     """What Serve's router reads of a replica."""
 
@@ -92,12 +96,12 @@ class FakeReplica:
 
 def test_the_router_sends_a_shared_prefix_where_it_went_before():
     def request(question: str) -> PendingRequest:
-        return PendingRequest(args=["chat", chat(question), "rid", None], kwargs={},
-                              metadata=RequestMetadata(request_id="rid", internal_request_id=question))
+        return PendingRequest(args=[Call("chat", chat(question), "rid")], kwargs={},
+                              metadata=_ray.load("RequestMetadata")(request_id="rid", internal_request_id=question))
 
     async def main() -> list:
-        router = PrefixAffinityRouter(DeploymentID(name="model-m", app_name="raylm"), DeploymentHandleSource.UNKNOWN,
-                                      use_replica_queue_len_cache=True)
+        router = PrefixAffinityRouter(DeploymentID(name="model-m", app_name="raylm"),
+                                      _ray.load("DeploymentHandleSource").UNKNOWN, use_replica_queue_len_cache=True)
         router.initialize_state(imbalance=2)
         a, b = FakeReplica("a"), FakeReplica("b")
         router.update_replicas([a, b])

@@ -4,7 +4,8 @@ import asyncio
 
 import pytest
 
-from raylm.serve import http, stream
+from raylm import contract
+from raylm.serve import stream
 
 
 async def _frames(texts, closed: list, delay: float = 0.0):
@@ -26,7 +27,7 @@ async def _hub():
 def test_a_stream_arrives_whole_and_ends_with_done():
     async def run():
         hub, closed = await _hub(), []
-        direct, out = hub.open(http.sse_frames(_frames(['{"a": 1}', '{"b": 2}'], closed), "r1"))
+        direct, out = hub.open(contract.sse_frames(_frames(['{"a": 1}', '{"b": 2}'], closed), "r1"))
         await asyncio.sleep(0.05)  # the engine runs before the ingress connects: frames wait at the replica
         received = b"".join([c async for c in stream.receive(*await stream.connect(direct, 5))])
         await asyncio.wait_for(out.task, 5)
@@ -41,8 +42,8 @@ def test_a_stream_arrives_whole_and_ends_with_done():
 def test_a_wrong_ticket_gets_nothing_and_the_stream_still_waits():
     async def run():
         hub, closed = await _hub(), []
-        direct, out = hub.open(http.sse_frames(_frames(['{"a": 1}'], closed), "r1"))
-        forged = stream.Direct(direct.host, direct.port, b"x" * stream.TICKET_BYTES)
+        direct, out = hub.open(contract.sse_frames(_frames(['{"a": 1}'], closed), "r1"))
+        forged = contract.Direct(direct.host, direct.port, b"x" * stream.TICKET_BYTES)
         reader, writer = await stream.connect(forged, 5)
         nothing = await asyncio.wait_for(reader.read(), 5)
         writer.close()
@@ -58,7 +59,7 @@ def test_a_wrong_ticket_gets_nothing_and_the_stream_still_waits():
 def test_the_ingress_going_away_aborts_the_engine_stream():
     async def run():
         hub, closed = await _hub(), []
-        direct, out = hub.open(http.sse_frames(_frames(['{"t": 1}'] * 1000, closed, delay=0.01), "r1"))
+        direct, out = hub.open(contract.sse_frames(_frames(['{"t": 1}'] * 1000, closed, delay=0.01), "r1"))
         reader, writer = await stream.connect(direct, 5)
         await reader.read(100)
         writer.close()
@@ -74,7 +75,7 @@ def test_an_unclaimed_stream_expires(monkeypatch):
 
     async def run():
         hub, closed = await _hub(), []
-        _, out = hub.open(http.sse_frames(_frames(['{"t": 1}'] * 1000, closed, delay=0.01), "r1"))
+        _, out = hub.open(contract.sse_frames(_frames(['{"t": 1}'] * 1000, closed, delay=0.01), "r1"))
         await asyncio.wait_for(asyncio.wait({out.task}), 2.0)
         await hub.close()
         return out.task.cancelled(), closed
@@ -85,7 +86,7 @@ def test_an_unclaimed_stream_expires(monkeypatch):
 def test_a_stream_cut_before_its_last_event_raises():
     async def run():
         hub, closed = await _hub(), []
-        direct, out = hub.open(http.sse_frames(_frames(['{"t": 1}'] * 1000, closed, delay=0.01), "r1"))
+        direct, out = hub.open(contract.sse_frames(_frames(['{"t": 1}'] * 1000, closed, delay=0.01), "r1"))
         chunks = stream.receive(*await stream.connect(direct, 5))
         first = await chunks.__anext__()
         out.abort()  # as if the replica died mid-stream
@@ -111,9 +112,9 @@ def test_a_stream_cut_before_its_last_event_raises():
     (b"event: message_start\ndata: {}\n\nevent: content_block_delta\ndata: {}\n\n", False),
 ])
 def test_finished_tells_a_whole_stream_from_a_cut_one(tail, done):
-    assert stream.finished(tail) is done
+    assert contract.finished(tail) is done
     for size in (1, 2, 3, 7, 64):  # however the bytes arrive
-        events = stream.LastEvent()
+        events = contract.LastEvent()
         for start in range(0, len(tail), size):
             events.feed(tail[start:start + size])
         assert events.finished() is done, size

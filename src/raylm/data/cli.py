@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,11 +28,10 @@ def _run(task: str, input: str, output: Path, config: Path | None, stage: str, k
          options: dict[str, Any], **data: Any) -> None:
     import ray
 
+    from raylm import _ray, hardware
     from raylm.config import load_config
     from raylm.data import io, job, llm_stages
     from raylm.models import resolve_source
-    from raylm.serve.builder import replica_env
-    from raylm.serve.runner import LOCAL_RAY_CONFIG
 
     app_cfg = load_config(config, data=data)
     cfg = app_cfg.data
@@ -56,14 +54,13 @@ def _run(task: str, input: str, output: Path, config: Path | None, stage: str, k
     # The job's own cluster: its workers at nice 0, not Ray's 15 (the engine's OpenMP threads stalled
     # behind every nice-0 process; llm_stages._unnice covers a cluster started by others).
     os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
-             _node_ip_address="127.0.0.1", _system_config=LOCAL_RAY_CONFIG)
+    _ray.init_local(None, None, _ray.LOCAL_RAY_CONFIG)
     try:
         with _job_errors():
             summary = job.run_job(spec, getattr(llm_stages, stage),
                                   {"text_column": cfg.text_column, **kwargs, _MODEL_ARG[stage]: path},
                                   concurrency=cfg.concurrency, batch_size=cfg.batch_size,
-                                  read_num_cpus=READ_NUM_CPUS, env=replica_env(model), **resources)
+                                  read_num_cpus=READ_NUM_CPUS, env=hardware.engine_env(model.env, model.source), **resources)
     finally:
         ray.shutdown()
     console.print(f"[green]done[/green]: rows in {summary.rows_in}, out {summary.rows_out}, "

@@ -2,7 +2,7 @@
 
 Engines speak the API's shapes as plain data: a finished response is its JSON body (bytes), a stream is an
 async iterator of chunk payloads (each one JSON text of one chunk or event object; an event's name is its
-`type`, as in the Responses and Anthropic Messages APIs). SSE framing belongs to the HTTP layer.
+`type`, as in the Responses and Anthropic Messages APIs). SSE framing belongs to `raylm.contract`.
 Engines raise `raylm.errors` exceptions for bad requests.
 """
 
@@ -10,25 +10,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
-Endpoint = Literal["chat", "completions", "responses", "messages", "count_tokens", "embeddings", "score", "rerank",
-                   "tokenize", "detokenize"]
+from raylm.contract import Endpoint
+
 Result = bytes | AsyncIterator[str]
-
-# Each endpoint's paths, as vLLM's server routes them (score and rerank under several names).
-PATHS: dict[Endpoint, tuple[str, ...]] = {
-    "chat": ("/v1/chat/completions",), "completions": ("/v1/completions",), "responses": ("/v1/responses",),
-    "messages": ("/v1/messages",), "count_tokens": ("/v1/messages/count_tokens",),
-    "embeddings": ("/v1/embeddings",), "score": ("/score", "/v1/score"),
-    "rerank": ("/rerank", "/v1/rerank", "/v2/rerank"), "tokenize": ("/tokenize",), "detokenize": ("/detokenize",)}
-# What a model of each task may serve; an engine serves those of them its model supports.
-TASK_ENDPOINTS: dict[str, frozenset[Endpoint]] = {
-    "generate": frozenset({"chat", "completions", "responses", "messages", "count_tokens", "tokenize",
-                           "detokenize"}),
-    "embed": frozenset({"embeddings", "score", "rerank", "tokenize", "detokenize"})}
-# Streams whose chunks are named events (SSE `event:` lines, no `[DONE]`), the name being the chunk's `type`.
-NAMED_EVENTS: frozenset[Endpoint] = frozenset({"responses", "messages"})
 
 
 @dataclass(frozen=True)

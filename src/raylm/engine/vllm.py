@@ -18,12 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from typing import Any
 
-from raylm import errors
-from raylm.engine.protocol import PATHS, TASK_ENDPOINTS, Endpoint, Prepared, PromptSize, Result
+from raylm import _vllm, errors
+from raylm.contract import PATHS, TASK_ENDPOINTS, Endpoint, sse_payload
+from raylm.engine.protocol import Prepared, PromptSize, Result
 
 logger = logging.getLogger(__name__)
-
-_SSE_PREFIX = "data: "
 
 
 class VLLMEngine:
@@ -48,10 +47,7 @@ class VLLMEngine:
 
     def build_args(self) -> Any:
         """vLLM's own serve arguments (defaults from its parser), with ours and the user's on top."""
-        from vllm.entrypoints.launchers.cli_args import make_arg_parser
-        from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-        args = make_arg_parser(FlexibleArgumentParser()).parse_args([])
+        args = _vllm.load("make_arg_parser")(_vllm.load("FlexibleArgumentParser")()).parse_args([])
         args.model = self.model
         args.served_model_name = [self.served_name]
         if self.task == "embed":
@@ -68,26 +64,21 @@ class VLLMEngine:
         started = time.monotonic()
         import ray
         from starlette.datastructures import State
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-        from vllm.usage.usage_lib import UsageContext
-        from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm import AsyncEngineArgs
 
         marks = [("imports", time.monotonic())]
         args = self.build_args()
         engine_args = AsyncEngineArgs.from_cli_args(args)
-        context = UsageContext.OPENAI_API_SERVER
+        context = _vllm.load("UsageContext").OPENAI_API_SERVER
         # In a Ray process, vLLM's Prometheus metrics go out through Ray's metrics export (as in Ray Serve LLM).
         # Every engine step is reported to the progress logger (with a custom logger, vLLM keeps stats on).
         loggers: list[Any] = [self._progress_logger]
         if ray.is_initialized() and not engine_args.disable_log_stats:
-            from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
-
-            loggers.append(RayPrometheusStatLogger)
+            loggers.append(_vllm.load("RayPrometheusStatLogger"))
         config = engine_args.create_engine_config(usage_context=context)
         marks.append(("engine config", time.monotonic()))
         with cpu_layout(config, self.engine_args):  # the EngineCore process is spawned in here
-            self.client = AsyncLLM.from_vllm_config(
+            self.client = _vllm.load("AsyncLLM").from_vllm_config(
                 config, usage_context=context, stat_loggers=loggers,
                 enable_log_requests=engine_args.enable_log_requests,
                 disable_log_stats=engine_args.disable_log_stats)
@@ -101,7 +92,7 @@ class VLLMEngine:
         self._multimodal = config.model_config.is_multimodal_model
         tasks = await self.client.get_supported_tasks()
         self._state = State()
-        await init_app_state(self.client, self._state, args, tasks)
+        await _vllm.load("init_app_state")(self.client, self._state, args, tasks)
         marks.append(("serving classes", time.monotonic()))
         logger.info("engine of %s started in %.1fs: %s", self.served_name, marks[-1][1] - started, ", ".join(
             f"{name} {t - before:.1f}s" for (name, t), (_, before) in zip(marks, [("", started), *marks])))
@@ -109,11 +100,9 @@ class VLLMEngine:
         self.endpoints = frozenset(self._handlers)
 
     def _progress_logger(self, vllm_config: Any, engine_index: int = 0) -> Any:
-        from vllm.v1.metrics.loggers import StatLoggerBase
-
         engine = self
 
-        class Progress(StatLoggerBase):
+        class Progress(_vllm.load("StatLoggerBase")):
             def __init__(self, *_: Any) -> None:
                 pass
 
@@ -168,8 +157,7 @@ class VLLMEngine:
         handler builds them, after admission here; built once now with vLLM's own functions, so a bad value
         is refused before it takes a queue place. The prompt length is raylm's count (without the chat
         template: never more than vLLM's), so nothing vLLM would accept is refused."""
-        from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
-
+        get_max_tokens = _vllm.load("get_max_tokens")
         if getattr(request, "use_beam_search", False):
             return
         serving = self._state.openai_serving_chat if endpoint == "chat" else self._state.openai_serving_completion
@@ -271,9 +259,7 @@ def cpu_layout(config: Any, user_args: dict[str, Any]) -> Iterator[None]:
     (which vLLM's CPU platform would turn into `mp`) takes this one whatever the binding, for throughput
     when the rest of the serving path has cores of its own (benchmarks/dataplane.py).
     """
-    from vllm.platforms import current_platform
-    from vllm.utils.ompmultiprocessing import OMPProcessManager
-
+    current_platform, OMPProcessManager = _vllm.load("current_platform"), _vllm.load("OMPProcessManager")
     parallel = config.parallel_config
     chosen = user_args.get("distributed_executor_backend")
     if not (current_platform.is_cpu() and chosen in (None, "uni") and parallel.world_size == 1
@@ -307,38 +293,30 @@ _TEXT_PARTS = frozenset({"text", "input_text", "output_text", "refusal", "thinki
 
 def _handlers(state: Any) -> dict[Endpoint, tuple[Any, Any]]:
     """Each endpoint's request model and handler, from vLLM's own serving classes (None: not for this model)."""
-    from vllm.entrypoints.anthropic.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
-    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
-    from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
-    from vllm.entrypoints.pooling.scoring.protocol import RerankRequest, ScoreRequest
-    from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeRequest
-
     def method(owner: str, name: str) -> Any:
         serving = getattr(state, owner, None)
         return None if serving is None else getattr(serving, name)
 
     scores = getattr(state, "serving_scores", None)
+    request = _vllm.load
     return {
-        "chat": (ChatCompletionRequest, method("openai_serving_chat", "create_chat_completion")),
-        "completions": (CompletionRequest, method("openai_serving_completion", "create_completion")),
-        "responses": (ResponsesRequest, method("openai_serving_responses", "create_responses")),
-        "messages": (AnthropicMessagesRequest, method("anthropic_serving_messages", "create_messages")),
-        "count_tokens": (AnthropicCountTokensRequest, method("anthropic_serving_messages", "count_tokens")),
-        "embeddings": (EmbeddingRequest, getattr(state, "serving_embedding", None)),
-        "score": (ScoreRequest, scores), "rerank": (RerankRequest, scores),
-        "tokenize": (TokenizeRequest, method("serving_tokenization", "create_tokenize")),
-        "detokenize": (DetokenizeRequest, method("serving_tokenization", "create_detokenize")),
+        "chat": (request("ChatCompletionRequest"), method("openai_serving_chat", "create_chat_completion")),
+        "completions": (request("CompletionRequest"), method("openai_serving_completion", "create_completion")),
+        "responses": (request("ResponsesRequest"), method("openai_serving_responses", "create_responses")),
+        "messages": (request("AnthropicMessagesRequest"), method("anthropic_serving_messages", "create_messages")),
+        "count_tokens": (request("AnthropicCountTokensRequest"),
+                         method("anthropic_serving_messages", "count_tokens")),
+        "embeddings": (request("EmbeddingRequest"), getattr(state, "serving_embedding", None)),
+        "score": (request("ScoreRequest"), scores), "rerank": (request("RerankRequest"), scores),
+        "tokenize": (request("TokenizeRequest"), method("serving_tokenization", "create_tokenize")),
+        "detokenize": (request("DetokenizeRequest"), method("serving_tokenization", "create_detokenize")),
     }
 
 
 def _from_vllm_exception(exc: Exception) -> errors.APIError:
     if isinstance(exc, errors.APIError):
         return exc
-    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
-
-    err = create_error_response(exc).error
+    err = _vllm.load("create_error_response")(exc).error
     return errors.from_status(int(err.code), err.message, err.param)
 
 
@@ -354,9 +332,8 @@ def _content_parts(messages: Any) -> list[dict]:
 
 def _to_result(result: Any) -> Result:
     from fastapi.responses import JSONResponse
-    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
-    if isinstance(result, ErrorResponse):
+    if isinstance(result, _vllm.load("ErrorResponse")):
         raise errors.from_status(int(result.error.code), result.error.message, result.error.param)
     if isinstance(result, JSONResponse):
         if result.status_code >= 400:
@@ -380,14 +357,6 @@ async def _payloads(frames: AsyncIterator[Any]) -> AsyncIterator[str]:
             if not isinstance(frame, str):
                 yield frame.model_dump_json(by_alias=True)
                 continue
-            if frame.startswith("event:"):
-                frame = frame.partition("\n")[2]
-            payload = frame[len(_SSE_PREFIX):].rstrip("\n") if frame.startswith(_SSE_PREFIX) else frame.strip()
-            if not payload:
-                continue
-            if payload == "[DONE]":
-                return
-            if payload.startswith('{"error"'):
-                err = json.loads(payload)["error"]
-                raise errors.from_status(int(err.get("code") or 500), err["message"], err.get("param"))
-            yield payload
+            payload = sse_payload(frame)
+            if payload is not None:
+                yield payload

@@ -17,6 +17,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from raylm import _ray
+
 WINDOW_S = 60.0
 _KEY_PREFIX = "raylm-status/"
 _STALE_S = 5.0  # a replica that has not reported for this long is gone (or stuck) and is not counted
@@ -81,27 +83,20 @@ class TokenRate:
         return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
 
 
-def _kv() -> Any:
-    from ray.experimental import internal_kv
-
-    return internal_kv
-
-
 def publish(model: str, replica: str, report: dict[str, Any]) -> None:
     """A replica's report (blocking: call it off the event loop)."""
-    _kv()._internal_kv_put(f"{_KEY_PREFIX}{model}/{replica}", json.dumps({**report, "time": time.time()}),
-                           overwrite=True)
+    _ray.kv_put(f"{_KEY_PREFIX}{model}/{replica}", json.dumps({**report, "time": time.time()}))
 
 
 def withdraw(model: str, replica: str) -> None:
-    _kv()._internal_kv_del(f"{_KEY_PREFIX}{model}/{replica}")
+    _ray.kv_del(f"{_KEY_PREFIX}{model}/{replica}")
 
 
 def reports(max_age_s: float | None = _STALE_S) -> dict[str, list[dict[str, Any]]]:
     """Every replica's last report, by model (blocking)."""
-    kv, now, out = _kv(), time.time(), {}
-    for key in kv._internal_kv_list(_KEY_PREFIX):
-        raw = kv._internal_kv_get(key)
+    now, out = time.time(), {}
+    for key in _ray.kv_list(_KEY_PREFIX):
+        raw = _ray.kv_get(key)
         report = json.loads(raw) if raw else None
         if report and (max_age_s is None or now - report["time"] <= max_age_s):
             model, _, replica = key.decode()[len(_KEY_PREFIX):].rpartition("/")

@@ -22,29 +22,14 @@ import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+
+from raylm.contract import Direct, LastEvent
 
 logger = logging.getLogger("raylm.serve")
 
 TICKET_BYTES = 16
 CLAIM_TIMEOUT_S = 30.0
 READ_BYTES = 65536
-# A finished stream's last event opens so (http.sse_frames): `[DONE]` or an error event; a named-event stream
-# (Responses, Anthropic Messages) ends with its API's last event, or an error event. Anything else: cut.
-_LAST_EVENTS = (b"data: [DONE]", b'data: {"error"', b"event: error\n", b"event: response.completed\n",
-                b"event: response.failed\n", b"event: response.incomplete\n", b"event: message_stop\n")
-_HEAD_BYTES = 64  # of each event: enough to tell which it is
-
-
-@dataclass(frozen=True)
-class Direct:
-    """A stream waiting at a replica: connect to (host, port) and send `ticket` to receive its SSE bytes."""
-
-    host: str
-    port: int
-    ticket: bytes
-
-
 class Outgoing:
     """One stream at the replica: frames go out as the engine makes them, once its connection claims it."""
 
@@ -163,36 +148,3 @@ async def receive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
             raise StreamCut("the stream ended before its last event")
     finally:
         writer.close()
-
-
-class LastEvent:
-    """Follows SSE bytes as they pass, keeping only the head of the last whole event and of the one coming:
-    enough to tell a finished stream from a cut one, however long its events (a Responses stream's last
-    event carries the whole answer)."""
-
-    __slots__ = ("last", "current", "_carry")
-
-    def __init__(self) -> None:
-        self.last = b""  # the first bytes of the last whole event
-        self.current = b""  # the first bytes of the event in progress ("" between events)
-        self._carry = b""  # the previous chunk's last byte: a blank line may straddle two chunks
-
-    def feed(self, chunk: bytes) -> None:
-        data, start = self._carry + chunk, len(self._carry)
-        begin = 0  # where the event in progress began within data (or 0: before it)
-        while (end := data.find(b"\n\n", max(begin, start - 1))) != -1:
-            self.last = (self.current + data[max(begin, start):end])[:_HEAD_BYTES]
-            self.current, begin = b"", end + 2
-        if len(self.current) < _HEAD_BYTES:
-            self.current = (self.current + data[max(begin, start):])[:_HEAD_BYTES]
-        self._carry = data[-1:]
-
-    def finished(self) -> bool:
-        return not self.current and self.last.startswith(_LAST_EVENTS)
-
-
-def finished(data: bytes) -> bool:
-    """Whether SSE bytes end with a whole last event (see LastEvent)."""
-    events = LastEvent()
-    events.feed(data)
-    return events.finished()

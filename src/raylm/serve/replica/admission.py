@@ -41,20 +41,11 @@ from dataclasses import dataclass, field
 
 from raylm import errors
 from raylm.config import AdmissionConfig
+from raylm.contract import Tenant
 
 RATE_WINDOW = 64  # finishes the rate is measured over...
 RATE_HORIZON_S = 30.0  # ...if they are this recent
 RATE_MIN_SAMPLES = 8
-
-
-@dataclass(frozen=True)
-class Tenant:
-    """Who a request is for; the ingress resolves it from the API key (or a header without auth)."""
-
-    name: str = "default"
-    weight: float = 1.0
-    priority: int = 0
-    batch: bool = False  # Batch API work, for this tenant: the lowest class
 
 
 @dataclass(order=True)

@@ -1,4 +1,4 @@
-"""The Batch API's HTTP routes on the ingress: files here (batch_store), batches on the BatchRunner.
+"""The Batch API's HTTP routes on the ingress: files here (store.py), batches on the BatchJobs deployment.
 
     POST /v1/files (multipart: purpose=batch, file)   GET /v1/files[?purpose&limit&after]
     GET /v1/files/{id}   GET /v1/files/{id}/content   DELETE /v1/files/{id}
@@ -20,8 +20,8 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
 from raylm import errors
-from raylm.serve import http
-from raylm.serve.batch_store import Store, page, public, request_lines
+from raylm.serve.batch.store import Store, page, public, request_lines
+from raylm.serve.edge import http
 
 MAX_PAGE = 100
 
@@ -32,7 +32,7 @@ def add_routes(api: FastAPI, ingress: Any) -> None:
         return ingress.batch_store
 
     def runner() -> Any:
-        return ingress.batch_runner
+        return ingress.batch_jobs
 
     async def answer(request: Request, work: Callable[[str], Any]) -> Response:
         """`work(tenant)`'s result (awaited if it must be) as JSON, or its error as OpenAI's."""
@@ -44,7 +44,7 @@ def add_routes(api: FastAPI, ingress: Any) -> None:
                 result = await result
         except Exception as exc:
             cause = exc.cause if isinstance(exc, RayTaskError) else exc
-            return http.json_response(http.error_reply(cause, rid), rid)
+            return http.error_response(cause, rid)
         if isinstance(result, Response):
             return result
         return JSONResponse(result, headers={http.REQUEST_ID_HEADER: rid})

@@ -14,7 +14,6 @@ their replicas die. Every failure leaves here as one OpenAI error body.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -22,22 +21,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
-from raylm import errors
+from raylm import _ray, errors
 from raylm.config import ModelConfig
-from raylm.engine.protocol import PATHS, TASK_ENDPOINTS, Endpoint
-from raylm.serve import batch_api, http, status, stream
-from raylm.serve.access import Access
-from raylm.serve.batch_store import Store
-from raylm.serve.builder import deployment_name
-from raylm.serve.http import Reply
+from raylm.contract import NAMED_EVENTS, PATHS, TASK_ENDPOINTS, Call, Endpoint, Reply, deployment_name, error_event
+from raylm.serve import status, stream
+from raylm.serve.batch.store import Store
+from raylm.serve.edge import http
+from raylm.serve.edge.access import Access
+from raylm.serve.edge.routes import build_api
 from raylm.serve.metrics import IngressMetrics
 
 logger = logging.getLogger("raylm.serve")
@@ -47,31 +44,16 @@ CONNECT_TIMEOUT_S = 10.0
 # The replica (or its node) is gone: the request never ran to the end there, so it may run elsewhere.
 # OSError: its stream's connection was refused or reset before a byte came.
 _REPLICA_GONE = (RayActorError, ReplicaUnavailableError, OSError)
-ROUTES: dict[str, Endpoint] = {path: endpoint for endpoint, paths in PATHS.items() for path in paths}
-PLAYGROUND = Path(__file__).parent / "playground"
-# The playground's page may load and reach only its own origin: model output cannot pull scripts in.
-_PLAYGROUND_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
-                   "connect-src 'self'")
 
 
 def _as_api_error(exc: Exception) -> Exception:
-    """Serve's own refusals as OpenAI errors; anything else is left to http.api_error (500, hidden)."""
+    """Serve's own refusals as OpenAI errors; anything else is left to errors.public_error (500, hidden)."""
     if isinstance(exc, BackPressureError):
         return errors.OverloadedError("the server is at capacity; retry later", code="queue_full",
                                       retry_after=exc.retry_after_s or 1.0)
     if isinstance(exc, DeploymentUnavailableError):
         return errors.UnavailableError("the model is unavailable: it failed to deploy", retry_after=5.0)
     return exc
-
-
-def _reason(reply: Reply) -> str | None:
-    """A refusal's error code (queue_full, no_replica, ...), for the rejections metric."""
-    if reply.status not in (429, 503):
-        return None
-    try:
-        return str(json.loads(reply.body)["error"].get("code") or "unavailable")
-    except (ValueError, KeyError, TypeError):
-        return None
 
 
 @dataclass(frozen=True)
@@ -89,17 +71,17 @@ class IngressOptions:
 
 class Ingress:
     async def __init__(self, models: tuple[ModelConfig, ...], handles: dict[str, Any], access: Access,
-                       options: IngressOptions, batch_runner: Any) -> None:
+                       options: IngressOptions, batch_jobs: Any) -> None:
         self.models = {m.name: m for m in models}
         self.handles = handles
-        self.batch_runner = batch_runner
+        self.batch_jobs = batch_jobs
         self.batch_store = Store(Path(options.batch_dir))
         self.callers = {name: h.options(stream=True) for name, h in handles.items()}
         self.access = access
         self.options = options
         self.created = int(time.time())
         self.metrics = IngressMetrics()
-        self.server = await http.serve_http(build_api(self), options.host, options.port)
+        self.http_server = await http.serve_http(build_api(self), options.host, options.port)
 
     async def serve(self, endpoint: Endpoint, request: Request) -> Response:
         start = time.perf_counter()
@@ -111,11 +93,11 @@ class Ingress:
             body = await http.json_body(request, self.options.max_request_bytes)
             model = self._model(endpoint, body)
             name = model.name
-            head = await self._open(model, (endpoint, body, rid, tenant))
+            head = await self._open(model, Call(endpoint, body, rid, tenant))
         except Exception as exc:
-            head = http.error_reply(_as_api_error(exc), rid)
+            head = Reply.of(_as_api_error(exc), rid)
         if isinstance(head, Reply):
-            self.metrics.answered(name, endpoint, head.status, start, _reason(head), who)
+            self.metrics.answered(name, endpoint, head.status, start, head.code, who)
             return http.json_response(head, rid)
         return http.sse_response(self._relay(head, name, endpoint, start, rid, who), rid)
 
@@ -137,10 +119,10 @@ class Ingress:
                                              param="model", code="unsupported_endpoint")
         return model
 
-    async def _open(self, model: ModelConfig, args: tuple) -> Reply | AsyncIterator[bytes]:
+    async def _open(self, model: ModelConfig, call: Call) -> Reply | AsyncIterator[bytes]:
         """Send the request; if its replica dies before the first reply, send it once more."""
         for attempt in (1, 2):
-            replies = self.callers[model.name].reply.remote(*args)
+            replies = self.callers[model.name].reply.remote(call)
             try:
                 await self._assigned(replies, model)
                 head = await replies.__anext__()
@@ -154,7 +136,7 @@ class Ingress:
                         f"model {model.name}: the replica serving this request died, twice",
                         retry_after=model.admission.retry_after_s) from exc
                 logger.warning("request %s: replica of %s died before answering; retrying once",
-                               args[2], model.name)
+                               call.request_id, model.name)
         raise AssertionError("unreachable")
 
     async def _assigned(self, replies: Any, model: ModelConfig) -> None:
@@ -163,7 +145,7 @@ class Ingress:
         # took the request, so nothing ran and a 503 is honest.
         timeout_s = self.options.cold_start_timeout_s
         try:
-            await asyncio.wait_for(asyncio.shield(replies._fetch_future_result_async()), timeout_s)
+            await asyncio.wait_for(asyncio.shield(_ray.assigned(replies)), timeout_s)
         except TimeoutError:
             replies.cancel()
             raise errors.UnavailableError(
@@ -181,9 +163,10 @@ class Ingress:
         except stream.StreamCut:
             timer.end(500)
             model = self.models[name]
-            yield http.error_event(errors.UnavailableError(
+            yield error_event(errors.UnavailableError(
                 f"the replica of model {name} serving this stream stopped before the stream ended",
-                code="replica_lost", retry_after=model.admission.retry_after_s), rid).encode()
+                code="replica_lost", retry_after=model.admission.retry_after_s), rid,
+                endpoint in NAMED_EVENTS).encode()
             return
         except BaseException:  # the client went away: closing the connection aborts the engine request
             timer.end(499)
@@ -199,7 +182,7 @@ class Ingress:
                 raise errors.NotFoundError(f"The model `{model_id}` does not exist. Served models: "
                                            f"{', '.join(self.models)}.", param="model", code="model_not_found")
         except errors.APIError as exc:
-            return http.json_response(http.error_reply(exc, rid), rid)
+            return http.error_response(exc, rid)
         # `task` is raylm's: which endpoints a model serves (the playground picks its chat models by it).
         cards = [{"id": name, "object": "model", "created": self.created, "owned_by": "raylm", "task": m.task}
                  for name, m in self.models.items() if model_id in (None, name)]
@@ -211,8 +194,8 @@ class Ingress:
         try:
             self.access.tenant(request.headers)
         except errors.APIError as exc:
-            return http.json_response(http.error_reply(exc, rid), rid)
-        deployments = {name: deployment_name(m) for name, m in self.models.items()}
+            return http.error_response(exc, rid)
+        deployments = {name: deployment_name(name) for name in self.models}
         app_name = serve.get_replica_context().app_name
         return JSONResponse(await status.collect(app_name, deployments, self.metrics.window))
 
@@ -236,92 +219,14 @@ class Ingress:
         return True
 
     async def check_health(self) -> None:
-        if self.server.task.done():
+        if self.http_server.task.done():
             raise RuntimeError("the ingress HTTP server has stopped")
 
     async def __del__(self) -> None:
-        server = getattr(self, "server", None)
+        server = getattr(self, "http_server", None)
         if server is not None:
             server.should_exit = True
             await asyncio.wait({server.task}, timeout=5)
-
-
-def build_api(ingress: Ingress) -> FastAPI:
-    """The routes, each a line: the ingress does the work. Whatever FastAPI or Starlette would answer in
-    their own shape (unknown route, wrong method, a failure nobody caught) comes out as one OpenAI error."""
-    api = FastAPI(title="raylm", docs_url=None, redoc_url=None, openapi_url=None)
-
-    @api.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        if exc.status_code == 404:
-            err: errors.APIError = errors.NotFoundError(
-                f"no route {request.method} {request.url.path}; see /v1/models", code="unknown_route")
-        elif exc.status_code == 405:
-            err = errors.MethodNotAllowedError(f"{request.url.path} does not take {request.method}")
-        else:
-            err = errors.from_status(exc.status_code, str(exc.detail))
-        rid = http.request_id(request)
-        return http.json_response(http.error_reply(err, rid), rid)
-
-    @api.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> Response:
-        rid = http.request_id(request)
-        return http.json_response(http.error_reply(errors.validation_error(exc), rid), rid)
-
-    @api.exception_handler(Exception)
-    async def crashed(request: Request, exc: Exception) -> Response:
-        rid = http.request_id(request)
-        return http.json_response(http.error_reply(exc, rid), rid)  # 500, internals logged and hidden
-
-    for path, endpoint in ROUTES.items():
-        api.add_api_route(path, _route(ingress, endpoint), methods=["POST"])
-    batch_api.add_routes(api, ingress)
-
-    @api.get("/v1/models")
-    async def list_models(request: Request) -> Response:
-        return await ingress.list_models(request)
-
-    @api.get("/v1/models/{model_id:path}")  # names may hold a slash (org/model)
-    async def retrieve_model(request: Request, model_id: str) -> Response:
-        return await ingress.list_models(request, model_id)
-
-    @api.get("/", include_in_schema=False)
-    async def playground() -> Response:
-        return _static(PLAYGROUND / "index.html")
-
-    @api.get("/playground/{name:path}", include_in_schema=False)
-    async def playground_file(name: str) -> Response:
-        path = (PLAYGROUND / name).resolve()
-        if not path.is_relative_to(PLAYGROUND.resolve()) or not path.is_file():
-            raise StarletteHTTPException(404)
-        return _static(path)
-
-    @api.get("/status")
-    async def service_status(request: Request) -> Response:
-        return await ingress.status(request)
-
-    @api.get("/health")
-    @api.get("/-/healthz", include_in_schema=False)  # Serve's proxy path, which KubeRay probes on the head
-    async def health() -> dict:
-        return {"status": "ok"}
-
-    @api.get("/ready")
-    async def ready() -> JSONResponse:
-        return await ingress.ready()
-
-    return api
-
-
-def _static(path: Path) -> Response:
-    return FileResponse(path, headers={"content-security-policy": _PLAYGROUND_CSP, "cache-control": "no-cache",
-                                       "x-content-type-options": "nosniff"})
-
-
-def _route(ingress: Ingress, endpoint: Endpoint):
-    async def route(request: Request) -> Response:
-        return await ingress.serve(endpoint, request)
-
-    return route
 
 
 IngressDeployment = serve.deployment(Ingress)

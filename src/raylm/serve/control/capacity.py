@@ -58,7 +58,7 @@ def gpu_plan(model: ModelConfig, folder: str, weight_bytes: int) -> str | None:
         return None
     import json
 
-    from raylm.serve.builder import world_size
+    from raylm.serve.control.builder import world_size
 
     world = world_size(model)
     per_token = kv_bytes_per_token(json.loads(config_file.read_text())) / world

@@ -1,10 +1,10 @@
-"""SSE framing and error bodies: the only place that knows the wire format."""
+"""The contract's SSE framing and error replies: the one place that knows the wire format."""
 
 import asyncio
 import json
 
 from raylm import errors
-from raylm.serve import http
+from raylm import contract
 
 
 async def _collect(items, rid="r1"):
@@ -14,7 +14,7 @@ async def _collect(items, rid="r1"):
                 raise item
             yield item
 
-    return [frame async for frame in http.sse_frames(gen(), rid)]
+    return [frame async for frame in contract.sse_frames(gen(), rid)]
 
 
 def test_stream_ends_with_done():
@@ -38,9 +38,9 @@ def test_crash_mid_stream_hides_internals():
 
 
 def test_error_reply_keeps_client_errors_and_hides_server_errors():
-    client = http.error_reply(errors.NotFoundError("no such model", param="model"), "r2")
+    client = contract.Reply.of(errors.NotFoundError("no such model", param="model"), "r2")
     assert client.status == 404 and json.loads(client.body)["error"]["param"] == "model"
-    server = http.error_reply(errors.InternalError("engine core died at 0xdead"), "r3")
+    server = contract.Reply.of(errors.InternalError("engine core died at 0xdead"), "r3")
     assert server.status == 500 and "0xdead" not in server.body.decode()
-    overloaded = http.error_reply(errors.OverloadedError("busy", retry_after=1), "r4")
+    overloaded = contract.Reply.of(errors.OverloadedError("busy", retry_after=1), "r4")
     assert overloaded.headers == {"Retry-After": "1"}

@@ -18,16 +18,15 @@ from pathlib import Path
 import ray
 from ray import serve
 
-from raylm import hardware
+from raylm import _ray, hardware
 from raylm.config import ModelConfig
-from raylm.engine.protocol import NAMED_EVENTS, Endpoint, Engine
+from raylm.contract import NAMED_EVENTS, Call, Direct, Reply, sse_frames
+from raylm.engine.protocol import Engine
 from raylm.models import resolve_source
-from raylm.serve import http, status
-from raylm.serve.admission import Admission, Tenant
-from raylm.serve.builder import HEAD_NODE_RESOURCE
-from raylm.serve.http import Reply
+from raylm.serve import status
 from raylm.serve.metrics import ReplicaMetrics
-from raylm.serve.stream import Direct, StreamHub
+from raylm.serve.replica.admission import Admission
+from raylm.serve.stream import StreamHub
 
 logger = logging.getLogger("raylm.serve")
 
@@ -44,7 +43,7 @@ def stream_host() -> str:
     which the ingress reaches across the cluster (tickets guard it; see stream.py)."""
     node_id = ray.get_runtime_context().get_node_id()
     node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
-    return "127.0.0.1" if HEAD_NODE_RESOURCE in node["Resources"] else node["NodeManagerAddress"]
+    return "127.0.0.1" if _ray.HEAD_NODE_RESOURCE in node["Resources"] else node["NodeManagerAddress"]
 
 
 def sequences(body: dict) -> int:
@@ -106,26 +105,26 @@ class ModelServer:
         except Exception as exc:  # the status page is not worth a replica: GCS may be busy or restarting
             logger.debug("status report of %s not published: %r", self.name, exc)
 
-    async def reply(self, endpoint: Endpoint, body: dict, rid: str,
-                    tenant: Tenant = Tenant()) -> AsyncIterator[Reply | Direct]:
+    async def reply(self, call: Call) -> AsyncIterator[Reply | Direct]:
         """One request, one item: a Reply (a whole body, or an error), or a Direct for a stream; the call
         then lasts until the stream has ended, so Serve and admission count it while it runs."""
+        rid = call.request_id
         try:
             # Refuse early: a bad request, or a prompt too long for the context, never takes a queue place.
-            prepared = await self.engine.prepare(endpoint, body)
-            async with self.admission.slot(tenant, prepared.size.total, sequences(body)):
+            prepared = await self.engine.prepare(call.endpoint, call.body)
+            async with self.admission.slot(call.tenant, prepared.size.total, sequences(call.body)):
                 result = await self.engine.create(prepared, rid)
                 if isinstance(result, bytes):
                     yield Reply(body=result)
                     return
-                direct, out = self.streams.open(http.sse_frames(result, rid, endpoint in NAMED_EVENTS))
+                direct, out = self.streams.open(sse_frames(result, rid, call.endpoint in NAMED_EVENTS))
                 try:
                     yield direct
                     await asyncio.wait({out.task})
                 finally:  # also when Serve cancels this call (the client went away)
                     out.abort()
         except Exception as exc:  # refused by admission (429), or the engine failed before answering
-            yield http.error_reply(exc, rid)
+            yield Reply.of(exc, rid)
 
     async def check_health(self) -> None:
         """Serve calls this every period: the engine must be alive and, while it holds requests, finish a

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from raylm import errors
 from raylm.config import ServeConfig
-from raylm.serve.admission import Tenant
+from raylm.contract import Tenant
 
 
 def hash_key(key: str) -> str:

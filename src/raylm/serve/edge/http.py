@@ -1,4 +1,4 @@
-"""HTTP helpers: request ids, JSON bodies, the one error shape, SSE framing (only here), and the server."""
+"""HTTP at the edge: request ids, JSON bodies, responses in the one error shape, and the server."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import logging
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 
 import uvicorn
 from fastapi import Request
@@ -17,19 +16,11 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.types import ASGIApp
 
 from raylm import errors
+from raylm.contract import Reply
 
 logger = logging.getLogger("raylm.serve")
 
 REQUEST_ID_HEADER = "x-request-id"
-
-
-@dataclass(frozen=True)
-class Reply:
-    """A whole answer from a model server (a stream comes as a stream.Direct instead)."""
-
-    body: bytes
-    status: int = 200
-    headers: dict[str, str] = field(default_factory=dict)
 
 
 def request_id(request: Request) -> str:
@@ -60,17 +51,8 @@ async def json_body(request: Request, limit: int) -> dict:
     return body
 
 
-def api_error(exc: Exception, rid: str) -> errors.APIError:
-    """Any exception as an APIError; internals are logged with the request id and never shown."""
-    if isinstance(exc, errors.APIError) and not isinstance(exc, errors.InternalError):
-        return exc
-    logger.error("request %s failed: %r", rid, exc, exc_info=exc)
-    return errors.InternalError(f"internal error (request id {rid})")
-
-
-def error_reply(exc: Exception, rid: str) -> Reply:
-    err = api_error(exc, rid)
-    return Reply(json.dumps(err.body()).encode(), err.status, err.headers())
+def error_response(exc: Exception, rid: str) -> Response:
+    return json_response(Reply.of(exc, rid), rid)
 
 
 def json_response(reply: Reply, rid: str) -> Response:
@@ -80,28 +62,6 @@ def json_response(reply: Reply, rid: str) -> Response:
 
 def sse_response(chunks: AsyncIterator[bytes], rid: str) -> StreamingResponse:
     return StreamingResponse(chunks, media_type="text/event-stream", headers={REQUEST_ID_HEADER: rid})
-
-
-def error_event(exc: Exception, rid: str) -> str:
-    return f"data: {json.dumps(api_error(exc, rid).body())}\n\n"
-
-
-async def sse_frames(payloads: AsyncIterator[str], rid: str, named: bool = False) -> AsyncIterator[str]:
-    """Chunk payloads as SSE events, then `[DONE]`; an error becomes one error event and ends the stream.
-    Named: each event is named by its payload's `type` and there is no `[DONE]` (the Responses and Anthropic
-    Messages streams, whose SDKs read the names)."""
-    async with contextlib.aclosing(payloads):  # closing this closes the engine's stream (an abort)
-        try:
-            async for payload in payloads:
-                if named:
-                    yield f"event: {json.loads(payload).get('type', 'message')}\ndata: {payload}\n\n"
-                else:
-                    yield f"data: {payload}\n\n"
-        except Exception as exc:  # the engine failed mid-stream
-            yield ("event: error\n" if named else "") + error_event(exc, rid)
-            return
-    if not named:
-        yield "data: [DONE]\n\n"
 
 
 class _Server(uvicorn.Server):

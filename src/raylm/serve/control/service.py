@@ -9,7 +9,6 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,11 +16,12 @@ import psutil
 import ray
 from ray import serve
 
-from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
-
+from raylm import _ray
 from raylm.config import AppConfig
-from raylm.serve import capacity
-from raylm.serve.builder import APP_NAME, build_app, deployment_name
+from raylm.contract import APP_NAME, deployment_name
+from raylm.serve import status
+from raylm.serve.control import capacity
+from raylm.serve.control.builder import build_app
 
 logger = logging.getLogger("raylm.serve")
 
@@ -39,14 +39,14 @@ class Service:
     @property
     def log_dir(self) -> str:
         """Where every Ray process of this session writes its output (replicas, engines, Serve)."""
-        return str(Path(ray._private.worker._global_node.get_session_dir_path()) / "logs")
+        return _ray.session_log_dir()
 
     @property
     def metrics_url(self) -> str:
         """This node's Prometheus endpoint (Ray's metrics export)."""
-        from ray._private.worker import global_worker
-
-        return f"http://127.0.0.1:{global_worker.node.metrics_export_port}/metrics"
+        node_id = ray.get_runtime_context().get_node_id()
+        node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
+        return f"http://127.0.0.1:{node['MetricsExportPort']}/metrics"
 
     def stop(self) -> None:
         # Our descendants (GCS, raylet, its agents, workers, EngineCores) are listed before Ray goes
@@ -94,48 +94,19 @@ SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_ING
              "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}
 
 
-# Ray keeps one idle task worker per CPU and ends the others within a second. On a 2-core node a batch
-# job's read and write tasks then started a new Python worker for each block, ~1 s of CPU each, during which
-# the engines' OpenMP steps stalled: interactive TTFT p99 beside a batch 731 → 318 ms with these kept.
-LOCAL_RAY_CONFIG = {"num_workers_soft_limit": 8}
-
-
 def connect_ray(config: AppConfig, verbose: bool = False) -> bool:
     """Join the configured cluster, or start a local one on loopback. Returns True if we started it.
     `verbose` copies every Ray worker's output (replicas, engines) to this console."""
     if ray.is_initialized():
         return False
     if config.serve.address is not None:
-        _use_local_auth_token()
+        _ray.use_local_auth_token()
         ray.init(address=config.serve.address, logging_level=logging.WARNING, log_to_driver=verbose)
         return False
-    # address="local" always starts a fresh cluster: a bare init() may attach to a stale one.
     for key, value in SERVE_ENV.items():  # read by Serve's processes, which inherit this env
         os.environ.setdefault(key, value)
-    ray.init(address="local", num_cpus=config.serve.num_cpus, include_dashboard=False,
-             _node_ip_address="127.0.0.1", _metrics_export_port=config.serve.metrics_port,
-             logging_level=logging.WARNING, log_to_driver=verbose, _system_config=LOCAL_RAY_CONFIG)
+    _ray.init_local(config.serve.num_cpus, config.serve.metrics_port, _ray.LOCAL_RAY_CONFIG, verbose)
     return True
-
-
-def _serve_running() -> bool:
-    try:
-        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-    except ValueError:
-        return False
-    return True
-
-
-def _use_local_auth_token() -> None:
-    # Ray 2.60 loads ~/.ray/auth_token for address="auto" but not for an explicit host:port; without it
-    # a token-auth cluster (the default) refuses us. Same rule as auto: use the token if one exists.
-    try:
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available,
-        )
-    except ImportError:
-        return
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def start(config: AppConfig, verbose: bool = False, report: Callable[[str], None] = logger.warning,
@@ -148,7 +119,7 @@ def start(config: AppConfig, verbose: bool = False, report: Callable[[str], None
     progress(f"{time.monotonic() - began:5.1f}s  Ray " + ("started (local)" if started else "joined"))
     host, port = config.serve.host, config.serve.port
     url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
-    service = Service(config, started, started or not _serve_running(), url)
+    service = Service(config, started, started or not _ray.serve_controller_running(), url)
     try:
         check_capacity(config, strict=started, report=report)
         serve.start(proxy_location="Disabled")  # the ingress serves HTTP itself
@@ -159,7 +130,7 @@ def start(config: AppConfig, verbose: bool = False, report: Callable[[str], None
                            wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
         except RuntimeError as exc:
             raise DeployError(f"{exc}\n{_describe_deployments()}") from None
-        phases = _Phases({m.name: deployment_name(m) for m in config.models}, began, progress)
+        phases = _Phases({m.name: deployment_name(m.name) for m in config.models}, began, progress)
         wait_ready(service.url, config.serve.ready_timeout_s, report, phases)
         service.choices = engine_choices(config)
     except BaseException:
@@ -202,7 +173,7 @@ def engine_choices(config: AppConfig) -> dict[str, list[str]]:
         if model.autoscaling is not None and model.autoscaling.min_replicas == 0:
             continue
         try:
-            handle = serve.get_deployment_handle(deployment_name(model), APP_NAME)
+            handle = serve.get_deployment_handle(deployment_name(model.name), APP_NAME)
             choices[model.name] = handle.describe.remote().result(timeout_s=10)
         except Exception as exc:  # informational only
             logger.debug("no engine choices from %s: %r", model.name, exc)
@@ -239,8 +210,6 @@ class _Phases:
         self.last: dict[str, str] = {}
 
     def update(self, app) -> None:
-        from raylm.serve import status
-
         reported = status.reports(max_age_s=None)
         for name, deployment in self.deployments.items():
             d = app.deployments.get(deployment) if app is not None else None

@@ -7,39 +7,24 @@ Serve route: the ingress replicas serve HTTP themselves, on the head node (the a
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 from ray.serve import Application
 
+from raylm import hardware
+from raylm._ray import HEAD_NODE_RESOURCE
 from raylm.config import AppConfig, ModelConfig, load_config
-from raylm.models import BUNDLED_PREFIX
+from raylm.contract import APP_NAME, BATCH_NAME, INGRESS_NAME, deployment_name
+from raylm.serve.batch.jobs import BatchDeployment
+from raylm.serve.edge.access import load_access
+from raylm.serve.edge.ingress import IngressDeployment, IngressOptions
+from raylm.serve.replica.server import ModelDeployment
 
-APP_NAME = "raylm"
-INGRESS_NAME = "ingress"
-BATCH_NAME = "batches"
 HEALTH_CHECK_TIMEOUT_MARGIN_S = 20.0
 INGRESS_MAX_ONGOING = 4096  # the ingress only forwards: the model replicas bound the work
-HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray's own marker of the head node
 REFUSAL_HEADROOM = 64  # calls a model replica takes beyond its queue, to refuse them itself (serve_options)
-PREFIX_ROUTER = "raylm.serve.routing:PrefixAffinityRouter"  # routing: prefix
-
-
-def deployment_name(model: ModelConfig) -> str:
-    return "model-" + re.sub(r"[^A-Za-z0-9_.-]", "_", model.name)
-
-
-def replica_env(model: ModelConfig) -> dict[str, str]:
-    env = dict(model.env)
-    if model.source.startswith(BUNDLED_PREFIX):
-        env.setdefault("HF_HUB_OFFLINE", "1")  # bundled weights are local: never reach for a hub
-    # vLLM's logging setup (logging.config.dictConfig) closes every handler in the process, Serve's buffered
-    # request log among them: closed, it keeps the handler attached with no target, so it never empties and
-    # held every request's log record (~1.5 KB each; the soak's model replica grew 743 → 836 MiB in 30 min).
-    # The replica gives vLLM's loggers a handler itself (server.py).
-    env.setdefault("VLLM_CONFIGURE_LOGGING", "0")
-    return env
+PREFIX_ROUTER = "raylm.serve.edge.routing:PrefixAffinityRouter"  # routing: prefix
 
 
 def engine_args(model: ModelConfig) -> dict[str, Any]:
@@ -95,7 +80,7 @@ def serve_options(model: ModelConfig) -> dict[str, Any]:
     }
     where = placement(model)
     options["ray_actor_options"] = {"num_cpus": where.pop("num_cpus"), "num_gpus": where.pop("num_gpus"),
-                                    "runtime_env": {"env_vars": replica_env(model)}}
+                                    "runtime_env": {"env_vars": hardware.engine_env(model.env, model.source)}}
     options.update(where)
     if model.routing == "prefix":  # every handle to this model (the ingress's) routes with it
         options["request_router_config"] = {"request_router_class": PREFIX_ROUTER}
@@ -118,11 +103,6 @@ def build_app(args: AppConfig | dict[str, Any] | None = None) -> Application:
     `args` is an AppConfig, or (from a Serve YAML) a dict holding either `config: <path to raylm YAML>`
     or the config tree itself.
     """
-    from raylm.serve.access import load_access
-    from raylm.serve.batches import BatchDeployment
-    from raylm.serve.ingress import IngressDeployment, IngressOptions
-    from raylm.serve.server import ModelDeployment
-
     if isinstance(args, AppConfig):
         config = args
     elif args and set(args) == {"config"}:
@@ -130,7 +110,7 @@ def build_app(args: AppConfig | dict[str, Any] | None = None) -> Application:
     else:
         config = AppConfig.model_validate(args or {})
     handles = {
-        m.name: ModelDeployment.options(name=deployment_name(m), **serve_options(m)).bind(
+        m.name: ModelDeployment.options(name=deployment_name(m.name), **serve_options(m)).bind(
             m.model_copy(update={"engine_args": engine_args(m)}), str(config.serve.cache_dir))
         for m in config.models}
     serve_config = config.serve

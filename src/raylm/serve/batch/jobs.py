@@ -1,6 +1,6 @@
 """The OpenAI Batch API: a batch is a `raylm data` job whose stage sends each line to the served models.
 
-    POST /v1/batches ─► BatchRunner (one replica, on the head node, next to batch_dir)
+    POST /v1/batches ─► BatchJobs (one replica, on the head node, next to batch_dir)
                           validating: the input file is the tenant's, its lines are counted
                           in_progress: run_job(input.txt → out/), stage BatchRequests in a Ray Data actor:
                               each line ─► the model's Serve handle, as the tenant's batch work (admission's
@@ -9,7 +9,7 @@
                           completed | cancelled | expired (a line not run: `batch_cancelled`/`batch_expired`)
 
 Restart-safe as `raylm data` is: answers are written block by block, each file whole, and a restarted
-runner resumes every unfinished batch it finds in batch_dir, skipping the lines already answered, so each
+deployment resumes every unfinished batch it finds in batch_dir, skipping the lines already answered, so each
 line is answered exactly once. A malformed line fails that line (in the error file), never the batch.
 """
 
@@ -26,14 +26,12 @@ from typing import Any
 import pyarrow as pa
 from ray import serve
 
-from raylm import errors
+from raylm import _ray, errors
 from raylm.config import ModelConfig
+from raylm.contract import Call, Reply, Tenant, deployment_name
 from raylm.data import io
 from raylm.data.job import JobSpec, run_job
-from raylm.serve.admission import Tenant
-from raylm.serve.batch_store import TENANT, Store, new_id, page, public, request_lines
-from raylm.serve.builder import HEAD_NODE_RESOURCE, deployment_name
-from raylm.serve.http import Reply
+from raylm.serve.batch.store import TENANT, Store, new_id, page, public, request_lines
 
 logger = logging.getLogger("raylm.serve")
 
@@ -107,8 +105,8 @@ class BatchRequests:
             return reply
         answer = {"custom_id": custom_id, "status_code": reply.status, "response": reply.body.decode(),
                   "request_id": rid}
-        if reply.status != 200:
-            answer[io.ERROR] = json.loads(reply.body)["error"]["message"]
+        if not reply.ok:
+            answer[io.ERROR] = reply.message
         return answer
 
     async def _send(self, handle: Any, body: dict, custom_id: str, rid: str) -> Reply | dict[str, Any]:
@@ -120,7 +118,7 @@ class BatchRequests:
             if stop:
                 return stop
             try:
-                replies = handle.reply.remote(ENDPOINTS[self.endpoint], body, rid, self.tenant)
+                replies = handle.reply.remote(Call(ENDPOINTS[self.endpoint], body, rid, self.tenant))
                 reply = await replies.__anext__()
                 async for _ in replies:  # a Reply is the call's one item: this only ends the call
                     pass
@@ -130,7 +128,7 @@ class BatchRequests:
                 continue
             if reply.status not in (429, 503):
                 return reply
-            if json.loads(reply.body)["error"].get("code") == "batch_deferred":
+            if reply.code == "batch_deferred":
                 await asyncio.sleep(deferred)
                 deferred = min(2 * deferred, DEFERRED_RETRY_S[1])
             else:
@@ -162,7 +160,7 @@ def _line_error(code: str, message: str, custom_id: Any = None) -> dict[str, Any
             io.ERROR: json.dumps({"code": code, "message": message})}
 
 
-class BatchRunner:
+class BatchJobs:
     """Creates, runs, cancels and resumes batches; the ingress forwards the Batch API's writes here."""
 
     async def __init__(self, models: tuple[ModelConfig, ...], batch_dir: str, tenants: dict[str, Tenant],
@@ -263,7 +261,7 @@ class BatchRunner:
             who = self.tenants.get(tenant) or Tenant(tenant)
             spec = JobSpec("batch", str(folder / INPUT), str(folder / "out"), LINE, "jsonl",
                            {"batch": batch_id})
-            deployments = {name: deployment_name(m) for name, m in self.models.items()}
+            deployments = {name: deployment_name(name) for name in self.models}
             stage = {"app_name": self.app_name, "deployments": deployments, "endpoint": record["endpoint"],
                      "tenant": Tenant(who.name, who.weight, who.priority, batch=True), "folder": str(folder),
                      "expires_at": record["expires_at"],
@@ -271,7 +269,7 @@ class BatchRunner:
             # Reading, the stage and writing stay on this node, next to batch_dir; the stage only waits on
             # the models, so nothing reserves a CPU the engines need.
             run_job(spec, BatchRequests, stage, num_cpus=0.0, read_num_cpus=0.0, batch_size=LINES_PER_BLOCK,
-                    rows_per_block=LINES_PER_BLOCK, ray_remote_args={"resources": {HEAD_NODE_RESOURCE: 0.001}})
+                    rows_per_block=LINES_PER_BLOCK, ray_remote_args={"resources": {_ray.HEAD_NODE_RESOURCE: 0.001}})
             record = self.store.batch(tenant, batch_id)
             if record["status"] != "cancelling":
                 record.update(status="finalizing", finalizing_at=int(time.time()))
@@ -328,4 +326,4 @@ def _output_line(row: dict[str, Any]) -> bytes:
                         "error": error}) + "\n").encode()
 
 
-BatchDeployment = serve.deployment(BatchRunner)
+BatchDeployment = serve.deployment(BatchJobs)

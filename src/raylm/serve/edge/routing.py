@@ -33,6 +33,8 @@ from typing import Any, TypeVar
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
+from raylm.contract import Call
+
 logger = logging.getLogger("raylm.serve")
 
 BLOCK_CHARS = 256  # ~60 tokens of English: a shared start shorter than that is not worth a detour
@@ -158,13 +160,11 @@ class PrefixAffinityRouter(RequestRouter):
         self.index = PrefixIndex(capacity_blocks)
 
     def chain(self, pending_request: PendingRequest | None) -> tuple[int, ...]:
-        """The ingress calls `reply(endpoint, body, rid, tenant)`: the chain of the body's prompt."""
-        if pending_request is None:
+        """The chain of the prompt of the Call the request carries (`ModelServer.reply(call)`)."""
+        call = pending_request.args[0] if pending_request is not None and pending_request.args else None
+        if not isinstance(call, Call):
             return ()
-        args = pending_request.args
-        body = next((a for a in args if isinstance(a, dict)), None)
-        seed = args[0] if args and isinstance(args[0], str) else ""
-        return block_chain(prompt_text(body, self.max_chars), self.block_chars, seed)
+        return block_chain(prompt_text(call.body, self.max_chars), self.block_chars, call.endpoint)
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -194,8 +194,8 @@ class PrefixAffinityRouter(RequestRouter):
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
-        self.index.keep(self._replica_id_set)
+        self.index.keep(self.curr_replicas)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
-        self.index.keep(self._replica_id_set)
+        self.index.keep(self.curr_replicas)

@@ -1,0 +1,119 @@
+"""The one door to Ray's internals: every private or internal name raylm uses, each with the public API it
+lacks. Nothing else in raylm imports `ray._private`, `ray.serve._private` or `ray.experimental`, or passes
+ray.init a private argument; `tests/unit/test_internals.py` loads every name here, so a Ray upgrade that
+moves one fails there, by name, instead of at run time in whichever module touched it first.
+
+Imported lazily (`load`): importing raylm never imports more of Ray than its callers do.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from typing import Any
+
+# name: (module, attribute, the public API that is missing)
+NAMES: dict[str, tuple[str, str, str]] = {
+    "internal_kv": ("ray.experimental.internal_kv", "_internal_kv_put",
+                    "a small cluster-wide key-value store (replicas publish their state for `raylm status`)"),
+    "internal_kv_get": ("ray.experimental.internal_kv", "_internal_kv_get", "the same store: read"),
+    "internal_kv_del": ("ray.experimental.internal_kv", "_internal_kv_del", "the same store: delete"),
+    "internal_kv_list": ("ray.experimental.internal_kv", "_internal_kv_list", "the same store: list by prefix"),
+    "SERVE_CONTROLLER_NAME": ("ray.serve._private.constants", "SERVE_CONTROLLER_NAME",
+                              "whether Serve runs on the cluster (serve.status() answers the same for none)"),
+    "SERVE_NAMESPACE": ("ray.serve._private.constants", "SERVE_NAMESPACE", "the same"),
+    "global_node": ("ray._private.worker", "_global_node",
+                    "the session's log folder (ray.get_runtime_context() does not say where logs go)"),
+    "token_auth": ("ray._private.authentication.authentication_token_setup",
+                   "maybe_enable_token_auth_if_token_available",
+                   "ray.init(address='host:port') loading ~/.ray/auth_token as address='auto' does"),
+    "fetch_future_result": ("ray.serve.handle", "DeploymentResponseGenerator._fetch_future_result_async",
+                            "a handle call's 'assigned to a replica' event (only its result can be awaited)"),
+    "RequestMetadata": ("ray.serve._private.common", "RequestMetadata",
+                        "building a PendingRequest to test a custom RequestRouter (tests only)"),
+    "DeploymentID": ("ray.serve._private.common", "DeploymentID", "the same (tests only)"),
+    "DeploymentHandleSource": ("ray.serve._private.common", "DeploymentHandleSource", "the same (tests only)"),
+}
+# ray.init's private keyword arguments a local raylm cluster is started with (init_local), and why.
+INIT_ARGUMENTS = {
+    "_node_ip_address": "binding the node to loopback (no public argument)",
+    "_metrics_export_port": "the Prometheus port (ray start has --metrics-export-port; ray.init does not)",
+    "_system_config": "keeping idle workers (num_workers_soft_limit; ray start has --system-config)",
+}
+# A local cluster raylm starts keeps idle workers: Ray keeps one idle task worker per CPU and ends the others
+# within a second. On a 2-core node a batch job's read and write tasks then started a new Python worker for
+# each block, ~1 s of CPU each, during which the engines' OpenMP steps stalled: interactive TTFT p99 beside a
+# batch 731 → 318 ms with these kept.
+LOCAL_RAY_CONFIG = {"num_workers_soft_limit": 8}
+# Ray's resource label of the head node; documented for scheduling on the head, but not an API constant.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+# The logger that warns at every start that token auth is on (raylm's own cluster always has it).
+TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def load(name: str) -> Any:
+    """The name's current value (not cached: some are module globals that change when Ray starts)."""
+    module, path, _ = NAMES[name]
+    value = importlib.import_module(module)
+    for attribute in path.split("."):
+        value = getattr(value, attribute)
+    return value
+
+
+def init_local(num_cpus: float | None, metrics_port: int | None, system_config: dict[str, Any],
+               verbose: bool = False, **options: Any) -> None:
+    """A fresh local cluster on loopback (address="local": a bare init() may attach to a stale one)."""
+    import ray
+
+    private: dict[str, Any] = {"_node_ip_address": "127.0.0.1", "_system_config": system_config}
+    if metrics_port is not None:
+        private["_metrics_export_port"] = metrics_port
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+             log_to_driver=verbose, **options, **private)
+
+
+def serve_controller_running() -> bool:
+    import ray
+
+    try:
+        ray.get_actor(load("SERVE_CONTROLLER_NAME"), namespace=load("SERVE_NAMESPACE"))
+    except ValueError:
+        return False
+    return True
+
+
+def session_log_dir() -> str:
+    """Where every Ray process of this session writes its output (replicas, engines, Serve)."""
+    return str(Path(load("global_node").get_session_dir_path()) / "logs")
+
+
+def use_local_auth_token() -> None:
+    """Ray 2.60 loads ~/.ray/auth_token for address="auto" but not for an explicit host:port; without it a
+    token-auth cluster (the default) refuses us. Same rule as auto: use the token if one exists."""
+    try:
+        enable = load("token_auth")
+    except (ImportError, AttributeError):
+        return
+    enable(warn_if_disabled=False)
+
+
+async def assigned(replies: Any) -> None:
+    """Returns once Serve's router has given a handle call (a DeploymentResponseGenerator) to a replica."""
+    await load("fetch_future_result")(replies)
+
+
+def kv_put(key: str, value: str) -> None:
+    load("internal_kv")(key, value, overwrite=True)
+
+
+def kv_get(key: str | bytes) -> bytes | None:
+    return load("internal_kv_get")(key)
+
+
+def kv_del(key: str) -> None:
+    load("internal_kv_del")(key)
+
+
+def kv_list(prefix: str) -> list[bytes]:
+    return load("internal_kv_list")(prefix)

@@ -1,0 +1,58 @@
+"""The one door to vLLM's internals: every name raylm takes from vLLM beyond its public offline API (`LLM`,
+`SamplingParams`, `TokensPrompt`, `AsyncEngineArgs`), each with the public API it lacks. vLLM moves such
+names between releases (`init_app_state`, `get_max_tokens` live elsewhere in other versions);
+`tests/unit/test_internals.py` loads every one, so an upgrade fails there, by name.
+
+Loaded lazily: importing raylm (config, CLI, tests) never imports vLLM.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Any
+
+_OPENAI = "vllm.entrypoints.openai"
+# name: (module, attribute, the public API that is missing)
+NAMES: dict[str, tuple[str, str, str]] = {
+    "make_arg_parser": ("vllm.entrypoints.launchers.cli_args", "make_arg_parser",
+                        "`vllm serve`'s own defaults as a value (raylm builds the serving classes from them)"),
+    "FlexibleArgumentParser": ("vllm.utils.argparse_utils", "FlexibleArgumentParser", "the same"),
+    "init_app_state": ("vllm.entrypoints.launchers.api_server.app_state", "init_app_state",
+                       "vLLM's OpenAI serving classes without its HTTP server (one call per request kind)"),
+    "AsyncLLM": ("vllm.v1.engine.async_llm", "AsyncLLM",
+                 "an async engine built from a VllmConfig with custom stat loggers (vllm.AsyncLLMEngine is it, "
+                 "but from_vllm_config is not documented)"),
+    "UsageContext": ("vllm.usage.usage_lib", "UsageContext", "the same"),
+    "StatLoggerBase": ("vllm.v1.metrics.loggers", "StatLoggerBase",
+                       "an engine step callback (raylm's health check watches steps through a stat logger)"),
+    "RayPrometheusStatLogger": ("vllm.v1.metrics.ray_wrappers", "RayPrometheusStatLogger",
+                                "engine metrics through Ray's metrics export (Ray Serve LLM uses it the same way)"),
+    "get_max_tokens": ("vllm.entrypoints.serve.utils.api_utils", "get_max_tokens",
+                       "validating sampling parameters before a request is queued"),
+    "create_error_response": ("vllm.entrypoints.serve.exception_handling.error_response", "create_error_response",
+                              "mapping vLLM's exceptions to (status, message) as its server does"),
+    "ErrorResponse": ("vllm.entrypoints.serve.engine.protocol", "ErrorResponse", "the same"),
+    "current_platform": ("vllm.platforms", "current_platform", "which device the engine runs on"),
+    "OMPProcessManager": ("vllm.utils.ompmultiprocessing", "OMPProcessManager",
+                          "the CPU platform's OpenMP binding as a value (raylm runs the worker inside "
+                          "EngineCore with it: engine/vllm.py cpu_layout)"),
+    "ChatCompletionRequest": (f"{_OPENAI}.chat_completion.protocol", "ChatCompletionRequest",
+                              "the OpenAI request models as a public protocol module"),
+    "CompletionRequest": (f"{_OPENAI}.completion.protocol", "CompletionRequest", "the same"),
+    "ResponsesRequest": (f"{_OPENAI}.responses.protocol", "ResponsesRequest", "the same"),
+    "AnthropicMessagesRequest": ("vllm.entrypoints.anthropic.protocol", "AnthropicMessagesRequest", "the same"),
+    "AnthropicCountTokensRequest": ("vllm.entrypoints.anthropic.protocol", "AnthropicCountTokensRequest",
+                                    "the same"),
+    "EmbeddingRequest": ("vllm.entrypoints.pooling.embed.protocol", "EmbeddingRequest", "the same"),
+    "ScoreRequest": ("vllm.entrypoints.pooling.scoring.protocol", "ScoreRequest", "the same"),
+    "RerankRequest": ("vllm.entrypoints.pooling.scoring.protocol", "RerankRequest", "the same"),
+    "TokenizeRequest": ("vllm.entrypoints.serve.tokenize.protocol", "TokenizeRequest", "the same"),
+    "DetokenizeRequest": ("vllm.entrypoints.serve.tokenize.protocol", "DetokenizeRequest", "the same"),
+}
+
+
+@functools.cache
+def load(name: str) -> Any:
+    module, attribute, _ = NAMES[name]
+    return getattr(importlib.import_module(module), attribute)

@@ -1,0 +1,189 @@
+"""The one contract across the serving boundary, and the wire format, written once.
+
+    ingress, Batch API stage ── Call ──────────────► ModelServer.reply(call)   a Serve handle call; a router
+                                                                               reads call.body, never guesses
+                             ◄── Reply ─────────────  a whole answer, or an error with its code
+                             ◄── Direct(host, port, ticket) ··· SSE bytes on a direct connection (serve/stream.py)
+
+    SSE, as clients read it:  data: <chunk JSON>\\n\\n ... data: [DONE]\\n\\n
+    named-event APIs (Responses, Anthropic Messages):  event: <type>\\ndata: <JSON>\\n\\n ... (no [DONE])
+    an error mid-stream:  one error event (`event: error` first on a named stream), then the end
+
+Everything that crosses a process boundary between raylm's parts is a frozen value defined here: the edge,
+the replica, the Batch API, the router, the builder and the engine import this module; it imports none of
+them (only `raylm.errors`). A field added to a Call (trace context, adapter, key id) is added here, once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from raylm import errors
+
+Endpoint = Literal["chat", "completions", "responses", "messages", "count_tokens", "embeddings", "score", "rerank",
+                   "tokenize", "detokenize"]
+
+# Each endpoint's paths, as vLLM's server routes them (score and rerank under several names).
+PATHS: dict[Endpoint, tuple[str, ...]] = {
+    "chat": ("/v1/chat/completions",), "completions": ("/v1/completions",), "responses": ("/v1/responses",),
+    "messages": ("/v1/messages",), "count_tokens": ("/v1/messages/count_tokens",),
+    "embeddings": ("/v1/embeddings",), "score": ("/score", "/v1/score"),
+    "rerank": ("/rerank", "/v1/rerank", "/v2/rerank"), "tokenize": ("/tokenize",), "detokenize": ("/detokenize",)}
+# What a model of each task may serve; an engine serves those of them its model supports.
+TASK_ENDPOINTS: dict[str, frozenset[Endpoint]] = {
+    "generate": frozenset({"chat", "completions", "responses", "messages", "count_tokens", "tokenize",
+                           "detokenize"}),
+    "embed": frozenset({"embeddings", "score", "rerank", "tokenize", "detokenize"})}
+# Streams whose chunks are named events (SSE `event:` lines, no `[DONE]`), the name being the chunk's `type`.
+NAMED_EVENTS: frozenset[Endpoint] = frozenset({"responses", "messages"})
+
+# How the parts find each other in Serve: the application and its deployments' names.
+APP_NAME = "raylm"
+INGRESS_NAME = "ingress"
+BATCH_NAME = "batches"
+
+
+def deployment_name(model_name: str) -> str:
+    """A model's Serve deployment."""
+    return "model-" + re.sub(r"[^A-Za-z0-9_.-]", "_", model_name)
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """Who a request is for; the ingress resolves it from the API key (or a header without auth)."""
+
+    name: str = "default"
+    weight: float = 1.0
+    priority: int = 0
+    batch: bool = False  # Batch API work, for this tenant: the lowest class
+
+
+@dataclass(frozen=True)
+class Call:
+    """One request for a model replica (`ModelServer.reply`)."""
+
+    endpoint: Endpoint
+    body: dict[str, Any]  # the client's JSON body, `model` resolved
+    request_id: str
+    tenant: Tenant = field(default_factory=Tenant)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A whole answer: a body (JSON), or an error whose `code` travels beside its body (never parsed back)."""
+
+    body: bytes
+    status: int = 200
+    headers: Mapping[str, str] = field(default_factory=dict)
+    code: str | None = None  # an error's code: queue_full, batch_deferred, model_not_found, ...
+    message: str | None = None  # an error's message
+
+    @classmethod
+    def of(cls, exc: Exception, request_id: str) -> Reply:
+        """Any exception as an error reply; internals are logged with the request id and never shown."""
+        err = errors.public_error(exc, request_id)
+        return cls(json.dumps(err.body()).encode(), err.status, err.headers(), err.code, err.message)
+
+    @property
+    def ok(self) -> bool:
+        return self.status < 400
+
+
+@dataclass(frozen=True)
+class Direct:
+    """A stream waiting at a replica: connect to (host, port) and send `ticket` to receive its SSE bytes."""
+
+    host: str
+    port: int
+    ticket: bytes
+
+
+# --- SSE ---------------------------------------------------------------------------------------------------
+
+DONE = "data: [DONE]\n\n"
+
+
+def sse_event(payload: str, named: bool = False) -> str:
+    """One chunk payload (JSON text) as an SSE event; named: the event is named by the payload's `type`."""
+    if named:
+        return f"event: {json.loads(payload).get('type', 'message')}\ndata: {payload}\n\n"
+    return f"data: {payload}\n\n"
+
+
+def error_event(exc: Exception, request_id: str, named: bool = False) -> str:
+    body = json.dumps(errors.public_error(exc, request_id).body())
+    return ("event: error\n" if named else "") + f"data: {body}\n\n"
+
+
+async def sse_frames(payloads: AsyncIterator[str], request_id: str, named: bool = False) -> AsyncIterator[str]:
+    """Chunk payloads as SSE events, then `[DONE]` (not on named streams, whose SDKs read the names); an
+    error becomes one error event and ends the stream. Closing this closes `payloads` (an engine abort)."""
+    async with contextlib.aclosing(payloads):
+        try:
+            async for payload in payloads:
+                yield sse_event(payload, named)
+        except Exception as exc:  # the engine failed mid-stream
+            yield error_event(exc, request_id, named)
+            return
+    if not named:
+        yield DONE
+
+
+def sse_payload(frame: str) -> str | None:
+    """A producer's SSE frame (vLLM's serving classes yield them, `event:` lines too) → its bare payload;
+    None for a frame with none or for `[DONE]`; an error event raises it as an APIError."""
+    if frame.startswith("event:"):
+        frame = frame.partition("\n")[2]
+    payload = frame[len("data: "):].rstrip("\n") if frame.startswith("data: ") else frame.strip()
+    if not payload or payload == "[DONE]":
+        return None
+    if payload.startswith('{"error"'):
+        err = json.loads(payload)["error"]
+        raise errors.from_status(int(err.get("code") or 500), err["message"], err.get("param"))
+    return payload
+
+
+# A finished stream's last event opens so (sse_frames): `[DONE]` or an error event; a named-event stream
+# (Responses, Anthropic Messages) ends with its API's last event, or an error event. Anything else: cut.
+_LAST_EVENTS = (DONE.rstrip("\n").encode(), b'data: {"error"', b"event: error\n", b"event: response.completed\n",
+                b"event: response.failed\n", b"event: response.incomplete\n", b"event: message_stop\n")
+_HEAD_BYTES = 64  # of each event: enough to tell which it is
+
+
+class LastEvent:
+    """Follows SSE bytes as they pass, keeping only the head of the last whole event and of the one coming:
+    enough to tell a finished stream from a cut one, however long its events (a Responses stream's last
+    event carries the whole answer)."""
+
+    __slots__ = ("last", "current", "_carry")
+
+    def __init__(self) -> None:
+        self.last = b""  # the first bytes of the last whole event
+        self.current = b""  # the first bytes of the event in progress ("" between events)
+        self._carry = b""  # the previous chunk's last byte: a blank line may straddle two chunks
+
+    def feed(self, chunk: bytes) -> None:
+        data, start = self._carry + chunk, len(self._carry)
+        begin = 0  # where the event in progress began within data (or 0: before it)
+        while (end := data.find(b"\n\n", max(begin, start - 1))) != -1:
+            self.last = (self.current + data[max(begin, start):end])[:_HEAD_BYTES]
+            self.current, begin = b"", end + 2
+        if len(self.current) < _HEAD_BYTES:
+            self.current = (self.current + data[max(begin, start):])[:_HEAD_BYTES]
+        self._carry = data[-1:]
+
+    def finished(self) -> bool:
+        return not self.current and self.last.startswith(_LAST_EVENTS)
+
+
+def finished(data: bytes) -> bool:
+    """Whether SSE bytes end with a whole last event (see LastEvent)."""
+    events = LastEvent()
+    events.feed(data)
+    return events.finished()
+

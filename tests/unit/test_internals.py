@@ -1,0 +1,28 @@
+"""Every Ray and vLLM internal raylm uses loads: an upgrade that moves one fails here, by name."""
+
+import importlib
+import inspect
+
+import pytest
+import ray
+
+from raylm import _ray, _vllm
+
+
+@pytest.mark.parametrize("name", sorted(_ray.NAMES))
+def test_ray_internal(name):
+    module, path, _ = _ray.NAMES[name]
+    value = importlib.import_module(module)
+    for attribute in path.split("."):  # some are module globals, None until Ray starts: present is enough
+        assert hasattr(value, attribute), f"{module}.{path}"
+        value = getattr(value, attribute)
+
+
+@pytest.mark.parametrize("name", sorted(_vllm.NAMES))
+def test_vllm_internal(name):
+    assert _vllm.load(name) is not None
+
+
+@pytest.mark.parametrize("argument", sorted(_ray.INIT_ARGUMENTS))
+def test_ray_init_takes_the_private_argument(argument):
+    assert f'kwargs.pop("{argument}"' in inspect.getsource(ray.init)

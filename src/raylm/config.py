@@ -32,6 +32,9 @@ class AdmissionConfig(_Frozen):
         8, ge=0, description="Extra engine slots for tenants running less than their fair share, so a "
                              "light tenant starts at once instead of waiting behind a flooding one.")
     retry_after_s: float = Field(1.0, gt=0, description="Retry-After (seconds) sent with 429 and 503.")
+    max_n: int | None = Field(
+        None, ge=1, description="Largest `n` (or `best_of`) a request may ask for, as the engine parses it; 400 "
+                                "above. Default: 16 on a CPU (each sequence takes an engine slot), 128 with GPUs.")
     max_queue_wait_s: float | None = Field(
         5.0, gt=0, description="A request whose expected wait for a slot (the sequences queued ahead of it at "
                                "the replica's recent finishing rate) is longer gets 429 at once, with that wait "
@@ -87,6 +90,30 @@ class TenantConfig(_Frozen):
                                          "1 batch; fairness applies within a priority.")
 
 
+class HTTPConfig(_Frozen):
+    """What the HTTP edge reads and holds for a client before auth runs (serve/edge/limits.py). Defaults follow
+    nginx and vLLM's launcher: a request head of at most 8 KiB of request line and 64 KiB in all (vLLM
+    allows 4 MiB), 128 headers (vLLM 256), sent within 10 s (nginx 60 s)."""
+
+    max_request_line_bytes: int = Field(8192, ge=256, description="Longest request line (method, path, query); "
+                                                                   "longer: 414.")
+    max_header_bytes: int = Field(65536, ge=1024, description="Largest request head (line and headers); "
+                                                             "larger: 431.")
+    max_header_count: int = Field(128, ge=8, description="Most headers in one request; more: 431.")
+    header_timeout_s: float = Field(10.0, gt=0, description="A connection must send a whole request head within "
+                                                            "this long of connecting (or of its first byte on a "
+                                                            "kept-alive connection); else 408 and closed.")
+    keep_alive_s: float = Field(30.0, gt=0, description="An idle kept-alive connection is closed after this long.")
+    body_timeout_s: float = Field(30.0, gt=0, description="A request body that sends no byte for this long: 408.")
+    write_timeout_s: float = Field(
+        10.0, gt=0, le=60, description="A client that takes none of its answer for this long is cut off, and its "
+                                       "engine request aborted: a stalled reader never holds an engine slot.")
+    max_connections: int = Field(8192, ge=1, description="Open connections the ingress holds in all; beyond: 503.")
+    max_connections_per_client: int = Field(
+        1024, ge=1, description="Open connections from one client address; beyond: 503. A proxy in front of "
+                                "raylm is one client: raise this for it.")
+
+
 class ModelConfig(_Frozen):
     name: str = Field(description="Name clients put in the request's `model` field.")
     source: str = Field(description=f"Weights: `{BUNDLED_PREFIX}<name>` ({SMOLLM2}, {MINILM}), "
@@ -132,7 +159,8 @@ class ServeConfig(_Frozen):
                              "proxy (faster than HAProxy was); delete the key")
         return data
 
-    host: str = Field("127.0.0.1", description="HTTP bind address. Loopback unless told otherwise.")
+    host: str = Field("127.0.0.1", description="HTTP bind address. Loopback unless told otherwise; another "
+                                                "address needs API keys (or allow_anonymous).")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port.")
     address: str | None = Field(
         None, description="Ray cluster to join (`auto` or `host:port`); none starts a local one.")
@@ -145,8 +173,25 @@ class ServeConfig(_Frozen):
         (), description="Accepted API keys; with none (and no file) the API is open.")
     api_keys_file: Path | None = Field(
         None, description="File of `tenant:key` lines (`#` comments), read when the app is built.")
+    allow_anonymous: bool = Field(
+        False, description="Serve a non-loopback `host` without API keys: anyone who reaches the port may use "
+                           "every model, as any tenant. Off: such a config refuses to start.")
+    admin_tenants: tuple[str, ...] = Field(
+        (), description="Tenants whose keys are admin keys: /status shows them every tenant, replica PIDs and "
+                        "deployment messages (others see their own tenant's figures).")
+    allowed_hosts: tuple[str, ...] | None = Field(
+        None, description="Host header values accepted (`name`, `*.domain`, `*`; ports ignored), against DNS "
+                          "rebinding. Default: loopback names when `host` is loopback, any otherwise (keys guard it).")
+    allowed_origins: tuple[str, ...] = Field(
+        (), description="Browser origins (e.g. https://app.example.com) allowed to call the API cross-site, with "
+                        "CORS; a request with another Origin than the server's own gets 403.")
     tenant_header: str = Field(
-        "x-raylm-tenant", description="Header naming the tenant when auth is off (with auth, the key does).")
+        "x-raylm-tenant", description="Header naming the tenant's queue when auth is off (with auth, the key "
+                                      "does); it never reaches another tenant's files or batches.")
+    cache_salt: bool = Field(
+        True, description="With API keys, salt each tenant's prefix cache (vLLM's cache_salt) so that time to "
+                          "first token does not tell one tenant what another asked.")
+    http: HTTPConfig = Field(default_factory=HTTPConfig, description="Limits of the HTTP edge.")
     tenants: dict[str, TenantConfig] = Field(
         default_factory=dict, description="Weights and priorities by tenant; others get weight 1, priority 0.")
     cold_start_timeout_s: float = Field(
@@ -161,10 +206,45 @@ class ServeConfig(_Frozen):
                           "outlive `raylm serve`: a restarted service finishes the batches it finds there.")
     batch_max_file_bytes: int = Field(200 * 2**20, ge=1, description="Largest file `POST /v1/files` takes (413).")
     batch_max_requests: int = Field(50_000, ge=1, description="Most lines (requests) in one batch's input file.")
+    batch_max_stored_bytes: int = Field(
+        2 * 2**30, ge=1, description="Bytes of Batch API files (uploads and results) one tenant may keep; an upload "
+                                     "past it is cut off with 429 insufficient_quota.")
+    batch_max_files: int = Field(1000, ge=1, description="Batch API files one tenant may keep (429 past it).")
+    batch_max_in_progress: int = Field(16, ge=1, description="Batches of one tenant not yet finished (429 past it).")
+    batch_file_ttl_s: int = Field(
+        30 * 24 * 3600, ge=3600, description="Files expire this long after they are made unless an upload asks "
+                                             "for less (`expires_after`, as OpenAI's files API); then they are "
+                                             "deleted.")
     metrics_port: int = Field(
         8080, ge=1, le=65535, description="Prometheus endpoint (Ray's metrics export) of the local Ray "
                                           "cluster raylm starts; Ray's agent listens on all interfaces, like "
                                           "Ray's other ports. A joined cluster exports on its own port.")
+
+    @model_validator(mode="after")
+    def _fail_closed(self) -> ServeConfig:
+        keyed = bool(self.api_keys) or self.api_keys_file is not None
+        if not keyed and not is_loopback(self.host) and not self.allow_anonymous:
+            raise ValueError(
+                f"serve.host {self.host} is reachable from other machines and no API keys are set: anyone who "
+                "reaches it could use every model as any tenant. Set serve.api_keys or serve.api_keys_file, or "
+                "serve.allow_anonymous: true to serve it open on purpose")
+        return self
+
+    @property
+    def loopback(self) -> bool:
+        return is_loopback(self.host)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address is reachable from this machine only."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def default_models() -> tuple[ModelConfig, ...]:

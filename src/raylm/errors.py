@@ -3,9 +3,13 @@
     APIError                      {"error": {"message", "type", "param", "code"}}
      ├── InvalidRequestError      400  bad JSON, bad fields, prompt too long (param names the field)
      ├── AuthenticationError      401
+     ├── PermissionDeniedError    403  an admin-only route, a foreign Origin
      ├── NotFoundError            404  unknown model or route
      ├── MethodNotAllowedError    405
+     ├── RequestTimeoutError      408  headers or body sent too slowly (serve.http)
      ├── RequestTooLargeError     413  body over serve.max_request_bytes
+     ├── HeadersTooLargeError     431  request line or headers over serve.http's limits (414 for the line)
+     ├── UnsupportedMediaTypeError 415 a JSON route called without `Content-Type: application/json`
      ├── OverloadedError          429  queue full (Retry-After)
      ├── UnavailableError         503  no replica can take it (Retry-After)
      └── InternalError            500  anything else; the message shown to users is generic
@@ -55,6 +59,22 @@ class AuthenticationError(APIError):
     status, type, default_code = 401, "authentication_error", "invalid_api_key"
 
 
+class PermissionDeniedError(APIError):
+    status, type, default_code = 403, "permission_error", "permission_denied"
+
+
+class RequestTimeoutError(APIError):
+    status, type, default_code = 408, "invalid_request_error", "request_timeout"
+
+
+class HeadersTooLargeError(APIError):
+    status, type, default_code = 431, "invalid_request_error", "headers_too_large"
+
+
+class UnsupportedMediaTypeError(APIError):
+    status, type, default_code = 415, "invalid_request_error", "unsupported_media_type"
+
+
 class NotFoundError(APIError):
     status, type, default_code = 404, "invalid_request_error", "not_found"
 
@@ -66,8 +86,8 @@ class MethodNotAllowedError(APIError):
 class RequestTooLargeError(APIError):
     status, type, default_code = 413, "invalid_request_error", "request_too_large"
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"the request body is larger than {limit:,} bytes (serve.max_request_bytes)")
+    def __init__(self, limit: int, what: str = "the request body", setting: str = "serve.max_request_bytes") -> None:
+        super().__init__(f"{what} is larger than {limit:,} bytes ({setting})")
 
 
 class OverloadedError(APIError):
@@ -92,8 +112,9 @@ def public_error(exc: Exception, request_id: str) -> APIError:
 
 
 _BY_STATUS: dict[int, type[APIError]] = {
-    400: InvalidRequestError, 401: AuthenticationError, 404: NotFoundError, 405: MethodNotAllowedError,
-    429: OverloadedError, 503: UnavailableError,
+    400: InvalidRequestError, 401: AuthenticationError, 403: PermissionDeniedError, 404: NotFoundError,
+    405: MethodNotAllowedError, 408: RequestTimeoutError, 415: UnsupportedMediaTypeError, 429: OverloadedError,
+    431: HeadersTooLargeError, 503: UnavailableError,
 }
 
 

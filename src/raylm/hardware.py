@@ -91,6 +91,8 @@ def engine_env(env: dict[str, str], source: str) -> dict[str, str]:
     # held every request's log record (~1.5 KB each; the soak's model replica grew 743 → 836 MiB in 30 min).
     # The replica gives vLLM's loggers a handler itself (serve/replica/server.py).
     env.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+    # A media URL on an allowed domain must not redirect the fetch to one that is not (engine/media.py).
+    env.setdefault("VLLM_MEDIA_URL_ALLOW_REDIRECTS", "0")
     return env
 
 

@@ -29,6 +29,8 @@ class Prepared:
     endpoint: Endpoint
     request: Any  # the engine's own parsed request
     size: PromptSize
+    sequences: int = 1  # side by side in the engine: `n` (or `best_of`), as the engine parsed it
+    fetches: bool = False  # the engine will fetch a remote media URL for it (an allowed domain's)
 
 
 class Engine(Protocol):

@@ -20,9 +20,14 @@ from typing import Any
 
 from raylm import _vllm, errors
 from raylm.contract import PATHS, TASK_ENDPOINTS, Endpoint, sse_payload
+from raylm.engine import counting, media
 from raylm.engine.protocol import Prepared, PromptSize, Result
 
 logger = logging.getLogger(__name__)
+
+# Requests whose prompts vLLM measures itself (score, rerank, tokenize, ...) are counted for the queue only,
+# up to this many contexts' worth: more than a replica's queue holds by default.
+ESTIMATE_BUDGET_CONTEXTS = 8
 
 
 class VLLMEngine:
@@ -41,6 +46,7 @@ class VLLMEngine:
         self._last_step = time.monotonic()  # when the engine last returned a step's outputs
         self.generated_tokens = 0  # since start, every request's (for `raylm status`)
         self._tokenizer: Any = None
+        self._max_token_bytes = 256
         self._counter: ThreadPoolExecutor | None = None
         self.max_model_len = 0
         self._multimodal = False
@@ -86,6 +92,7 @@ class VLLMEngine:
         marks.append(("engine core (spawn, weights, KV cache, warm-up)", time.monotonic()))
         # Counting for admission uses a copy on one thread: vLLM's renderer uses its own from its threads.
         self._tokenizer = copy.deepcopy(self.client.get_tokenizer())
+        self._max_token_bytes = counting.max_token_bytes(self._tokenizer)
         self._counter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylm-count")
         self._stack.callback(self._counter.shutdown, wait=False)
         self.max_model_len = config.model_config.max_model_len
@@ -131,7 +138,15 @@ class VLLMEngine:
             raise errors.InvalidRequestError(
                 f"model {self.served_name!r} does not serve {PATHS[endpoint][0]}",
                 param="model", code="unsupported_endpoint")
-        self._check_media(body)
+        fetches = media.check(body, self.served_name, self._multimodal, self.engine_args.get("allowed_media_domains"),
+                              self.engine_args.get("allowed_local_media_path"))
+        # Counted first: a prompt that cannot fit is refused before its body is parsed (counting.py).
+        size = self._count(endpoint, body)
+        if size.longest > self.max_model_len > 0:
+            raise errors.InvalidRequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
+                f"{size.longest} or more.", param={"chat": "messages", "completions": "prompt"}.get(endpoint, "input"),
+                code="context_length_exceeded")
         request_cls, _ = self._handlers[endpoint]
         try:
             request = _adapter(request_cls).validate_python(body)
@@ -139,18 +154,12 @@ class VLLMEngine:
             if hasattr(exc, "errors"):
                 raise errors.validation_error(exc) from None
             raise _from_vllm_exception(exc) from None
-        size = self._count(endpoint, body)
-        if size.longest > self.max_model_len > 0:
-            raise errors.InvalidRequestError(
-                f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
-                f"{size.longest}.", param={"chat": "messages", "completions": "prompt"}.get(endpoint, "input"),
-                code="context_length_exceeded")
         if endpoint in ("chat", "completions"):
             try:
                 self._check_sampling(endpoint, request, size)
             except Exception as exc:  # vLLM's VLLMValidationError, ValueError: mapped as its server would
                 raise _from_vllm_exception(exc) from None
-        return Prepared(endpoint, request, size)
+        return Prepared(endpoint, request, size, _sequences(request), fetches)
 
     def _check_sampling(self, endpoint: Endpoint, request: Any, size: PromptSize) -> None:
         """vLLM checks sampling parameters (max_tokens ≥ 1, temperature, top_p, n ranges, ...) when its
@@ -175,46 +184,25 @@ class VLLMEngine:
         try:
             result = await handler(prepared.request, None)
         except Exception as exc:  # vLLM reports bad requests by raising; map them as its server would
+            if prepared.fetches:  # one answer, whatever the media host did (media.py)
+                raise errors.InvalidRequestError(media.MEDIA_FAILED, param="messages", code="media_not_loaded") from exc
             raise _from_vllm_exception(exc) from exc
         return _to_result(result)
 
-    def _check_media(self, body: dict) -> None:
-        """Media parts (images, audio, files) reach only a model that takes them, and never as local files
-        (unless the config allows a folder): vLLM raises a RuntimeError (a 500) for both."""
-        for part in _content_parts(body.get("messages")) + _content_parts(body.get("input")):
-            kind = part.get("type")
-            if not isinstance(kind, str) or kind in _TEXT_PARTS:
-                continue
-            if not self._multimodal:
-                raise errors.InvalidRequestError(f"model {self.served_name!r} takes text only, not {kind!r} parts",
-                                                 param="messages", code="unsupported_content")
-            value = part.get(kind)
-            url = value.get("url") if isinstance(value, dict) else value
-            if isinstance(url, str) and url.startswith("file:") and not self.engine_args.get("allowed_local_media_path"):
-                raise errors.InvalidRequestError("local files are not accepted (engine_args "
-                                                 "allowed_local_media_path allows a folder)", param="messages",
-                                                 code="unsupported_content")
-
     def _count(self, endpoint: Endpoint, body: dict) -> PromptSize:
-        if endpoint not in ("chat", "completions", "embeddings"):
-            return self._estimate(body)
-        if endpoint == "chat":
-            messages = body.get("messages")
-            parts = [m.get("content") for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
-            # Chat content may be a list of typed parts; only text parts cost prompt tokens here.
-            parts = [p.get("text") if isinstance(p, dict) else p
-                     for part in parts for p in (part if isinstance(part, list) else [part])]
-        else:
-            value = body.get("prompt" if endpoint == "completions" else "input")
-            parts = value if isinstance(value, list) and value and not isinstance(value[0], int) else [value]
-        sizes = [len(self._tokenizer.encode(part, add_special_tokens=False)) if isinstance(part, str)
-                 else len(part) if isinstance(part, list) else 0 for part in parts]  # a list: token ids
+        """Prompt tokens, bounded work (counting.py): a prompt over the context stops being counted."""
+        if endpoint in ("completions", "embeddings"):
+            sizes = [len(p) if p and isinstance(p[0], int) else self._tokens(p, self.max_model_len)  # ids: as they are
+                     for p in counting.prompts(endpoint, body)]
+            return PromptSize(sum(sizes), max(sizes, default=0))
         if endpoint == "chat":  # one conversation, one prompt
-            return PromptSize(sum(sizes), sum(sizes))
-        return PromptSize(sum(sizes), max(sizes, default=0))
+            n = self._tokens(counting.chat_texts(body), self.max_model_len)
+            return PromptSize(n, n)
+        return self._estimate(endpoint, body)
 
-    def _estimate(self, body: dict) -> PromptSize:
-        """Every string in the body (but the model's name) counts: an estimate that bounds the queue. The
+    def _estimate(self, endpoint: Endpoint, body: dict) -> PromptSize:
+        """Every string in the body (but the model's name) counts: an estimate that bounds the queue. A
+        Responses or Messages request is one conversation (its length is checked); for the others the
         prompt's true length is vLLM's to check (a score request's documents are prompts of their own)."""
         texts, stack = [], [v for k, v in body.items() if k != "model"]
         while stack:  # a loop, not recursion: bodies may be nested deeply
@@ -225,8 +213,14 @@ class VLLMEngine:
                 stack.extend(value.values())
             elif isinstance(value, list):
                 stack.extend(value)
-        total = sum(len(self._tokenizer.encode(t, add_special_tokens=False)) for t in texts)
-        return PromptSize(total, 0)
+        if endpoint in ("responses", "messages"):
+            total = self._tokens(texts, self.max_model_len)
+            return PromptSize(total, total)
+        return PromptSize(self._tokens(texts, ESTIMATE_BUDGET_CONTEXTS * self.max_model_len), 0)
+
+    def _tokens(self, texts: list[str], budget: int) -> int:
+        encode = functools.partial(self._tokenizer.encode, add_special_tokens=False)
+        return counting.count(encode, texts, budget, self._max_token_bytes)
 
     def num_running(self) -> int:
         return self.client.get_num_unfinished_requests()
@@ -279,16 +273,17 @@ def cpu_layout(config: Any, user_args: dict[str, Any]) -> Iterator[None]:
         yield
 
 
+def _sequences(request: Any) -> int:
+    """Sequences the engine runs for a request, from vLLM's parsed values (`"4"` and `4.0` are 4 there)."""
+    counts = [v for v in (getattr(request, "n", None), getattr(request, "best_of", None)) if isinstance(v, int)]
+    return max([1, *counts])
+
+
 @functools.cache
 def _adapter(request_cls: Any) -> Any:
     from pydantic import TypeAdapter
 
     return TypeAdapter(request_cls)  # EmbeddingRequest is a Union, not a model class
-
-
-# Content parts that are text (OpenAI chat, Responses input, Anthropic blocks); any other kind is media.
-_TEXT_PARTS = frozenset({"text", "input_text", "output_text", "refusal", "thinking", "redacted_thinking",
-                         "tool_use", "tool_result", "reasoning", "summary_text"})
 
 
 def _handlers(state: Any) -> dict[Endpoint, tuple[Any, Any]]:
@@ -318,16 +313,6 @@ def _from_vllm_exception(exc: Exception) -> errors.APIError:
         return exc
     err = _vllm.load("create_error_response")(exc).error
     return errors.from_status(int(err.code), err.message, err.param)
-
-
-def _content_parts(messages: Any) -> list[dict]:
-    """The typed content parts of chat messages (one conversation, or a batch of them), of Anthropic
-    messages, or of a Responses input's items."""
-    if not isinstance(messages, list):
-        return []
-    conversations = messages if messages and all(isinstance(m, list) for m in messages) else [messages]
-    return [part for conversation in conversations for m in conversation if isinstance(m, dict)
-            and isinstance(m.get("content"), list) for part in m["content"] if isinstance(part, dict)]
 
 
 def _to_result(result: Any) -> Result:

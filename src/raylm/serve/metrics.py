@@ -79,7 +79,7 @@ class StreamTimer:
         if not self.chunks:
             self.first = self.last
             self.metrics.ttft.observe(self.first - self.start, tags=self.tags)
-            self.metrics.window.ttft(self.tags["model"], self.first - self.start)
+            self.metrics.window.ttft(self.tags["model"], self.first - self.start, self.tenant)
         self.chunks += 1
 
     def end(self, status: int) -> None:

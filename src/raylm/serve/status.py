@@ -36,12 +36,12 @@ class Window:
 
     def __init__(self, span_s: float = WINDOW_S, clock: Callable[[], float] = time.monotonic) -> None:
         self.span_s, self.clock = span_s, clock
-        self._ttft: deque[tuple[float, str, float]] = deque()
+        self._ttft: deque[tuple[float, str, float, str]] = deque()
         self._answers: deque[tuple[float, str, str]] = deque()
 
-    def ttft(self, model: str, seconds: float) -> None:
+    def ttft(self, model: str, seconds: float, tenant: str = "-") -> None:
         now = self.clock()
-        self._ttft.append((now, model, seconds))
+        self._ttft.append((now, model, seconds, tenant))
         self._trim(self._ttft, now)
 
     def answered(self, model: str, tenant: str) -> None:
@@ -54,17 +54,18 @@ class Window:
         while events and events[0][0] < now - self.span_s:
             events.popleft()
 
-    def summary(self) -> dict[str, dict[str, Any]]:
+    def summary(self, tenant: str | None = None) -> dict[str, dict[str, Any]]:
+        """Per model: TTFT p50/p99, answers and tenants' shares; for one `tenant`, its own figures only."""
         now = self.clock()
         for events in (self._ttft, self._answers):
             self._trim(events, now)
         out: dict[str, dict[str, Any]] = {}
-        for model in {m for _, m, _ in self._ttft} | {m for _, m, _ in self._answers}:
-            ttfts = [s for _, m, s in self._ttft if m == model]
+        for model in {e[1] for e in self._ttft} | {e[1] for e in self._answers}:
+            ttfts = [s for _, m, s, t in self._ttft if m == model and tenant in (None, t)]
             tenants = [t for _, m, t in self._answers if m == model]
+            shares = {t: round(tenants.count(t) / len(tenants), 3) for t in sorted(set(tenants)) if tenant in (None, t)}
             out[model] = {"ttft_p50_s": _percentile(ttfts, 0.5), "ttft_p99_s": _percentile(ttfts, 0.99),
-                          "answered": len(tenants),
-                          "tenant_shares": {t: round(tenants.count(t) / len(tenants), 3) for t in sorted(set(tenants))}}
+                          "answered": sum(tenant in (None, t) for t in tenants), "tenant_shares": shares}
         return out
 
 
@@ -122,11 +123,13 @@ def _replica_states(app_name: str, deployments: dict[str, str]) -> dict[str, dic
     return out
 
 
-async def collect(app_name: str, deployments: dict[str, str], window: Window) -> dict[str, Any]:
-    """The /status body: {"models": {name: {...}}}, gathered off the event loop."""
+async def collect(app_name: str, deployments: dict[str, str], window: Window,
+                  tenant: str | None = None) -> dict[str, Any]:
+    """The /status body: {"models": {name: {...}}}, gathered off the event loop. For a `tenant` (not an
+    admin): its own TTFT, answers and share, the models' load, and no replica's PID or Serve's messages."""
     states, by_model = await asyncio.gather(asyncio.to_thread(_replica_states, app_name, deployments),
                                             asyncio.to_thread(reports))
-    seen = window.summary()
+    seen = window.summary(tenant)
     models = {}
     for model in deployments:
         mine = sorted(by_model.get(model, []), key=lambda r: r["replica"])
@@ -136,7 +139,9 @@ async def collect(app_name: str, deployments: dict[str, str], window: Window) ->
                          **seen.get(model, {"ttft_p50_s": None, "ttft_p99_s": None, "answered": 0,
                                             "tenant_shares": {}}),
                          "replica_reports": mine}
-    return {"window_s": window.span_s, "models": models}
+        if tenant is not None:
+            models[model].update(message="", replica_reports=[])
+    return {"window_s": window.span_s, "models": models, **({"tenant": tenant} if tenant is not None else {})}
 
 
 def render(status: dict[str, Any]) -> Iterable[Any]:

@@ -11,8 +11,11 @@ ingress connects wait in the replica.
 
 A ticket is 128 random bits, valid once and for `CLAIM_TIMEOUT_S`; it travels only inside the handle call
 (Ray's authenticated channel). The hub listens on the node's address (loopback on a cluster raylm starts)
-and closes a connection that does not open with a waiting ticket. A stream whose ingress goes away (end of
-its input) or never comes is cancelled, which aborts the engine request.
+and closes a connection that does not send a waiting ticket within `TICKET_TIMEOUT_S`, and any beyond
+`MAX_CONNECTIONS`. A stream whose ingress goes away (end of its input) or never comes is cancelled, which
+aborts the engine request; so is one the ingress takes nothing of for `STALL_S` (the ingress cuts a client
+that stalls far sooner: serve.http.write_timeout_s ≤ 60 s). Each hop's socket buffers are `SOCKET_BUFFER`
+bytes, so a stalled stream holds a bounded amount here and in the ingress, whatever its length.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import socket
 from collections.abc import AsyncIterator
 
 from raylm.contract import Direct, LastEvent
@@ -28,7 +32,11 @@ from raylm.contract import Direct, LastEvent
 logger = logging.getLogger("raylm.serve")
 
 TICKET_BYTES = 16
-CLAIM_TIMEOUT_S = 30.0
+CLAIM_TIMEOUT_S = 30.0  # a stream nobody comes for is aborted
+TICKET_TIMEOUT_S = 2.0  # the ingress sends its ticket at once: a silent connection is not it
+MAX_CONNECTIONS = 4096  # open at once per hub (each an engine stream: far above any replica's batch)
+STALL_S = 90.0  # the ingress took none of a stream for this long: abort it
+SOCKET_BUFFER = 256 * 1024  # each side's kernel buffer on the replica → ingress hop
 READ_BYTES = 65536
 class Outgoing:
     """One stream at the replica: frames go out as the engine makes them, once its connection claims it."""
@@ -56,6 +64,11 @@ class Outgoing:
             logger.warning("a stream was not claimed within %.0fs: aborted", CLAIM_TIMEOUT_S)
             self.abort()
 
+    async def _drained(self) -> None:
+        assert self._writer is not None
+        async with asyncio.timeout(STALL_S):  # not wait_for: on 3.11 it can swallow the abort's cancellation
+            await self._writer.drain()
+
     async def _pump(self) -> None:
         try:
             async for frame in self._frames:
@@ -64,11 +77,13 @@ class Outgoing:
                     self._early.append(data)
                     continue
                 self._writer.write(data)
-                await self._writer.drain()  # returns at once unless the reader lags (flow control)
+                await self._drained()  # at once unless the reader lags (flow control)
             await self._claimed.wait()
-            await self._writer.drain()
+            await self._drained()
         except ConnectionError as exc:  # the ingress went away mid-write
             logger.debug("stream connection lost: %r", exc)
+        except TimeoutError:
+            logger.warning("the ingress took none of a stream for %.0fs: aborted", STALL_S)
         finally:
             with contextlib.suppress(Exception):
                 await self._frames.aclose()  # an unfinished engine request is aborted here
@@ -82,6 +97,7 @@ class StreamHub:
     def __init__(self) -> None:
         self._waiting: dict[bytes, Outgoing] = {}
         self._server: asyncio.Server | None = None
+        self.connections = 0
         self.host = ""
         self.port = 0
 
@@ -99,8 +115,18 @@ class StreamHub:
         return Direct(self.host, self.port, ticket), out
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.connections >= MAX_CONNECTIONS:
+            writer.close()
+            return
+        self.connections += 1
         try:
-            ticket = await asyncio.wait_for(reader.readexactly(TICKET_BYTES), CLAIM_TIMEOUT_S)
+            await self._serve(reader, writer)
+        finally:
+            self.connections -= 1
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            ticket = await asyncio.wait_for(reader.readexactly(TICKET_BYTES), TICKET_TIMEOUT_S)
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
             writer.close()
             return
@@ -108,6 +134,8 @@ class StreamHub:
         if out is None:
             writer.close()
             return
+        with contextlib.suppress(OSError):
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
         out.claim(writer)
         with contextlib.suppress(ConnectionError):
             await reader.read(1)  # the ingress sends nothing more: end of input means it went away
@@ -122,7 +150,16 @@ class StreamHub:
 
 async def connect(direct: Direct, timeout_s: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Claim a stream; raises ConnectionError (or OSError) if its replica is gone."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(direct.host, direct.port), timeout_s)
+    family = socket.AF_INET6 if ":" in direct.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)  # before connecting: it sets the window
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (direct.host, direct.port)), timeout_s)
+    except BaseException:
+        sock.close()
+        raise
+    reader, writer = await asyncio.open_connection(sock=sock)
     writer.write(direct.ticket)
     return reader, writer
 

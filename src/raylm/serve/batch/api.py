@@ -1,29 +1,33 @@
-"""The Batch API's HTTP routes on the ingress: files here (store.py), batches on the BatchJobs deployment.
+"""The Batch API's HTTP routes on the ingress: files here (store.py, upload.py), batches on BatchJobs.
 
-    POST /v1/files (multipart: purpose=batch, file)   GET /v1/files[?purpose&limit&after]
+    POST /v1/files (multipart: purpose=batch, file, expires_after)   GET /v1/files[?purpose&limit&after]
     GET /v1/files/{id}   GET /v1/files/{id}/content   DELETE /v1/files/{id}
     POST /v1/batches   GET /v1/batches[?limit&after]   GET /v1/batches/{id}   POST /v1/batches/{id}/cancel
 
-Each route resolves the caller's tenant from the API key first; a tenant sees only its own objects.
+Each route resolves the caller from the API key first; a tenant sees only its own objects (without keys,
+every caller is the one anonymous owner: the tenant header never reaches a tenant's objects). Quotas per
+owner: stored bytes and files (429 insufficient_quota), batches not yet finished (BatchJobs, 429). Disk work
+runs on threads, never on the event loop that relays streams.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from ray.exceptions import RayTaskError
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException
 
 from raylm import errors
-from raylm.serve.batch.store import Store, page, public, request_lines
+from raylm.serve.batch import upload
+from raylm.serve.batch.store import Store, page, public
 from raylm.serve.edge import http
 
 MAX_PAGE = 100
+MIN_TTL_S, MAX_TTL_S = 3600, 30 * 24 * 3600  # OpenAI's bounds on expires_after.seconds
 
 
 def add_routes(api: FastAPI, ingress: Any) -> None:
@@ -31,17 +35,19 @@ def add_routes(api: FastAPI, ingress: Any) -> None:
     def store() -> Store:
         return ingress.batch_store
 
-    def runner() -> Any:
+    def jobs() -> Any:
         return ingress.batch_jobs
 
     async def answer(request: Request, work: Callable[[str], Any]) -> Response:
-        """`work(tenant)`'s result (awaited if it must be) as JSON, or its error as OpenAI's."""
+        """`work(owner)`'s result as JSON, or its error as OpenAI's. A plain function (disk work) runs on a
+        thread; a coroutine function (a call to BatchJobs) on the event loop."""
         rid = http.request_id(request)
         try:
-            tenant = ingress.access.tenant(request.headers).name
-            result = work(tenant)
-            if inspect.isawaitable(result):
-                result = await result
+            owner = ingress.access.caller(request.headers).owner
+            if inspect.iscoroutinefunction(work):
+                result = await work(owner)
+            else:
+                result = await asyncio.to_thread(work, owner)
         except Exception as exc:
             cause = exc.cause if isinstance(exc, RayTaskError) else exc
             return http.error_response(cause, rid)
@@ -51,77 +57,100 @@ def add_routes(api: FastAPI, ingress: Any) -> None:
 
     @api.post("/v1/files")
     async def create_file(request: Request) -> Response:
-        async def work(tenant: str) -> dict:
-            content, filename, purpose = await _upload(request, ingress.options.batch_max_file_bytes)
-            if purpose != "batch":
-                raise errors.InvalidRequestError("purpose must be batch", param="purpose", code="invalid_purpose")
-            lines = len(request_lines(content))
-            if lines > ingress.options.batch_max_requests:
-                raise errors.InvalidRequestError(
-                    f"the file has {lines} lines; a batch file holds at most {ingress.options.batch_max_requests}",
-                    param="file", code="too_many_requests")
-            return public(store().create_file(tenant, filename, purpose, content))
+        async def work(owner: str) -> dict:
+            return await _create_file(request, ingress.config, store(), owner)
         return await answer(request, work)
 
     @api.get("/v1/files")
     async def list_files(request: Request, purpose: str | None = None, limit: int = 20,
                          after: str | None = None) -> Response:
-        return await answer(request, lambda tenant: page(store().files(tenant, purpose), _limit(limit), after))
+        return await answer(request, lambda owner: page(store().files(owner, purpose), _limit(limit), after))
 
     @api.get("/v1/files/{file_id}")
     async def retrieve_file(request: Request, file_id: str) -> Response:
-        return await answer(request, lambda tenant: public(store().file(tenant, file_id)))
+        return await answer(request, lambda owner: public(store().file(owner, file_id)))
 
     @api.delete("/v1/files/{file_id}")
     async def delete_file(request: Request, file_id: str) -> Response:
-        return await answer(request, lambda tenant: store().delete_file(tenant, file_id))
+        return await answer(request, lambda owner: store().delete_file(owner, file_id))
 
     @api.get("/v1/files/{file_id}/content")
     async def file_content(request: Request, file_id: str) -> Response:
-        async def work(tenant: str) -> Response:
-            return Response(store().file_path(tenant, file_id).read_bytes(), media_type="application/octet-stream")
-        return await answer(request, work)
+        # FileResponse reads the file on a thread, a chunk at a time, as the client takes it.
+        return await answer(request, lambda owner: FileResponse(store().file_path(owner, file_id),
+                                                                media_type="application/octet-stream"))
 
     @api.post("/v1/batches")
     async def create_batch(request: Request) -> Response:
-        async def work(tenant: str) -> dict:
-            body = await http.json_body(request, ingress.options.max_request_bytes)
-            return await runner().create.remote(tenant, body)
+        async def work(owner: str) -> dict:
+            body = await http.json_body(request, ingress.config.max_request_bytes, ingress.config.http.body_timeout_s)
+            return await jobs().create.remote(owner, body)
         return await answer(request, work)
 
     @api.get("/v1/batches")
     async def list_batches(request: Request, limit: int = 20, after: str | None = None) -> Response:
-        return await answer(request, lambda tenant: runner().list_batches.remote(tenant, _limit(limit), after))
+        async def work(owner: str) -> dict:
+            return await jobs().list_batches.remote(owner, _limit(limit), after)
+        return await answer(request, work)
 
     @api.get("/v1/batches/{batch_id}")
     async def retrieve_batch(request: Request, batch_id: str) -> Response:
-        return await answer(request, lambda tenant: runner().retrieve.remote(tenant, batch_id))
+        async def work(owner: str) -> dict:
+            return await jobs().retrieve.remote(owner, batch_id)
+        return await answer(request, work)
 
     @api.post("/v1/batches/{batch_id}/cancel")
     async def cancel_batch(request: Request, batch_id: str) -> Response:
-        return await answer(request, lambda tenant: runner().cancel.remote(tenant, batch_id))
+        async def work(owner: str) -> dict:
+            return await jobs().cancel.remote(owner, batch_id)
+        return await answer(request, work)
+
+
+async def _create_file(request: Request, config: Any, store: Store, owner: str) -> dict:
+    """Stream the upload to disk within the owner's room; then check it and keep it."""
+    used_bytes, used_files = await asyncio.to_thread(store.usage, owner)
+    if used_files >= config.batch_max_files:
+        raise errors.OverloadedError(f"this tenant keeps {used_files} files, the most it may "
+                                     f"(serve.batch_max_files); delete some", code="insufficient_quota")
+    left = config.batch_max_stored_bytes - used_bytes
+    too_big: errors.APIError = errors.RequestTooLargeError(config.batch_max_file_bytes, "the file",
+                                                           "serve.batch_max_file_bytes")
+    if left < config.batch_max_file_bytes:
+        too_big = errors.OverloadedError(
+            f"this tenant's files would pass {config.batch_max_stored_bytes:,} bytes (serve.batch_max_stored_bytes; "
+            f"{max(0, left):,} left); delete some", code="insufficient_quota")
+    room = max(0, min(config.batch_max_file_bytes, left))
+    received = await upload.receive(request, store.files_dir, room, too_big, config.http.body_timeout_s)
+    try:
+        purpose = received.fields.get("purpose", "")
+        if purpose != "batch":
+            raise errors.InvalidRequestError("purpose must be batch", param="purpose", code="invalid_purpose")
+        if received.lines > config.batch_max_requests:
+            raise errors.InvalidRequestError(f"the file has {received.lines} lines; a batch file holds at most "
+                                             f"{config.batch_max_requests}", param="file", code="too_many_requests")
+        ttl_s = _ttl(received.fields, config.batch_file_ttl_s)
+        record = await asyncio.to_thread(store.adopt_file, owner, received.filename, purpose, received.path,
+                                         received.size, ttl_s)
+    except BaseException:
+        await asyncio.to_thread(received.path.unlink, True)
+        raise
+    return public(record)
+
+
+def _ttl(fields: dict[str, str], default_s: int) -> int:
+    """OpenAI's `expires_after[anchor]=created_at` and `expires_after[seconds]` (an hour to 30 days)."""
+    anchor, seconds = fields.get("expires_after[anchor]"), fields.get("expires_after[seconds]")
+    if anchor is None and seconds is None:
+        return default_s
+    if anchor != "created_at":
+        raise errors.InvalidRequestError("expires_after[anchor] must be created_at", param="expires_after[anchor]")
+    if seconds is None or not seconds.isdigit() or not MIN_TTL_S <= int(seconds) <= MAX_TTL_S:
+        raise errors.InvalidRequestError(f"expires_after[seconds] must be between {MIN_TTL_S} and {MAX_TTL_S}",
+                                         param="expires_after[seconds]")
+    return min(int(seconds), default_s)
 
 
 def _limit(limit: int) -> int:
     if not 1 <= limit <= MAX_PAGE:
         raise errors.InvalidRequestError(f"limit must be between 1 and {MAX_PAGE}", param="limit")
     return limit
-
-
-async def _upload(request: Request, limit: int) -> tuple[bytes, str, str]:
-    """The multipart upload's file bytes, file name and purpose; 413 past `limit` bytes."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit + 64 * 1024:  # the form's other parts are small
-        raise errors.RequestTooLargeError(limit)
-    try:
-        form = await request.form(max_files=1, max_fields=8)
-    except (MultiPartException, AssertionError) as exc:
-        raise errors.InvalidRequestError(f"the body must be multipart/form-data with a file: {exc}",
-                                         param="file") from None
-    file, purpose = form.get("file"), form.get("purpose")
-    if not isinstance(file, UploadFile):
-        raise errors.InvalidRequestError("a file is required", param="file", code="missing_file")
-    content = await file.read(limit + 1)
-    if len(content) > limit:
-        raise errors.RequestTooLargeError(limit)
-    return content, file.filename or "upload.jsonl", purpose if isinstance(purpose, str) else ""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ import pyarrow as pa
 from ray import serve
 
 from raylm import _ray, errors
-from raylm.config import ModelConfig
+from raylm.config import ModelConfig, ServeConfig
 from raylm.contract import Call, Reply, Tenant, deployment_name
 from raylm.data import io
 from raylm.data.job import JobSpec, run_job
@@ -42,6 +43,7 @@ INPUT = "input.txt"  # the input file's lines (.txt: raylm data reads each line 
 LINES_PER_BLOCK = 16  # answers are saved (and a restart resumes) this many lines at a time
 DEFERRED_RETRY_S = (0.2, 2.0)  # a deferred line is tried again after 0.2 s, doubling up to 2 s
 FINAL = ("completed", "failed", "expired", "cancelled")
+SWEEP_S = 600.0  # expired files are deleted at least this often
 
 
 class BatchRequests:
@@ -52,9 +54,9 @@ class BatchRequests:
     and sends `in_flight` lines at a time through it: as many as admission lets run, so few are refused."""
 
     def __init__(self, app_name: str, deployments: dict[str, str], endpoint: str, tenant: Tenant,
-                 folder: str, expires_at: float, in_flight: int) -> None:
+                 folder: str, expires_at: float, in_flight: int, max_line_bytes: int) -> None:
         self.endpoint, self.tenant, self.folder, self.expires_at = endpoint, tenant, Path(folder), expires_at
-        self.in_flight = in_flight
+        self.in_flight, self.max_line_bytes = in_flight, max_line_bytes
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="batch-requests", daemon=True).start()
 
@@ -82,6 +84,9 @@ class BatchRequests:
         return await asyncio.gather(*(one(line) for line in lines))
 
     async def _answer(self, line: str | None) -> dict[str, Any]:
+        if line is not None and len(line.encode()) > self.max_line_bytes:
+            return _line_error("request_too_large", f"the line is larger than {self.max_line_bytes:,} bytes "
+                                                    "(serve.max_request_bytes)")
         try:
             request = json.loads(line or "")
         except ValueError as exc:
@@ -163,18 +168,29 @@ def _line_error(code: str, message: str, custom_id: Any = None) -> dict[str, Any
 class BatchJobs:
     """Creates, runs, cancels and resumes batches; the ingress forwards the Batch API's writes here."""
 
-    async def __init__(self, models: tuple[ModelConfig, ...], batch_dir: str, tenants: dict[str, Tenant],
-                       max_requests: int) -> None:
-        self.store = Store(Path(batch_dir))
+    async def __init__(self, models: tuple[ModelConfig, ...], tenants: dict[str, Tenant],
+                       config: ServeConfig) -> None:
+        """`config`: serve.*, with batch_dir resolved and without keys."""
+        self.store = Store(Path(config.batch_dir))
         self.models = {m.name: m for m in models}
         self.tenants = tenants
-        self.max_requests = max_requests
+        self.config = config
         self.app_name = serve.get_replica_context().app_name
         self.tasks: dict[str, asyncio.Task] = {}
         for record in self.store.batches():
             if record["status"] not in FINAL:  # the service stopped while it ran: finish it
                 logger.info("resuming batch %s (%s)", record["id"], record["status"])
                 self._start(record)
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Expired files go, whether or not anyone looks for them."""
+        while True:
+            try:
+                await asyncio.to_thread(self.store.files, None)
+            except Exception as exc:  # the sweep is housekeeping: never worth the deployment
+                logger.warning("sweeping expired batch files failed: %r", exc)
+            await asyncio.sleep(SWEEP_S)
 
     async def create(self, tenant: str, body: dict) -> dict[str, Any]:
         endpoint, window = body.get("endpoint"), body.get("completion_window", "24h")
@@ -185,15 +201,21 @@ class BatchJobs:
         metadata = body.get("metadata")
         if metadata is not None and not isinstance(metadata, dict):
             raise errors.InvalidRequestError("metadata must be an object", param="metadata")
+        running = sum(r["status"] not in FINAL for r in self.store.batches(tenant))
+        if running >= self.config.batch_max_in_progress:
+            raise errors.OverloadedError(f"this tenant has {running} batches not yet finished, the most it may "
+                                         "(serve.batch_max_in_progress); retry when one has finished",
+                                         code="rate_limit_exceeded", retry_after=60)
         file = self.store.file(tenant, str(body.get("input_file_id")))
         if file["purpose"] != "batch":
             raise errors.InvalidRequestError(f"file {file['id']} has purpose {file['purpose']}, not batch",
                                              param="input_file_id")
         requests = request_lines(self.store.file_path(tenant, file["id"]).read_bytes())
         lines = len(requests)
-        if lines > self.max_requests:
+        if lines > self.config.batch_max_requests:
             raise errors.InvalidRequestError(f"the input file has {lines} requests; a batch takes at most "
-                                             f"{self.max_requests}", param="input_file_id", code="too_many_requests")
+                                             f"{self.config.batch_max_requests}", param="input_file_id",
+                                             code="too_many_requests")
         if lines == 0:
             raise errors.InvalidRequestError("the input file holds no requests", param="input_file_id")
         now = int(time.time())
@@ -264,7 +286,7 @@ class BatchJobs:
             deployments = {name: deployment_name(name) for name in self.models}
             stage = {"app_name": self.app_name, "deployments": deployments, "endpoint": record["endpoint"],
                      "tenant": Tenant(who.name, who.weight, who.priority, batch=True), "folder": str(folder),
-                     "expires_at": record["expires_at"],
+                     "expires_at": record["expires_at"], "max_line_bytes": self.config.max_request_bytes,
                      "in_flight": max(_batch_slots(m) for m in self.models.values())}
             # Reading, the stage and writing stay on this node, next to batch_dir; the stage only waits on
             # the models, so nothing reserves a CPU the engines need.
@@ -282,12 +304,13 @@ class BatchJobs:
         tenant = record[TENANT]
         output = b"".join(_output_line(r) for r in answered)
         error = b"".join(_output_line(r) for r in failed)
+        ttl_s = self.config.batch_file_ttl_s
         if output and not record["output_file_id"]:
             record["output_file_id"] = self.store.create_file(tenant, f"{record['id']}_output.jsonl", "batch_output",
-                                                              output)["id"]
+                                                              output, ttl_s)["id"]
         if error and not record["error_file_id"]:
             record["error_file_id"] = self.store.create_file(tenant, f"{record['id']}_error.jsonl", "batch_output",
-                                                             error)["id"]
+                                                             error, ttl_s)["id"]
         codes = {json.loads(r[io.ERROR]).get("code") for r in failed if r.get("status_code") is None}
         status = ("cancelled" if record["status"] == "cancelling" or "batch_cancelled" in codes
                   else "expired" if "batch_expired" in codes else "completed")
@@ -297,6 +320,9 @@ class BatchJobs:
                                       "completed": sum(r.get("status_code") == 200 for r in answered),
                                       "failed": len(failed)})
         self.store.save_batch(record)
+        # The answers are in the output and error files now: the working copies go (a restart reads the record).
+        (folder / INPUT).unlink(missing_ok=True)
+        shutil.rmtree(folder / "out", ignore_errors=True)
 
     def _counts(self, record: dict[str, Any]) -> dict[str, int]:
         out = self.store.batch_dir(record["id"]) / "out"

@@ -8,8 +8,10 @@
     <batch_dir>/batches/<batch id>/cancel        present once a cancel was asked for
 
 Every JSON record is written whole (temporary name, then rename), so a reader in another process (the
-ingress reads, the batch runner writes) never sees half of one, and a killed service leaves none behind.
-Another tenant's object is "not found", as if it did not exist.
+ingress reads, the BatchJobs deployment writes) never sees half of one, and a killed service leaves none
+behind. Another owner's object is "not found", as if it did not exist; so is an expired file, which is
+deleted when it is next looked at (and by BatchJobs' sweep). Every method here blocks on the disk: the
+ingress calls them on a thread, never on the event loop that relays streams.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def write_json(path: Path, record: dict[str, Any]) -> None:
 
 def request_lines(content: bytes) -> list[bytes]:
     """A batch file's requests: its lines, blank ones left out."""
-    return [line for line in content.splitlines() if line.strip()]
+    return [line.rstrip(b"\r") for line in content.split(b"\n") if line.strip()]
 
 
 def public(record: dict[str, Any]) -> dict[str, Any]:
@@ -70,16 +72,31 @@ class Store:
         self.batches_dir.mkdir(parents=True, exist_ok=True)
 
     # files
-    def create_file(self, tenant: str, filename: str, purpose: str, content: bytes) -> dict[str, Any]:
-        record = {"id": new_id("file-"), "object": "file", "bytes": len(content), "created_at": int(time.time()),
-                  "expires_at": None, "filename": filename, "purpose": purpose, "status": "processed",
-                  "status_details": None, TENANT: tenant}
+    def _record(self, tenant: str, filename: str, purpose: str, size: int, ttl_s: int) -> dict[str, Any]:
+        now = int(time.time())
+        return {"id": new_id("file-"), "object": "file", "bytes": size, "created_at": now,
+                "expires_at": now + ttl_s, "filename": filename, "purpose": purpose, "status": "processed",
+                "status_details": None, TENANT: tenant}
+
+    def create_file(self, tenant: str, filename: str, purpose: str, content: bytes, ttl_s: int) -> dict[str, Any]:
+        record = self._record(tenant, filename, purpose, len(content), ttl_s)
         write_whole(self.files_dir / record["id"], content)
+        write_json(self.files_dir / f"{record['id']}.json", record)
+        return record
+
+    def adopt_file(self, tenant: str, filename: str, purpose: str, path: Path, size: int,
+                   ttl_s: int) -> dict[str, Any]:
+        """A file already written under this folder (a streamed upload) becomes a File object."""
+        record = self._record(tenant, filename, purpose, size, ttl_s)
+        os.replace(path, self.files_dir / record["id"])
         write_json(self.files_dir / f"{record['id']}.json", record)
         return record
 
     def file(self, tenant: str, file_id: str) -> dict[str, Any]:
         record = self._read(self.files_dir / f"{_safe(file_id)}.json")
+        if record is not None and _expired(record):
+            self._delete(record)
+            record = None
         if record is None or record[TENANT] != tenant:
             raise errors.NotFoundError(f"No such File object: {file_id}", param="file_id", code="file_not_found")
         return record
@@ -87,15 +104,31 @@ class Store:
     def file_path(self, tenant: str, file_id: str) -> Path:
         return self.files_dir / self.file(tenant, file_id)["id"]
 
-    def files(self, tenant: str, purpose: str | None = None) -> list[dict[str, Any]]:
-        records = (self._read(p) for p in self.files_dir.glob("file-*.json"))
-        return [r for r in records if r and r[TENANT] == tenant and purpose in (None, r["purpose"])]
+    def files(self, tenant: str | None, purpose: str | None = None) -> list[dict[str, Any]]:
+        """An owner's live files (every owner's for None); expired ones are deleted on the way."""
+        live = []
+        for record in (self._read(p) for p in self.files_dir.glob("file-*.json")):
+            if record is None or tenant not in (None, record[TENANT]):
+                continue
+            if _expired(record):
+                self._delete(record)
+            elif purpose in (None, record["purpose"]):
+                live.append(record)
+        return live
+
+    def usage(self, tenant: str) -> tuple[int, int]:
+        """An owner's live files: (bytes, count), for its quota."""
+        files = self.files(tenant)
+        return sum(r["bytes"] for r in files), len(files)
 
     def delete_file(self, tenant: str, file_id: str) -> dict[str, Any]:
         record = self.file(tenant, file_id)
-        (self.files_dir / f"{record['id']}.json").unlink()
-        (self.files_dir / record["id"]).unlink(missing_ok=True)
+        self._delete(record)
         return {"id": record["id"], "object": "file", "deleted": True}
+
+    def _delete(self, record: dict[str, Any]) -> None:
+        (self.files_dir / f"{record['id']}.json").unlink(missing_ok=True)
+        (self.files_dir / record["id"]).unlink(missing_ok=True)
 
     # batches
     def batch_dir(self, batch_id: str) -> Path:
@@ -123,6 +156,10 @@ class Store:
             return json.loads(path.read_text())
         except (FileNotFoundError, NotADirectoryError):
             return None
+
+
+def _expired(record: dict[str, Any]) -> bool:
+    return record.get("expires_at") is not None and record["expires_at"] <= time.time()
 
 
 def _safe(object_id: str) -> str:

@@ -18,7 +18,7 @@ from raylm.config import AppConfig, ModelConfig, load_config
 from raylm.contract import APP_NAME, BATCH_NAME, INGRESS_NAME, deployment_name
 from raylm.serve.batch.jobs import BatchDeployment
 from raylm.serve.edge.access import load_access
-from raylm.serve.edge.ingress import IngressDeployment, IngressOptions
+from raylm.serve.edge.ingress import IngressDeployment
 from raylm.serve.replica.server import ModelDeployment
 
 HEALTH_CHECK_TIMEOUT_MARGIN_S = 20.0
@@ -115,18 +115,17 @@ def build_app(args: AppConfig | dict[str, Any] | None = None) -> Application:
         for m in config.models}
     serve_config = config.serve
     access = load_access(serve_config)
-    batch_dir = str(serve_config.batch_dir or serve_config.cache_dir / "batches")
-    # One runner, on the head node with the ingress: both read and write batch_dir there.
-    runner = BatchDeployment.options(
+    # The ingress and BatchJobs get serve.* without the keys: those reach the ingress hashed, in `access`.
+    edge = serve_config.model_copy(update={"api_keys": (),
+                                           "batch_dir": serve_config.batch_dir or serve_config.cache_dir / "batches"})
+    # One BatchJobs replica, on the head node with the ingress: both read and write batch_dir there.
+    batches = BatchDeployment.options(
         name=BATCH_NAME, num_replicas=1, ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}},
-    ).bind(config.models, batch_dir, dict(access.tenants), serve_config.batch_max_requests)
+    ).bind(config.models, dict(access.tenants), edge)
     return IngressDeployment.options(
         name=INGRESS_NAME, num_replicas=serve_config.ingress_replicas, max_ongoing_requests=INGRESS_MAX_ONGOING,
         ray_actor_options={"num_cpus": serve_config.ingress_num_cpus, "resources": {HEAD_NODE_RESOURCE: 0.001}},
-    ).bind(config.models, handles, access,
-           IngressOptions(serve_config.host, serve_config.port, serve_config.cold_start_timeout_s,
-                          serve_config.max_request_bytes, batch_dir, serve_config.batch_max_file_bytes,
-                          serve_config.batch_max_requests), runner)
+    ).bind(config.models, handles, access, edge, batches)
 
 
 def serve_config_file(config: AppConfig) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import resource
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -16,7 +17,9 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.types import ASGIApp
 
 from raylm import errors
+from raylm.config import HTTPConfig
 from raylm.contract import Reply
+from raylm.serve.edge.limits import protocol_class
 
 logger = logging.getLogger("raylm.serve")
 
@@ -28,17 +31,41 @@ def request_id(request: Request) -> str:
     return request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
 
 
-async def json_body(request: Request, limit: int) -> dict:
-    """The body as a JSON object, read up to `limit` bytes (413 past it) and parsed (400 if it is not one)."""
+async def body_chunks(request: Request, limit: int, idle_s: float) -> AsyncIterator[bytes]:
+    """The body as it arrives, refused past `limit` bytes (413: a declared length at once, a chunked body as
+    soon as it passes) or when no byte comes for `idle_s` (408)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise errors.RequestTooLargeError(limit)
-    chunks, size = [], 0
-    async for chunk in request.stream():
+    size, chunks = 0, request.stream().__aiter__()
+    while True:
+        try:
+            async with asyncio.timeout(idle_s):
+                chunk = await chunks.__anext__()
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise errors.RequestTimeoutError(f"the request body sent nothing for {idle_s:g}s "
+                                             "(serve.http.body_timeout_s)") from None
         size += len(chunk)
         if size > limit:
             raise errors.RequestTooLargeError(limit)
-        chunks.append(chunk)
+        yield chunk
+
+
+def require_json(request: Request) -> None:
+    """JSON routes take `Content-Type: application/json` only, as vLLM's do: a web page can send any other
+    type to 127.0.0.1 without a CORS preflight (text/plain, a form), never this one."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise errors.UnsupportedMediaTypeError(
+            f"Unsupported Media Type: only 'application/json' is allowed, not {media_type or 'none'!r}")
+
+
+async def json_body(request: Request, limit: int, idle_s: float) -> dict:
+    """The body as a JSON object, read up to `limit` bytes (413 past it) and parsed (400 if it is not one)."""
+    require_json(request)
+    chunks = [chunk async for chunk in body_chunks(request, limit, idle_s)]
     try:
         body = json.loads(b"".join(chunks))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -70,17 +97,20 @@ class _Server(uvicorn.Server):
         yield  # a replica's signals belong to Ray
 
 
-async def serve_http(app: ASGIApp, host: str, port: int, keep_alive_s: float = 30.0) -> uvicorn.Server:
-    """Serve `app` on host:port from this process's event loop. SO_REUSEPORT lets a replacement replica
-    (or a second ingress replica on the node) bind the port while another holds it; the kernel spreads
-    new connections between them. Raises OSError when the port is taken by anything else."""
+async def serve_http(app: ASGIApp, host: str, port: int, limits: HTTPConfig) -> uvicorn.Server:
+    """Serve `app` on host:port from this process's event loop, within `limits` (limits.py). SO_REUSEPORT
+    lets a replacement replica (or a second ingress replica on the node) bind the port while another holds
+    it; the kernel spreads new connections between them. Raises OSError when the port is taken by anything
+    else."""
+    _allow_open_files(limits.max_connections + 1024)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    server = _Server(uvicorn.Config(app, lifespan="off", access_log=False, log_config=None, http="httptools",
-                                    ws="none", timeout_keep_alive=int(keep_alive_s)))
+    server = _Server(uvicorn.Config(app, lifespan="off", access_log=False, log_config=None,
+                                    http=protocol_class(limits), ws="none",
+                                    timeout_keep_alive=max(1, round(limits.keep_alive_s))))
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
     while not server.started:
         if task.done():
@@ -89,3 +119,12 @@ async def serve_http(app: ASGIApp, host: str, port: int, keep_alive_s: float = 3
         await asyncio.sleep(0.01)
     server.task = task  # kept alive with the server
     return server
+
+
+def _allow_open_files(wanted: int) -> None:
+    """Each connection is a file descriptor: raise this process's soft limit toward `wanted` (never past the
+    hard limit), so the connection caps, not EMFILE, decide who is refused."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))

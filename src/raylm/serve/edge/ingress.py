@@ -14,10 +14,11 @@ their replicas die. Every failure leaves here as one OpenAI error body.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from raylm import _ray, errors
-from raylm.config import ModelConfig
+from raylm.config import ModelConfig, ServeConfig
 from raylm.contract import NAMED_EVENTS, PATHS, TASK_ENDPOINTS, Call, Endpoint, Reply, deployment_name, error_event
 from raylm.serve import status, stream
 from raylm.serve.batch.store import Store
@@ -44,6 +45,20 @@ CONNECT_TIMEOUT_S = 10.0
 # The replica (or its node) is gone: the request never ran to the end there, so it may run elsewhere.
 # OSError: its stream's connection was refused or reset before a byte came.
 _REPLICA_GONE = (RayActorError, ReplicaUnavailableError, OSError)
+# Endpoints whose requests vLLM caches by prefix, and which take a cache_salt.
+SALTED: frozenset[Endpoint] = frozenset({"chat", "completions", "responses", "messages"})
+
+
+class CacheSalt:
+    """A tenant's salt: HMAC of its name under a secret no client knows, so no tenant can name another's
+    salt; a salt the client sent is kept behind it (its own caches stay apart within the tenant)."""
+
+    def __init__(self, secret: bytes) -> None:
+        self.secret = secret
+
+    def of(self, tenant: str, client_salt: Any) -> str:
+        mine = hmac.new(self.secret, tenant.encode(), hashlib.sha256).hexdigest()[:32]
+        return f"{mine}/{client_salt}" if isinstance(client_salt, str) and client_salt else mine
 
 
 def _as_api_error(exc: Exception) -> Exception:
@@ -56,43 +71,36 @@ def _as_api_error(exc: Exception) -> Exception:
     return exc
 
 
-@dataclass(frozen=True)
-class IngressOptions:
-    """What the ingress needs of serve.* (never the keys themselves: those reach it hashed, in Access)."""
-
-    host: str
-    port: int
-    cold_start_timeout_s: float
-    max_request_bytes: int
-    batch_dir: str
-    batch_max_file_bytes: int
-    batch_max_requests: int
-
-
 class Ingress:
     async def __init__(self, models: tuple[ModelConfig, ...], handles: dict[str, Any], access: Access,
-                       options: IngressOptions, batch_jobs: Any) -> None:
+                       config: ServeConfig, batch_jobs: Any) -> None:
+        """`config`: serve.*, with batch_dir resolved and without keys (those reach it hashed, in `access`)."""
         self.models = {m.name: m for m in models}
         self.handles = handles
         self.batch_jobs = batch_jobs
-        self.batch_store = Store(Path(options.batch_dir))
+        self.batch_store = Store(Path(config.batch_dir))
         self.callers = {name: h.options(stream=True) for name, h in handles.items()}
         self.access = access
-        self.options = options
+        self.config = config
         self.created = int(time.time())
         self.metrics = IngressMetrics()
-        self.http_server = await http.serve_http(build_api(self), options.host, options.port)
+        # With keys, each tenant's prefix cache is its own (vLLM's cache_salt): TTFT tells no tenant what another
+        # asked. The salt's secret is made when the app is built (access.salt_secret), shared by every ingress.
+        self.salt = CacheSalt(access.salt_secret) if access.keyed and config.cache_salt else None
+        self.http_server = await http.serve_http(build_api(self), config.host, config.port, config.http)
 
     async def serve(self, endpoint: Endpoint, request: Request) -> Response:
         start = time.perf_counter()
         rid = http.request_id(request)
         name = who = "-"  # the metrics' model label: only served names, never what a client made up
         try:
-            tenant = self.access.tenant(request.headers)
+            tenant = self.access.caller(request.headers).tenant
             who = tenant.name
-            body = await http.json_body(request, self.options.max_request_bytes)
+            body = await http.json_body(request, self.config.max_request_bytes, self.config.http.body_timeout_s)
             model = self._model(endpoint, body)
             name = model.name
+            if self.salt is not None and endpoint in SALTED:
+                body["cache_salt"] = self.salt.of(tenant.name, body.get("cache_salt"))
             head = await self._open(model, Call(endpoint, body, rid, tenant))
         except Exception as exc:
             head = Reply.of(_as_api_error(exc), rid)
@@ -143,7 +151,7 @@ class Ingress:
         """Wait (bounded) until a replica takes the request: during a cold start there is none yet."""
         # Serve resolves this future once its router has picked a replica; a timeout here means no replica
         # took the request, so nothing ran and a 503 is honest.
-        timeout_s = self.options.cold_start_timeout_s
+        timeout_s = self.config.cold_start_timeout_s
         try:
             await asyncio.wait_for(asyncio.shield(_ray.assigned(replies)), timeout_s)
         except TimeoutError:
@@ -189,15 +197,17 @@ class Ingress:
         return JSONResponse(cards[0] if model_id is not None else {"object": "list", "data": cards})
 
     async def status(self, request: Request) -> Response:
-        """GET /status (behind the API key): the service at a glance; see status.py."""
+        """GET /status (behind the API key): the service at a glance, every tenant's for an admin key, the
+        caller's own tenant's otherwise; see status.py."""
         rid = http.request_id(request)
         try:
-            self.access.tenant(request.headers)
+            caller = self.access.caller(request.headers)
         except errors.APIError as exc:
             return http.error_response(exc, rid)
         deployments = {name: deployment_name(name) for name in self.models}
         app_name = serve.get_replica_context().app_name
-        return JSONResponse(await status.collect(app_name, deployments, self.metrics.window))
+        tenant = None if caller.admin else caller.tenant.name
+        return JSONResponse(await status.collect(app_name, deployments, self.metrics.window, tenant))
 
     async def ready(self) -> JSONResponse:
         """Ready when every model that keeps replicas answers a ping; a model scaled to zero counts as ready."""

@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -15,17 +16,25 @@ from raylm import errors
 from raylm.contract import PATHS, Endpoint
 from raylm.serve.batch import api as batch_api
 from raylm.serve.edge import http
+from raylm.serve.edge.policy import BrowserPolicy, host_allow_list
 
 ROUTES: dict[str, Endpoint] = {path: endpoint for endpoint, paths in PATHS.items() for path in paths}
 PLAYGROUND = Path(__file__).parent / "playground"
-# The playground's page may load and reach only its own origin: model output cannot pull scripts in.
+# The playground's page may load and reach only its own origin: model output cannot pull scripts in, submit
+# a form anywhere, re-base its links, or be framed by another page.
 _PLAYGROUND_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
-                   "connect-src 'self'")
+                   "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'")
 
 
 def build_api(ingress: Any) -> FastAPI:
     """The routes on `ingress` (an edge.ingress.Ingress)."""
     api = FastAPI(title="raylm", docs_url=None, redoc_url=None, openapi_url=None)
+    config = ingress.config
+    if config.allowed_origins:  # inner: only requests the policy let through reach it
+        api.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["*"])
+    api.add_middleware(BrowserPolicy, allowed_hosts=host_allow_list(config.host, config.loopback, config.allowed_hosts),
+                       allowed_origins=tuple(o.rstrip("/") for o in config.allowed_origins))
 
     @api.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -90,7 +99,7 @@ def build_api(ingress: Any) -> FastAPI:
 
 def _static(path: Path) -> Response:
     return FileResponse(path, headers={"content-security-policy": _PLAYGROUND_CSP, "cache-control": "no-cache",
-                                       "x-content-type-options": "nosniff"})
+                                       "x-content-type-options": "nosniff", "x-frame-options": "DENY"})
 
 
 def _route(ingress: Any, endpoint: Endpoint):

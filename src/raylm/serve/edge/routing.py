@@ -164,7 +164,9 @@ class PrefixAffinityRouter(RequestRouter):
         call = pending_request.args[0] if pending_request is not None and pending_request.args else None
         if not isinstance(call, Call):
             return ()
-        return block_chain(prompt_text(call.body, self.max_chars), self.block_chars, call.endpoint)
+        # A salted request (one tenant's cache, ingress.CacheSalt) shares blocks only with its own salt.
+        seed = f"{call.endpoint}\x00{call.body.get('cache_salt') or ''}"
+        return block_chain(prompt_text(call.body, self.max_chars), self.block_chars, seed)
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:

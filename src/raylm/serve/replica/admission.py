@@ -241,3 +241,47 @@ class Admission:
         if not self._waiting:
             self._finish.clear()
             self._weights = {n: w for n, w in self._weights.items() if n in self.running_by}
+
+
+class Turns:
+    """One request at a time through the replica's counting thread (engine.prepare), tenants in turn: each
+    tenant waiting gets its oldest request through before any tenant gets a second, so one tenant's huge
+    bodies delay only its own requests."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, deque[asyncio.Future]] = {}
+        self._order: deque[str] = deque()  # tenants with requests waiting, in turn order
+        self._busy = False
+
+    @asynccontextmanager
+    async def turn(self, tenant: str) -> AsyncIterator[None]:
+        if self._busy:
+            future = asyncio.get_running_loop().create_future()
+            if tenant not in self._waiting:
+                self._order.append(tenant)
+            self._waiting.setdefault(tenant, deque()).append(future)
+            try:
+                await future
+            except asyncio.CancelledError:
+                if future.done() and not future.cancelled():  # granted, then cancelled: pass the turn on
+                    self._next()
+                raise
+        self._busy = True
+        try:
+            yield
+        finally:
+            self._next()
+
+    def _next(self) -> None:
+        while self._order:
+            tenant = self._order.popleft()
+            queue = self._waiting[tenant]
+            future = queue.popleft()
+            if queue:
+                self._order.append(tenant)
+            else:
+                del self._waiting[tenant]
+            if not future.done():  # a cancelled waiter is skipped
+                future.set_result(None)
+                return
+        self._busy = False

@@ -18,14 +18,14 @@ from pathlib import Path
 import ray
 from ray import serve
 
-from raylm import _ray, hardware
+from raylm import _ray, errors, hardware
 from raylm.config import ModelConfig
 from raylm.contract import NAMED_EVENTS, Call, Direct, Reply, sse_frames
 from raylm.engine.protocol import Engine
 from raylm.models import resolve_source
 from raylm.serve import status
 from raylm.serve.metrics import ReplicaMetrics
-from raylm.serve.replica.admission import Admission
+from raylm.serve.replica.admission import Admission, Turns
 from raylm.serve.stream import StreamHub
 
 logger = logging.getLogger("raylm.serve")
@@ -44,12 +44,6 @@ def stream_host() -> str:
     node_id = ray.get_runtime_context().get_node_id()
     node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
     return "127.0.0.1" if _ray.HEAD_NODE_RESOURCE in node["Resources"] else node["NodeManagerAddress"]
-
-
-def sequences(body: dict) -> int:
-    """Sequences a request runs side by side in the engine: `n`, or `best_of` when larger."""
-    counts = [v for v in (body.get("n"), body.get("best_of")) if isinstance(v, int) and not isinstance(v, bool)]
-    return max([1, *counts])
 
 
 def _log_to_stderr(*names: str) -> None:
@@ -75,6 +69,8 @@ class ModelServer:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         await self._report("loading weights")  # for the start-up's live status (runner.py)
         self.admission = Admission(model.admission)
+        self.turns = Turns()
+        self.max_n = model.admission.max_n or (128 if model.num_gpus else 16)
         self.probe_timeout_s = model.health.probe_timeout_s
         self.fit = hardware.fit(model.engine_args, model.env)
         os.environ.update(self.fit.env)  # read by vLLM here and in the EngineCore process it spawns
@@ -111,8 +107,13 @@ class ModelServer:
         rid = call.request_id
         try:
             # Refuse early: a bad request, or a prompt too long for the context, never takes a queue place.
-            prepared = await self.engine.prepare(call.endpoint, call.body)
-            async with self.admission.slot(call.tenant, prepared.size.total, sequences(call.body)):
+            async with self.turns.turn(call.tenant.name):
+                prepared = await self.engine.prepare(call.endpoint, call.body)
+            if prepared.sequences > self.max_n:
+                raise errors.InvalidRequestError(
+                    f"n is {prepared.sequences}; this model takes at most {self.max_n} (admission.max_n)",
+                    param="n", code="n_too_large")
+            async with self.admission.slot(call.tenant, prepared.size.total, prepared.sequences):
                 result = await self.engine.create(prepared, rid)
                 if isinstance(result, bytes):
                     yield Reply(body=result)

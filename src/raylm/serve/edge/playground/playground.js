@@ -2,7 +2,13 @@
 // No framework: state is the conversation, the key and one AbortController; the DOM is the rest.
 // marked and DOMPurify are vendored classic scripts (window.marked, window.DOMPurify).
 
-const $ = (id) => document.getElementById(id);
+// Every element the page uses, looked up once at start: model output rendered later can never stand in for
+// one (an answer carrying <form id="chat-form"> comes before the real form in the document).
+const IDS = ["api-key", "api-key-field", "error", "tab-chat", "tab-embed", "chat-panel", "embed-panel", "model",
+  "system", "temperature", "max-tokens", "new-chat", "messages", "chat-form", "prompt", "send", "stop",
+  "embed-model", "embed-run", "embed-input", "embed-matrix"];
+const dom = {};
+const $ = (id) => dom[id];
 const KEY_STORAGE = "raylm.apiKey"; // sessionStorage only: the key leaves with the tab
 
 const state = {
@@ -12,11 +18,18 @@ const state = {
 
 // ---------- Markdown ----------
 
+// Model output may carry any HTML: no form controls (a <form> could submit, an <input> take keystrokes), and
+// ids and names prefixed (SANITIZE_NAMED_PROPS) so that none can shadow the page's own.
+const PURIFY = {
+  FORBID_TAGS: ["form", "input", "button", "textarea", "select", "option", "dialog", "style"],
+  FORBID_ATTR: ["style"], // would only trip the CSP (style-src 'self'); dropped rather than logged
+  SANITIZE_NAMED_PROPS: true,
+};
+
 /** Model output → safe HTML: Markdown by marked, then DOMPurify removes scripts, handlers and the like. */
 function render(markdown) {
   const html = window.marked.parse(markdown, { gfm: true, breaks: true });
-  // style attributes would only trip the CSP (style-src 'self'); drop them rather than log violations
-  return window.DOMPurify.sanitize(html, { FORBID_ATTR: ["style"] });
+  return window.DOMPurify.sanitize(html, PURIFY);
 }
 
 // ---------- HTTP ----------
@@ -333,6 +346,7 @@ function selectTab(name) {
 }
 
 function start() {
+  for (const id of IDS) dom[id] = document.getElementById(id);
   const key = sessionStorage.getItem(KEY_STORAGE);
   if (key) {
     $("api-key").value = key;
@@ -353,6 +367,16 @@ function start() {
   loadModels();
 }
 
+/** An answer shown as if a model had streamed it (tests and the console): the page's own render path. */
+function show(markdown) {
+  const item = addMessage("assistant", "");
+  item.dataset.state = "done";
+  const view = renderer(item);
+  view.set(markdown);
+  view.flush();
+  return item;
+}
+
 // For tests and the console: the sanitizer path, callable on its own.
-window.raylmPlayground = { render };
+window.raylmPlayground = { render, show };
 start();

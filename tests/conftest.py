@@ -1,14 +1,18 @@
 import os
+import secrets
 import sys
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Every Ray cluster the tests start (ray.init, `ray start`) and join uses this session's own token: a fresh
+# machine has no ~/.ray/auth_token, and `ray start` with token auth asked for does not make one.
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
-_MARKERS = {"integration": "integration", "cluster": "cluster", "chaos": "chaos"}
+_MARKERS = {"integration": "integration", "cluster": "cluster", "chaos": "chaos", "security": "security"}
 
 
 def pytest_collection_modifyitems(items):
@@ -23,3 +27,41 @@ def tiny_model(tmp_path_factory) -> Path:
     from helpers import make_tiny_llama
 
     return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def service(tiny_model, tmp_path_factory):
+    """One real service for the integration and security tests: local Ray + Serve, three vLLM engines on the
+    CPU, API keys on (tenant `default` an admin, `other` not), the edge's timeouts short enough to test."""
+    from helpers import API_KEY, CPU_ENV, OTHER_KEY, SERVICE_MAX_FILE_BYTES, TINY_ENGINE_ARGS, free_port
+
+    from raylm.config import AppConfig, ModelConfig, default_models
+    from raylm.serve.control.service import start
+
+    smollm2, minilm = default_models()
+    config = AppConfig(
+        models=(
+            ModelConfig(name="tiny", source=str(tiny_model), num_cpus=0.25,
+                        engine_args=TINY_ENGINE_ARGS, env=CPU_ENV),
+            smollm2.model_copy(update={"num_cpus": 0.25, "env": CPU_ENV}),
+            minilm.model_copy(update={"num_cpus": 0.25, "env": CPU_ENV}),
+        ),
+        serve={"port": free_port(), "metrics_port": free_port(), "num_cpus": 2,
+               "api_keys": [{"tenant": "default", "key": API_KEY}, {"tenant": "other", "key": OTHER_KEY}],
+               "admin_tenants": ["default"], "batch_dir": str(tmp_path_factory.mktemp("batches")),
+               "batch_max_file_bytes": SERVICE_MAX_FILE_BYTES, "batch_max_stored_bytes": 4 * SERVICE_MAX_FILE_BYTES,
+               "batch_max_requests": 1000,
+               "http": {"header_timeout_s": 3, "write_timeout_s": 3, "max_connections_per_client": 1024}},
+    )
+    svc = start(config)
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="session")
+def client(service):
+    from openai import OpenAI
+
+    from helpers import API_KEY
+
+    return OpenAI(base_url=f"{service.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 from pathlib import Path
 
@@ -13,6 +14,7 @@ CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
 API_KEY = "sk-raylm-integration"
 AUTH = {"authorization": f"Bearer {API_KEY}"}
 OTHER_KEY = "sk-raylm-other-tenant"  # a second tenant (the Batch API's objects are scoped to one)
+SERVICE_MAX_FILE_BYTES = 210 * 2**20  # the service's upload limit: a 200 MiB upload fits, 2 GiB does not
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -56,7 +58,25 @@ def make_tiny_llama(out: Path, seed: int = 0) -> Path:
     return out
 
 
+# Ports the tests hand to servers come from below the kernel's ephemeral range (where every socket bound to
+# port 0 lands: Ray's gRPC servers, agents, clients) and above Ray's worker ports (10002-19999): a port found
+# free here stays free until its server binds it, since nothing picks one there by itself. A port picked by
+# binding port 0 and closing it was taken by one of Ray's processes before raylm's ingress bound it
+# (`make test` on a fresh clone: 9 errors, `Address already in use`).
+_WORKER_PORTS_END = 20000
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    low, _ = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    candidates = list(range(_WORKER_PORTS_END, low)) if low - _WORKER_PORTS_END >= 1000 else []
+    random.shuffle(candidates)
+    for port in candidates[:500]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # an unusual ephemeral range: the old way, with its race
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -50,11 +50,17 @@ def serve_command(
         from raylm._ray import TOKEN_AUTH_LOGGER
 
         logging.getLogger(TOKEN_AUTH_LOGGER).setLevel(logging.ERROR)
+    from raylm.serve.edge.access import load_access
+
     try:
         cfg = load_config(config, model=model, replicas=replicas, host=host, port=port, address=address)
-    except (ValidationError, ValueError) as exc:
+        keyed = load_access(cfg.serve).keyed  # a keys file that is missing or empty fails here, not later
+    except (ValidationError, ValueError, OSError) as exc:
         console.print(f"[red]invalid config:[/red] {exc}")
         raise typer.Exit(2) from None
+    if not keyed and not cfg.serve.loopback:
+        console.print(f"[yellow]warning: {cfg.serve.host}:{cfg.serve.port} serves without API keys "
+                      "(serve.allow_anonymous): anyone who reaches it can use every model, as any tenant[/yellow]")
 
     def on_ready(service) -> None:
         from rich.table import Table

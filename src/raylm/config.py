@@ -86,8 +86,9 @@ class APIKey(_Frozen):
 
 class TenantConfig(_Frozen):
     weight: float = Field(1.0, gt=0, description="Share of a saturated replica, relative to other tenants.")
-    priority: int = Field(0, description="Lower is served first (vLLM's convention), e.g. 0 interactive, "
-                                         "1 batch; fairness applies within a priority.")
+    priority: int = Field(0, description="Lower is served first (vLLM's convention), e.g. 0 for a product's "
+                                         "users, 1 for internal tools; fairness applies within a priority. "
+                                         "Batch API work is a class below every priority.")
 
 
 class HTTPConfig(_Frozen):
@@ -273,7 +274,8 @@ class DataConfig(_Frozen):
 
     text_column: str = Field("text", description="Input column holding the text.")
     output_format: Literal["parquet", "jsonl"] = Field("parquet", description="Format of OUT's files.")
-    batch_size: int = Field(256, ge=1, description="Rows per batch handed to a stage.")
+    batch_size: int = Field(256, ge=1, description="Rows per block handed to a stage, at least (a large input's "
+                                                   "blocks grow to 16 times it, four per stage actor).")
     concurrency: int = Field(1, ge=1, description="Actors in the stage's pool (each loads the model once).")
     num_cpus: float | None = Field(
         None, gt=0, description="Logical CPUs each embed/generate stage actor reserves (default: the model's "
@@ -304,7 +306,8 @@ _DATA_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 class AppConfig(_Frozen):
     models: tuple[ModelConfig, ...] = Field(
         default_factory=default_models,
-        description="Served models; the first one is the HTTP ingress and routes the others.")
+        description="Served models, each its own Serve deployment; a request names one in `model` (a request "
+                    "without one goes to the first model that serves its route).")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="The online service.")
     data: DataConfig = Field(default_factory=DataConfig, description="`raylm data` pipelines.")
 

@@ -46,7 +46,8 @@ def wait_for_url(proc: subprocess.Popen, url: str, timeout_s: float = 300) -> li
         time.sleep(0.5)
     assert f"{url}/v1\n" in lines, f"no URL printed after {timeout_s}s: {lines[-5:]}"
     assert httpx.get(f"{url}/ready", timeout=10).status_code == 200
-    time.sleep(0.5)  # the console's last lines come just before the URL
+    while "raylm is ready" not in "".join(console) and time.monotonic() < deadline:  # printed just before the URL
+        time.sleep(0.1)
     return console
 
 

@@ -5,7 +5,7 @@ import time
 
 import httpx
 import pytest
-from helpers import API_KEY, OTHER_KEY
+from helpers import API_KEY, OTHER_KEY, SERVICE_MAX_FILE_BYTES
 
 FINAL = ("completed", "failed", "cancelled", "expired")
 
@@ -134,7 +134,10 @@ def test_bad_uploads_and_batches_get_clear_errors(service):
         return httpx.post(f"{url}/v1/files", headers=auth, data={"purpose": purpose},
                           files={"file": ("f.jsonl", content)}, timeout=30)
 
-    too_big = post_file(b"x" * (2**20 + 10))  # the fixture's batch_max_file_bytes is 1 MiB
+    # A declared length past the fixture's batch_max_file_bytes is refused before a byte of the body is read.
+    too_big = httpx.post(f"{url}/v1/files", headers={**auth, "content-type": "multipart/form-data; boundary=x",
+                                                     "content-length": str(2 * SERVICE_MAX_FILE_BYTES)},
+                         content=b"", timeout=30)
     assert too_big.status_code == 413 and too_big.json()["error"]["type"] == "invalid_request_error"
     too_many = post_file(b"{}\n" * 1001)  # ...and batch_max_requests 1000
     assert too_many.status_code == 400 and too_many.json()["error"]["code"] == "too_many_requests"

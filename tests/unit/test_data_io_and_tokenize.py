@@ -85,3 +85,64 @@ def test_an_engine_stage_runs_every_batch_on_the_thread_that_made_its_engine(mon
     with ThreadPoolExecutor(1) as caller:  # as Ray Data calls a stage: from a thread of its own
         ran_on = caller.submit(stage, pa.table({"text": ["a"]})).result()
     assert ran_on == stage.llm != threading.get_ident()
+
+
+def _by_blocks(path, rows_per_block):
+    scanned = io.scan(str(path))
+    return [row for b in scanned.blocks(rows_per_block) for row in io.read_block(b, "text").to_pylist()]
+
+
+@pytest.mark.parametrize("content", [
+    b'{"text": "a", "id": 1}\n\n{"text": "b", "id": 2}\r\n  \n{"text": "c", "id": 3}',  # blank lines, CRLF, no last \n
+    b'{"text": "a"}\nnope\n{"text": 5}\n{"text": "d"}\n',
+    b"",
+])
+@pytest.mark.parametrize("rows_per_block", [1, 2, 100])
+def test_blocks_read_only_their_own_rows_and_together_give_the_file(tmp_path, content, rows_per_block):
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(content)
+    whole = io.read_file(str(path), "text").to_pylist()
+    assert _by_blocks(path, rows_per_block) == whole
+    assert [r["_row"] for r in whole] == list(range(len(whole)))
+
+
+def test_text_rows_are_lines_blank_ones_included(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_bytes(b"one\r\n\ntwo\nthree")
+    rows = _by_blocks(path, 2)
+    assert [r["text"] for r in rows] == ["one", "", "two", "three"] and [r["_row"] for r in rows] == [0, 1, 2, 3]
+
+
+def test_parquet_blocks_read_their_row_groups(tmp_path):
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"text": [f"t{i}" for i in range(10)], "id": list(range(10))}), path, row_group_size=3)
+    scanned = io.scan(str(path))
+    assert scanned.groups == (3, 3, 3, 1)
+    blocks = scanned.blocks(4)
+    assert [b["groups"] for b in blocks] == [[0, 1], [1, 2], [2, 3]]
+    rows = pa.concat_tables([io.read_block(b, "text") for b in blocks]).to_pylist()
+    assert [r["id"] for r in rows] == list(range(10)) and [r["_row"] for r in rows] == list(range(10))
+
+
+def test_a_scan_reads_each_byte_once_and_a_block_only_its_range(tmp_path, monkeypatch):
+    path = tmp_path / "big.jsonl"
+    path.write_bytes(b"".join(b'{"text": "row %d"}\n' % i for i in range(50_000)))
+    monkeypatch.setattr(io, "SCAN_BYTES", 64 * 1024)  # many chunks: lines straddle their edges
+    scanned = io.scan(str(path))
+    assert scanned.rows == 50_000
+    block = scanned.blocks(1000)[17]
+    assert block["end"] - block["start"] < 30 * 1000  # ~19 KB of its own rows, not the 1 MB file
+    rows = io.read_block(block, "text").to_pylist()
+    assert [r["text"] for r in rows] == [f"row {i}" for i in range(17_000, 18_000)]
+
+
+def test_an_error_row_keeps_every_column_but_its_text(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join([json.dumps({"id": "a", "text": "fine", "meta": {"k": 1}}),
+                               json.dumps({"id": "b", "text": 7, "meta": {"k": 2}}),
+                               json.dumps({"id": "c", "text": ["x"], "meta": {"k": 3}}),
+                               json.dumps({"id": "d", "meta": {"k": 4}})]) + "\n")
+    rows = io.read_file(str(path), "text").to_pylist()
+    assert [r["id"] for r in rows] == ["a", "b", "c", "d"] and [r["meta"]["k"] for r in rows] == [1, 2, 3, 4]
+    assert [r["error"] is None for r in rows] == [True, False, False, True]
+    assert "not a string: 7" in rows[1]["error"] and rows[1]["text"] is None

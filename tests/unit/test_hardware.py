@@ -40,3 +40,11 @@ def test_cpu_list_ranges():
 def test_detect_reads_this_machine():
     hw = detect()
     assert hw.cores and hw.numa_nodes >= 1 and hw.gpus == 0
+
+
+def test_a_data_stage_keeps_the_users_thread_binding():
+    from raylm.data.llm_stages import fit_here
+
+    hw = Hardware(gpus=0, cpu_flags=frozenset({"avx2"}), cores=(0, 1, 2, 3), numa_nodes=1)
+    assert fit_here({}, {"VLLM_CPU_OMP_THREADS_BIND": "2-3"}, hw).env["VLLM_CPU_OMP_THREADS_BIND"] == "2-3"
+    assert fit_here({}, {}, hw).env["VLLM_CPU_OMP_THREADS_BIND"] == "0-3"  # unset: every core

@@ -127,3 +127,22 @@ def test_prefix_routing_is_set_on_the_model_deployment_only_when_asked():
     prefix = serve_options(ModelConfig(name="m", source="/m", replicas=2, routing="prefix"))
     assert prefix["request_router_config"] == {"request_router_class": PREFIX_ROUTER}
     assert "request_router_config" not in serve_options(ModelConfig(name="m", source="/m", replicas=2))
+
+
+def test_each_tenant_gets_its_own_prefix_cache_and_routing_chain():
+    from raylm.serve.edge.ingress import CacheSalt
+
+    salt = CacheSalt(b"secret")
+    a, b = salt.of("team-a", None), salt.of("team-b", None)
+    assert a != b and len(a) == 32 and salt.of("team-a", "mine") == f"{a}/mine"
+    assert CacheSalt(b"other secret").of("team-a", None) != a  # nobody can compute another tenant's salt
+
+    def chain(body):
+        async def make():  # a PendingRequest makes a future: it needs a running loop
+            router = PrefixAffinityRouter.__new__(PrefixAffinityRouter)
+            router.initialize_state()
+            return router.chain(PendingRequest(args=[Call("chat", body, "rid")], kwargs={}, metadata=None))
+        return asyncio.run(make())
+
+    assert chain({**chat("q"), "cache_salt": a}) != chain({**chat("q"), "cache_salt": b})
+    assert chain({**chat("q"), "cache_salt": a}) == chain({**chat("q2"), "cache_salt": a})[:5]

@@ -21,7 +21,7 @@ def test_window_keeps_the_last_minute_per_model():
     for _ in range(1000):  # never asked for a summary, it still keeps only the last minute
         now[0] += 1.0
         window.answered("a", "gold")
-    assert len(window._answers) <= 61
+    assert window.kept() <= 61
 
 
 def test_token_rate_over_the_window():

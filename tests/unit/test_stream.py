@@ -8,12 +8,15 @@ from raylm import contract
 from raylm.serve import stream
 
 
-async def _frames(texts, closed: list, delay: float = 0.0):
-    """Chunk payloads as an engine yields them; `closed` records that the stream was closed (an abort)."""
+async def _frames(texts, closed: list, delay: float = 0.0, made: asyncio.Event | None = None):
+    """Chunk payloads as an engine yields them (`made` is set after the last); `closed` records that the
+    stream was closed (an abort)."""
     try:
         for text in texts:
             await asyncio.sleep(delay)
             yield text
+        if made is not None:
+            made.set()
     finally:
         closed.append(True)
 
@@ -26,9 +29,9 @@ async def _hub():
 
 def test_a_stream_arrives_whole_and_ends_with_done():
     async def run():
-        hub, closed = await _hub(), []
-        direct, out = hub.open(contract.sse_frames(_frames(['{"a": 1}', '{"b": 2}'], closed), "r1"))
-        await asyncio.sleep(0.05)  # the engine runs before the ingress connects: frames wait at the replica
+        hub, closed, made = await _hub(), [], asyncio.Event()
+        direct, out = hub.open(contract.sse_frames(_frames(['{"a": 1}', '{"b": 2}'], closed, made=made), "r1"))
+        await asyncio.wait_for(made.wait(), 5)  # the engine ran before the ingress connects: frames wait
         received = b"".join([c async for c in stream.receive(*await stream.connect(direct, 5))])
         await asyncio.wait_for(out.task, 5)
         await hub.close()

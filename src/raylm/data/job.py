@@ -133,20 +133,18 @@ class SplitSink(Datasink):
                 self.counts[key] += value
 
 
-def plan_blocks(rows: dict[str, int], rows_per_block: int) -> list[dict[str, Any]]:
-    """Row ranges of the input files (`rows`: each file's row count), one Ray Data block each: every stage
-    actor gets work, output is written (and a resume picks up) block by block, and a block's rows are read
-    where it runs."""
-    return [{"path": path, "lo": lo, "hi": min(n, lo + rows_per_block)}
-            for path, n in rows.items() for lo in range(0, n, rows_per_block)]
+def plan_blocks(scans: list[io.Scan], rows_per_block: int) -> list[dict[str, Any]]:
+    """Row ranges of the input files, one Ray Data block each: every stage actor gets work, output is written
+    (and a resume picks up) block by block, and a block reads only its own rows, where it runs."""
+    return [block for scanned in scans for block in scanned.blocks(rows_per_block)]
 
 
 def _reader(text_column: str, done: dict[str, list[int]]) -> Callable[[dict], pa.Table]:
     def read(batch: dict) -> pa.Table:
         tables = []
-        for path, lo, hi in zip(batch["path"], batch["lo"], batch["hi"]):
-            table = io.read_file(str(path), text_column).slice(lo, hi - lo)
-            skip = done.get(str(path))
+        for block in batch["block"]:
+            table = io.read_block(json.loads(block), text_column)
+            skip = done.get(table["_source"][0].as_py()) if len(table) else None
             if skip:
                 table = table.filter(pc.invert(pc.is_in(table["_row"], pa.array(skip, pa.int64()))))
             tables.append(table)
@@ -161,18 +159,22 @@ def run_job(spec: JobSpec, stage_cls: type, stage_kwargs: dict[str, Any], *, con
     """Run (or resume) a job on the connected Ray cluster; returns this run's counts.
 
     Each stage actor reserves `num_cpus` and `num_gpus`; blocks hold `rows_per_block` rows (default: the
-    rows split four ways per actor, at least a batch, at most 16 batches). `ray_remote_args` go to every
+    rows split four ways per actor, at least `batch_size`, at most 16 times it), and a stage is handed one
+    block at a time. `ray_remote_args` go to every
     read, stage and write (e.g. `resources` that keep them where the files are)."""
     files = io.list_inputs(spec.input)
     out = claim_output(spec)
     done = done_rows(out)
     skipped = sum(len(r) for r in done.values())
     start = time.perf_counter()
-    rows = {f: io.count_rows(f, spec.text_column) for f in files}
+    scans = [io.scan(f) for f in files]  # each file read once to plan, by line offsets or its footer
     if rows_per_block is None:
-        rows_per_block = min(max(batch_size, -(-sum(rows.values()) // (4 * concurrency))), 16 * batch_size)
-    blocks = plan_blocks(rows, rows_per_block)
-    ds = ray.data.from_items(blocks or [{"path": files[0], "lo": 0, "hi": 0}], override_num_blocks=max(1, len(blocks)))
+        total = sum(s.rows for s in scans)
+        rows_per_block = min(max(batch_size, -(-total // (4 * concurrency))), 16 * batch_size)
+    blocks = plan_blocks(scans, rows_per_block) or [{"path": files[0], "lo": 0, "hi": 0, "start": 0, "end": 0,
+                                                     "groups": [], "first": 0}]
+    # Each block travels as JSON text: Ray Data's items are columns, and a block's fields differ by format.
+    ds = ray.data.from_items([{"block": json.dumps(b)} for b in blocks], override_num_blocks=len(blocks))
     everywhere = dict(ray_remote_args or {})
     # The reads stay their own tasks (max_retries differs from the stage's arguments, so Ray Data does not
     # fuse them into the stage): fused, it bundled `batch_size` ranges, i.e. the whole input, into one task
@@ -182,7 +184,9 @@ def run_job(spec: JobSpec, stage_cls: type, stage_kwargs: dict[str, Any], *, con
     ds = ds.map_batches(_reader(spec.text_column, done), batch_size=1, batch_format="pyarrow",
                         num_cpus=read_num_cpus, max_retries=3, concurrency=IO_TASKS, **everywhere)
     stage_args = {**everywhere, "runtime_env": {"env_vars": env}} if env else everywhere
-    ds = ds.map_batches(stage_cls, fn_constructor_kwargs=stage_kwargs, batch_size=batch_size,
+    # A block is the stage's batch (batch_size=None): blocks never meet before the stage, so each keeps the
+    # column types its own rows give (a file read whole once gave one schema; blocks read apart may differ).
+    ds = ds.map_batches(stage_cls, fn_constructor_kwargs=stage_kwargs, batch_size=None,
                         batch_format="pyarrow", concurrency=concurrency, num_cpus=num_cpus, num_gpus=num_gpus,
                         **stage_args)
     sink = SplitSink(out, spec.output_format)

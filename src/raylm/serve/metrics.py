@@ -2,11 +2,13 @@
 
     raylm_requests_total{model, endpoint, status}         every answer by HTTP status (a cut stream: 500)
     raylm_rejections_total{model, reason}                  429/503 by reason: queue_full, queue_tokens_full,
-                                                           no_replica, unavailable
+                                                           queue_wait (admission), no_replica (a cold start
+                                                           too long), service_unavailable
     raylm_time_to_first_token_seconds{model, endpoint}     at the ingress: queueing and hops included
     raylm_inter_token_latency_seconds{model, endpoint}     at the ingress: a stream's mean gap between chunks
     raylm_request_latency_seconds{model, endpoint}         at the ingress, to the last byte
-    raylm_requests_running{model, replica}                 in the engine, by admission
+    raylm_requests_running{model, replica}                 sequences in the engine, by admission (a request
+                                                           with n > 1 counts n)
     raylm_requests_queued{model, replica}                  waiting in the replica's fair queue
     raylm_queued_prompt_tokens{model, replica}
 
@@ -95,7 +97,8 @@ class ReplicaMetrics:
     def __init__(self, model: str, replica: str) -> None:
         self.tags = {"model": model, "replica": replica}
         keys = tuple(self.tags)
-        self.running = metrics.Gauge("raylm_requests_running", "Requests in the engine.", tag_keys=keys)
+        self.running = metrics.Gauge("raylm_requests_running", "Sequences in the engine (n > 1 counts n).",
+                                     tag_keys=keys)
         self.queued = metrics.Gauge("raylm_requests_queued", "Requests in the replica's fair queue.",
                                     tag_keys=keys)
         self.queued_tokens = metrics.Gauge("raylm_queued_prompt_tokens", "Prompt tokens in the fair queue.",

@@ -49,6 +49,10 @@ class Window:
         self._answers.append((now, model, tenant))
         self._trim(self._answers, now)
 
+    def kept(self) -> int:
+        """Events held: what this window costs in memory (the last minute's, however long it has run)."""
+        return len(self._ttft) + len(self._answers)
+
     def _trim(self, events: deque, now: float) -> None:
         """Forget what left the window: kept at each event, so memory follows the last minute's traffic."""
         while events and events[0][0] < now - self.span_s:

@@ -37,7 +37,7 @@ from raylm.serve.batch.store import TENANT, Store, new_id, page, public, request
 logger = logging.getLogger("raylm.serve")
 
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/embeddings": "embeddings"}
-WINDOW_S = {"24h": 24 * 3600}
+COMPLETION_WINDOWS_S = {"24h": 24 * 3600}  # OpenAI's completion_window values
 LINE = "line"  # the input's column: each line as text, parsed by the stage (a bad line fails alone)
 INPUT = "input.txt"  # the input file's lines (.txt: raylm data reads each line as the text column)
 LINES_PER_BLOCK = 16  # answers are saved (and a restart resumes) this many lines at a time
@@ -196,7 +196,7 @@ class BatchJobs:
         endpoint, window = body.get("endpoint"), body.get("completion_window", "24h")
         if endpoint not in ENDPOINTS:
             raise errors.InvalidRequestError(f"endpoint must be one of {', '.join(ENDPOINTS)}", param="endpoint")
-        if window not in WINDOW_S:
+        if window not in COMPLETION_WINDOWS_S:
             raise errors.InvalidRequestError("completion_window must be 24h", param="completion_window")
         metadata = body.get("metadata")
         if metadata is not None and not isinstance(metadata, dict):
@@ -222,7 +222,7 @@ class BatchJobs:
         record = {"id": new_id("batch_"), "object": "batch", "endpoint": endpoint, "errors": None,
                   "input_file_id": file["id"], "completion_window": window, "status": "validating",
                   "output_file_id": None, "error_file_id": None, "created_at": now, "in_progress_at": None,
-                  "expires_at": now + WINDOW_S[window], "finalizing_at": None, "completed_at": None,
+                  "expires_at": now + COMPLETION_WINDOWS_S[window], "finalizing_at": None, "completed_at": None,
                   "failed_at": None, "expired_at": None, "cancelling_at": None, "cancelled_at": None,
                   "request_counts": {"total": lines, "completed": 0, "failed": 0}, "metadata": metadata,
                   TENANT: tenant}

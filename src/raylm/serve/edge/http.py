@@ -34,9 +34,7 @@ def request_id(request: Request) -> str:
 async def body_chunks(request: Request, limit: int, idle_s: float) -> AsyncIterator[bytes]:
     """The body as it arrives, refused past `limit` bytes (413: a declared length at once, a chunked body as
     soon as it passes) or when no byte comes for `idle_s` (408)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise errors.RequestTooLargeError(limit)
+    check_declared_length(request, limit)
     size, chunks = 0, request.stream().__aiter__()
     while True:
         try:
@@ -53,6 +51,13 @@ async def body_chunks(request: Request, limit: int, idle_s: float) -> AsyncItera
         yield chunk
 
 
+def check_declared_length(request: Request, limit: int) -> None:
+    """413 for a body declared longer than `limit`, before a byte of it is read."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise errors.RequestTooLargeError(limit)
+
+
 def require_json(request: Request) -> None:
     """JSON routes take `Content-Type: application/json` only, as vLLM's do: a web page can send any other
     type to 127.0.0.1 without a CORS preflight (text/plain, a form), never this one."""
@@ -64,6 +69,7 @@ def require_json(request: Request) -> None:
 
 async def json_body(request: Request, limit: int, idle_s: float) -> dict:
     """The body as a JSON object, read up to `limit` bytes (413 past it) and parsed (400 if it is not one)."""
+    check_declared_length(request, limit)
     require_json(request)
     chunks = [chunk async for chunk in body_chunks(request, limit, idle_s)]
     try:

@@ -1,0 +1,318 @@
+"""Hostile clients against the real service (tests/conftest.py's `service`: keys on, header and write
+timeouts 3 s, uploads up to 210 MiB): each attack runs from a process of its own, and the claim is about what
+everyone else still gets, measured beside it.
+
+Each test prints one `SECURITY` line with its figures (`pytest tests/security -s`).
+"""
+
+import asyncio
+import json
+import socket
+import statistics
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import ray
+from ray import serve
+
+from attackers import Running, chunked_upload, endless_header, idle_sockets, stalled_stream
+from helpers import API_KEY, AUTH, OTHER_KEY, SERVICE_MAX_FILE_BYTES
+
+from raylm.bench.load import completion_body, send
+from raylm.contract import APP_NAME
+
+SMOLLM2 = "smollm2-135m-instruct"
+HEADER_TIMEOUT_S = WRITE_TIMEOUT_S = 3  # the service's serve.http
+
+
+def report(name: str, **figures) -> None:
+    print(f"\nSECURITY {name}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                            for k, v in figures.items()), flush=True)
+
+
+def port_of(service) -> int:
+    return int(service.url.rsplit(":", 1)[1])
+
+
+def ingress_process() -> psutil.Process:
+    (proc,) = [p for p in psutil.Process().children(recursive=True)
+               if any(f"ServeReplica:{APP_NAME}:ingress" in part for part in _cmdline(p))]
+    return proc
+
+
+def _cmdline(proc: psutil.Process) -> list[str]:
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return []
+
+
+def p99(values: list[float]) -> float:
+    return statistics.quantiles(values, n=100)[98] if len(values) > 1 else values[0]
+
+
+def stream_gaps(url: str, streams: int = 3, tokens: int = 64) -> list[float]:
+    """Inter-token gaps of `streams` SmolLM2 streams sent one after another (tenant `other`)."""
+    async def run() -> list[float]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            gaps = []
+            for _ in range(streams):
+                body = completion_body(SMOLLM2, "Count from one to a hundred:", tokens)
+                result = await send(client, f"{url}/v1/completions", body, {"authorization": f"Bearer {OTHER_KEY}"})
+                assert result.ok, result
+                gaps += result.itl_s
+            return gaps
+    return asyncio.run(run())
+
+
+def health_times(url: str, seconds: float) -> list[float]:
+    times, end = [], time.monotonic() + seconds
+    with httpx.Client(timeout=10) as client:
+        while time.monotonic() < end:
+            start = time.perf_counter()
+            assert client.get(f"{url}/health").status_code == 200
+            times.append(time.perf_counter() - start)
+            time.sleep(0.1)
+    return times
+
+
+def test_an_endless_header_and_3000_idle_sockets_leave_streams_and_health_alone(service):
+    url, port = service.url, port_of(service)
+    stream_gaps(url, streams=1)  # warm
+    alone = stream_gaps(url)
+    ingress = ingress_process()
+    rss_before = ingress.memory_info().rss
+    idle = Running(idle_sockets, port, 3000, "127.0.0.2", HEADER_TIMEOUT_S + 20).start()
+    header = Running(endless_header, port, "127.0.0.3", 512 * 2**20, 30).start()
+    during = stream_gaps(url)
+    health = health_times(url, 2)
+    rss_peak = ingress.memory_info().rss
+    idle_result, header_result = idle.result(), header.result()
+    ratio = p99(during) / p99(alone)
+    report("endless header + 3000 idle sockets", itl_p99_alone_ms=1000 * p99(alone),
+           itl_p99_during_ms=1000 * p99(during), ratio=ratio, health_max_ms=1000 * max(health),
+           ingress_rss_growth_mib=(rss_peak - rss_before) / 2**20, **idle_result,
+           header_bytes_taken=header_result["sent"], header_cut_after_s=header_result["cut_after_s"])
+    assert header_result["sent"] < 8 * 2**20  # cut near the 64 KiB limit, not after 512 MiB
+    assert idle_result["still_open"] == 0 and idle_result["longest_open_s"] < HEADER_TIMEOUT_S + 2
+    assert idle_result["held"] <= 1024 and idle_result["refused"] + idle_result["held"] == 3000
+    assert max(health) < 0.1
+    assert rss_peak - rss_before < 50 * 2**20
+    assert ratio <= 1.5
+
+
+def _stalled_body(n: int) -> bytes:
+    return json.dumps({"model": "tiny", "prompt": "hello", "max_tokens": 240, "n": n, "logprobs": 20,
+                       "ignore_eos": True, "temperature": 1.0, "stream": True}).encode()
+
+
+def tiny_stats() -> dict:
+    return serve.get_deployment_handle("model-tiny", APP_NAME).stats.remote().result(timeout_s=30)
+
+
+def ttfts(url: str, n: int = 8) -> list[float]:
+    async def run() -> list[float]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            out = []
+            for _ in range(n):
+                r = await send(client, f"{url}/v1/completions", completion_body("tiny", "hi", 8),
+                               {"authorization": f"Bearer {OTHER_KEY}"})
+                assert r.ok, r
+                out.append(r.ttft_s)
+            return out
+    return asyncio.run(run())
+
+
+def test_streams_nobody_reads_give_their_slots_back_within_the_write_deadline(service):
+    """Two requests of 16 sequences × 240 tokens × 20 logprobs (~3 MB of SSE each, more than every socket
+    buffer on the way) whose client reads nothing: past the deadline the ingress cuts them, the engine
+    request is aborted and all 32 slots are free; meanwhile another tenant is served as before."""
+    url, port = service.url, port_of(service)
+    alone = ttfts(url)
+    stalled = [Running(stalled_stream, port, AUTH, _stalled_body(16), 30).start() for _ in range(2)]
+    start = time.monotonic()
+    while tiny_stats()["running"] < 32 and time.monotonic() - start < 20:
+        time.sleep(0.1)
+    held = tiny_stats()["running"]
+    during = ttfts(url)
+    while tiny_stats()["running"] > 0 and time.monotonic() - start < 60:
+        time.sleep(0.2)
+    freed_after = time.monotonic() - start
+    left = tiny_stats()["running"]
+    for s in stalled:
+        s.result()
+    ratio = statistics.median(during) / statistics.median(alone)
+    report("stalled readers", slots_held=held, freed_after_s=freed_after, ttft_p50_alone_ms=1000 * statistics.median(alone),
+           ttft_p50_during_ms=1000 * statistics.median(during), ratio=ratio)
+    assert held == 32 and left == 0
+    assert freed_after < WRITE_TIMEOUT_S + 15  # the streams' own start, plus the deadline, plus reporting
+    assert ratio <= 2.0
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:  # removed between listing and looking
+        return 0
+
+
+def files_dir(service) -> Path:
+    return Path(service.config.serve.batch_dir) / "files"
+
+
+def test_a_2_gib_chunked_upload_is_refused_at_the_limit_with_the_disk_untouched_beyond_it(service):
+    folder = files_dir(service)
+    before = {p.name for p in folder.iterdir()}
+    upload = Running(chunked_upload, port_of(service), AUTH, 2 * 2**30, 120).start()
+    peak = 0
+    while upload.alive():
+        peak = max(peak, sum(_size(p) for p in folder.glob(".upload-*")))
+        time.sleep(0.02)
+    result = upload.result()
+    after = {p.name for p in folder.iterdir()}
+    report("2 GiB chunked upload", sent_mib=result["sent"] / 2**20, status=result["status"],
+           took_s=result["took_s"], disk_peak_mib=peak / 2**20)
+    assert result["status"] in (413, 429, None) and result["sent"] < SERVICE_MAX_FILE_BYTES + 64 * 2**20
+    assert peak <= SERVICE_MAX_FILE_BYTES + 2**20 and after == before  # nothing kept, nothing past the limit
+
+
+def test_a_200_mib_upload_and_download_leave_a_live_stream_alone(service, client):
+    alone = stream_gaps(service.url)
+    payload = b'{"custom_id": "x", "method": "POST", "url": "/v1/completions", "body": {}}\n' * (200 * 2**20 // 75)
+
+    async def traffic():
+        async with httpx.AsyncClient(timeout=120, headers=AUTH) as http:
+            r = await http.post(f"{service.url}/v1/files", data={"purpose": "batch"},
+                                files={"file": ("big.jsonl", payload)})
+            assert r.status_code == 413 or r.status_code == 200, r.text
+            file_id = r.json()["id"]
+            size = 0
+            async with http.stream("GET", f"{service.url}/v1/files/{file_id}/content") as got:
+                async for chunk in got.aiter_bytes():
+                    size += len(chunk)
+            await http.delete(f"{service.url}/v1/files/{file_id}")
+            return size
+
+    async def both():
+        return await asyncio.gather(asyncio.to_thread(stream_gaps, service.url), traffic())
+
+    during, downloaded = asyncio.run(both())
+    ratio = p99(during) / p99(alone)
+    report("200 MiB upload + download", itl_p99_alone_ms=1000 * p99(alone), itl_p99_during_ms=1000 * p99(during),
+           ratio=ratio, downloaded_mib=downloaded / 2**20)
+    assert downloaded == len(payload)
+    assert ratio <= 1.5
+
+
+@pytest.mark.parametrize("attack,status,code", [
+    ({"headers": {"content-type": "text/plain"}, "content": b'{"model": "tiny", "prompt": "x"}'}, 415,
+     "unsupported_media_type"),
+    ({"headers": {"host": "attacker.example:8000"}, "json": {"model": "tiny", "prompt": "x"}}, 400, "host_not_allowed"),
+    ({"headers": {"origin": "https://evil.example"}, "json": {"model": "tiny", "prompt": "x"}}, 403,
+     "origin_not_allowed"),
+])
+def test_browser_attacks_on_a_laptop_install_are_refused(service, attack, status, code):
+    headers = {**AUTH, **attack.pop("headers")}
+    r = httpx.post(f"{service.url}/v1/completions", headers=headers, timeout=30, **attack)
+    assert (r.status_code, r.json()["error"]["code"]) == (status, code)
+
+
+def test_a_web_page_cannot_upload_a_file_cross_site(service):
+    r = httpx.post(f"{service.url}/v1/files", headers={**AUTH, "origin": "https://evil.example"},
+                   data={"purpose": "batch"}, files={"file": ("f.jsonl", b"{}\n")}, timeout=30)
+    assert (r.status_code, r.json()["error"]["code"]) == (403, "origin_not_allowed")
+
+
+def test_malformed_multipart_and_two_file_parts_are_400_not_500(service):
+    url = f"{service.url}/v1/files"
+    two = httpx.post(url, headers=AUTH, data={"purpose": "batch"}, timeout=30,
+                     files=[("file", ("a.jsonl", b"{}\n")), ("file", ("b.jsonl", b"{}\n"))])
+    broken = httpx.post(url, headers={**AUTH, "content-type": "multipart/form-data; boundary=zz"}, timeout=30,
+                        content=b"--zz\r\nContent-Disposition: form-data; name=\"file\"\r\n")
+    assert (two.status_code, two.json()["error"]["code"]) == (400, "too_many_files")
+    assert broken.status_code == 400 and broken.json()["error"]["type"] == "invalid_request_error"
+
+
+MEDIA = [
+    {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest/meta-data"}},
+    {"type": "image_url", "image_url": {"url": "FILE:///etc/passwd"}},
+    {"type": "video_url", "video_url": {"url": "https://unreachable.invalid/v.mp4"}},
+    {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+]
+
+
+def test_media_urls_fetch_nothing_and_every_refusal_looks_the_same(service):
+    answers = set()
+    for part in MEDIA:
+        r = httpx.post(f"{service.url}/v1/chat/completions", headers=AUTH, timeout=30,
+                       json={"model": "tiny", "messages": [{"role": "user", "content": [part]}]})
+        answers.add((r.status_code, r.json()["error"]["code"]))
+    responses = httpx.post(f"{service.url}/v1/responses", headers=AUTH, timeout=30, json={
+        "model": "tiny", "input": [{"role": "user", "content": [
+            {"type": "input_image", "image_url": "http://10.0.0.1/x.png"}]}]})
+    anthropic = httpx.post(f"{service.url}/v1/messages", timeout=30,
+                           headers={"x-api-key": API_KEY, "anthropic-version": "2023-06-01"},
+                           json={"model": "tiny", "max_tokens": 8, "messages": [{"role": "user", "content": [
+                               {"type": "image", "source": {"type": "url", "url": "http://10.0.0.1/x.png"}}]}]})
+    answers |= {(r.status_code, r.json().get("error", {}).get("code")) for r in (responses, anthropic)}
+    assert answers == {(400, "unsupported_content")}
+
+
+def test_n_is_counted_as_the_engine_parses_it_and_capped(service):
+    def complete(n):
+        return httpx.post(f"{service.url}/v1/completions", headers=AUTH, timeout=60,
+                          json={"model": "tiny", "prompt": "hi", "max_tokens": 2, "n": n})
+    capped = complete("64")
+    assert (capped.status_code, capped.json()["error"]["code"]) == (400, "n_too_large")
+    assert len(complete(4.0).json()["choices"]) == 4
+
+
+def test_a_huge_prompt_is_refused_at_once_and_does_not_hold_up_another_tenant(service):
+    huge = "hello world " * (1_200_000)  # ~14 MiB, under max_request_bytes
+    other = {"authorization": f"Bearer {OTHER_KEY}"}
+
+    async def run():
+        async with httpx.AsyncClient(timeout=120) as client:
+            start = time.perf_counter()
+            flood = [client.post(f"{service.url}/v1/chat/completions", headers=AUTH,
+                                 json={"model": "tiny", "messages": [{"role": "user", "content": huge}]})
+                     for _ in range(3)]
+            light = send(client, f"{service.url}/v1/completions", completion_body("tiny", "hi", 4), other)
+            *refused, served = await asyncio.gather(*flood, light)
+            return refused, served, time.perf_counter() - start
+    refused, served, took = asyncio.run(run())
+    report("huge prompts", took_s=took, light_latency_s=served.latency_s)
+    assert {(r.status_code, r.json()["error"]["code"]) for r in refused} == {(400, "context_length_exceeded")}
+    assert served.ok
+
+
+def test_a_tenant_sees_its_own_status_and_an_admin_sees_everyones(service, client):
+    list(client.completions.create(model="tiny", prompt="Hello", max_tokens=2, stream=True))
+    other = {"authorization": f"Bearer {OTHER_KEY}"}
+    httpx.post(f"{service.url}/v1/completions", headers=other, json={"model": "tiny", "prompt": "x", "max_tokens": 2},
+               timeout=60)
+    mine = httpx.get(f"{service.url}/status", headers=other, timeout=30).json()
+    admin = httpx.get(f"{service.url}/status", headers=AUTH, timeout=30).json()
+    tiny, tiny_admin = mine["models"]["tiny"], admin["models"]["tiny"]
+    assert mine["tenant"] == "other" and set(tiny["tenant_shares"]) == {"other"} and tiny["replica_reports"] == []
+    assert {"default", "other"} <= set(tiny_admin["tenant_shares"])
+    assert all("pid" in r for r in tiny_admin["replica_reports"])
+
+
+def test_the_stream_hub_drops_a_connection_without_a_ticket(service):
+    host, hub_port = tiny_stats()["streams"].rsplit(":", 1)
+    start = time.monotonic()
+    with socket.create_connection((host, int(hub_port)), timeout=10) as s:
+        assert s.recv(1) == b""  # closed by the hub, not by our timeout
+    assert time.monotonic() - start < 4
+
+
+pytestmark = pytest.mark.usefixtures("ray_connected")
+
+
+@pytest.fixture(scope="module")
+def ray_connected(service):
+    assert ray.is_initialized()

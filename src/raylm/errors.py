@@ -102,6 +102,17 @@ class InternalError(APIError):
     status, type, default_code = 500, "server_error", "internal_error"
 
 
+class ConfigError(ValueError):
+    """A config that can never start (an unknown engine argument, ...): retrying the replica cannot help, so
+    the control plane stops at the first one (its message carries CONFIG_ERROR)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"{CONFIG_ERROR} {message}")
+
+
+CONFIG_ERROR = "[raylm config error]"
+
+
 def public_error(exc: Exception, request_id: str) -> APIError:
     """Any exception as the APIError a client may see: client errors as they are; anything else is logged
     with the request id and answered as a 500 that hides it."""

@@ -3,9 +3,15 @@ import pytest
 from scenario import chaos_config
 
 
+# The slow autoscaling test's model: started only when that test runs (an engine on 2 cores costs every test).
+_AUTOSCALING_TEST = "test_load_scales_a_model_up_and_idleness_down"
+
+
 @pytest.fixture(scope="module")
-def chaos_service(tiny_model):
-    yield from _service(chaos_config(tiny_model))
+def chaos_service(tiny_model, request):
+    collected = {item.name for item in request.session.items}
+    models = ("tiny", "pair", "cold") + (("auto",) if _AUTOSCALING_TEST in collected else ())
+    yield from _service(chaos_config(tiny_model, only=models))
 
 
 def _service(config):

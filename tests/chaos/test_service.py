@@ -83,7 +83,7 @@ def test_overload_is_refused_fast_and_the_service_recovers(chaos_service):
     rss_before = tree_rss()
 
     async def overload(client, u):
-        return await open_loop(sender(client, u, "tiny", "heavy"), rate, 60.0, drain_s=120)
+        return await open_loop(sender(client, u, "tiny", "heavy"), rate, 30.0, drain_s=120)
 
     result = asyncio.run(load(url, overload))
     rss_after = tree_rss()
@@ -200,6 +200,7 @@ def test_load_scales_a_model_up_and_idleness_down(chaos_service):
     assert down_s < 90  # downscale_delay_s 90 from the load's end, less the second replica's start (~50 s)
 
 
+@pytest.mark.slow  # ~100 s, most of it a cold start and the wait back to zero: `make test-slow`
 def test_a_request_at_zero_replicas_waits_for_the_cold_start(chaos_service):
     assert sum(replicas("cold").values()) == 0
     start = time.monotonic()

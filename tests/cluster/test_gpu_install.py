@@ -2,12 +2,15 @@
 
 import json
 import subprocess
+
+import pytest
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).parents[2]
 
 
+@pytest.mark.slow  # ~55 s of PyPI metadata: `make test-slow` (and after any change to pyproject.toml's pins)
 def test_the_gpu_extra_resolves_with_the_pinned_versions(tmp_path):
     report = tmp_path / "report.json"
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",

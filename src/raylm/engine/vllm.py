@@ -62,7 +62,7 @@ class VLLMEngine:
         for key, value in self.engine_args.items():
             attr = key.replace("-", "_")
             if attr not in known:
-                raise ValueError(f"unknown vLLM engine argument {key!r}")
+                raise errors.ConfigError(f"unknown vLLM engine argument {key!r}")
             setattr(args, attr, value)
         return args
 

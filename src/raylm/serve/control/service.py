@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import ray
 from ray import serve
 
 from raylm import _ray
+from raylm.errors import CONFIG_ERROR
 from raylm.config import AppConfig
 from raylm.contract import APP_NAME, deployment_name
 from raylm.serve import status
@@ -102,11 +104,25 @@ def connect_ray(config: AppConfig, verbose: bool = False) -> bool:
     if config.serve.address is not None:
         _ray.use_local_auth_token()
         ray.init(address=config.serve.address, logging_level=logging.WARNING, log_to_driver=verbose)
+        _reassert_signal_handlers()
         return False
     for key, value in SERVE_ENV.items():  # read by Serve's processes, which inherit this env
         os.environ.setdefault(key, value)
     _ray.init_local(config.serve.num_cpus, config.serve.metrics_port, _ray.LOCAL_RAY_CONFIG, verbose)
+    _reassert_signal_handlers()
     return True
+
+
+def _reassert_signal_handlers() -> None:
+    """Ray's core worker puts a C-level SIGTERM handler in place that logs a stack and kills the process at
+    once: no `finally` ran, and Ray's dashboard and runtime-env agents outlived `raylm serve` (seen: still up
+    20 s after it exited). The Python handlers set before (run_forever's) are put back."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        handler = signal.getsignal(sig)
+        if callable(handler):
+            signal.signal(sig, handler)
 
 
 def start(config: AppConfig, verbose: bool = False, report: Callable[[str], None] = logger.warning,
@@ -248,6 +264,8 @@ def wait_ready(url: str, timeout_s: float, report: Callable[[str], None] = logge
         if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
             raise DeployError(f"deployment failed: {status.message or status.status}\n{_describe_deployments()}")
         for name, message in _deployment_messages(status).items():
+            if CONFIG_ERROR in message:  # a replica will never start with this config: no point retrying it
+                raise DeployError(f"{name}: {message[message.index(CONFIG_ERROR):].splitlines()[0]}")
             line = f"{name}: {message}"
             if line not in said and not (phases is not None and phases.loading(name) and _SLOW_INIT in message):
                 said.add(line)

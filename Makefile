@@ -7,7 +7,7 @@ EXTRA ?= cpu
 STAMP := $(VENV)/.installed-$(EXTRA)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup chromium serve test test-slow test-unit bench bench-compare bench-dataplane bench-dtype bench-batch
+.PHONY: setup chromium serve test test-slow test-unit bench bench-compare bench-dataplane bench-dtype bench-batch bench-data-scale
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -47,8 +47,9 @@ serve: setup
 test: setup chromium
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider -m "not slow"
 
-# Too long for CI: fairness (its own service, ~3.5 min), autoscaling (~3 min), soak (RAYLM_SOAK_S, 30 min),
-# raylm build → serve deploy on a second Ray cluster (~80 s).
+# Too long for CI: fairness (its own service, ~3.5 min), autoscaling (~3 min), a cold start from zero (~100 s),
+# soak (RAYLM_SOAK_S, 30 min), raylm build → serve deploy on a second Ray cluster (~80 s), joining a cluster
+# with --address auto (~65 s), the GPU extra's resolution (~55 s), batch restart and priority (~5 min).
 test-slow: setup chromium
 	$(BIN)/python -m pytest tests -s -q -p no:cacheprovider -m slow
 
@@ -76,3 +77,7 @@ bench-dtype: setup
 bench-batch: setup
 	$(BIN)/pip install -q -e '.[$(EXTRA),bench]'
 	$(BIN)/python benchmarks/batch_inference.py
+
+# Data job cost by size: the reader, `raylm data tokenize` and the Batch API at 3 sizes each (~20 min)
+bench-data-scale: setup
+	$(BIN)/python benchmarks/data_scale.py

@@ -6,7 +6,7 @@
 Each system is a fresh `raylm` service (its own Ray, in a child process of its own, ended by PID after at
 most --system-timeout-s), one after the other, on the same workload in the same order:
     default          Serve's power of two choices (routing: default)
-    prefix           raylm's PrefixAffinityRouter (routing: prefix; src/raylm/serve/routing.py)
+    prefix           raylm's PrefixAffinityRouter (routing: prefix; src/raylm/serve/edge/routing.py)
     ray-llm-prefix   opt-in: Ray Serve LLM's PrefixCacheAffinityRouter (its policy, its prefix-tree actor) in
                      the same deployment. As shipped it cannot route raylm's calls: it reads the prompt from
                      an argument with a `.messages`/`.prompt` attribute, raylm's ingress passes the body as a

@@ -51,7 +51,7 @@ def service(tiny_model, tmp_path_factory):
                "admin_tenants": ["default"], "batch_dir": str(tmp_path_factory.mktemp("batches")),
                "batch_max_file_bytes": SERVICE_MAX_FILE_BYTES, "batch_max_stored_bytes": 4 * SERVICE_MAX_FILE_BYTES,
                "batch_max_requests": 1000,
-               "http": {"header_timeout_s": 3, "write_timeout_s": 3, "max_connections_per_client": 1024}},
+               "http": {"header_timeout_s": 3, "write_timeout_s": 1}},
     )
     svc = start(config)
     yield svc

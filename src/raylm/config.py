@@ -109,9 +109,14 @@ class HTTPConfig(_Frozen):
     write_timeout_s: float = Field(
         10.0, gt=0, le=60, description="A client that takes none of its answer for this long is cut off, and its "
                                        "engine request aborted: a stalled reader never holds an engine slot.")
+    send_buffer_bytes: int = Field(
+        256 * 1024, ge=16384, description="The kernel's send buffer of each client connection (it doubles it): "
+                                          "what a client that stops reading holds there, instead of the MiBs "
+                                          "autotuning allows. Streams need far less; raise it for big answers "
+                                          "to distant clients.")
     max_connections: int = Field(8192, ge=1, description="Open connections the ingress holds in all; beyond: 503.")
     max_connections_per_client: int = Field(
-        1024, ge=1, description="Open connections from one client address; beyond: 503. A proxy in front of "
+        512, ge=1, description="Open connections from one client address; beyond: 503. A proxy in front of "
                                 "raylm is one client: raise this for it.")
 
 
@@ -141,7 +146,7 @@ class ModelConfig(_Frozen):
         "default", description="How the ingress picks a replica. `default`: Serve's power of two choices (the "
                                "shorter queue of two random replicas). `prefix`: requests sharing a prompt start "
                                "(a system prompt, a chat's earlier turns) go to the replica that already holds it "
-                               "in vLLM's prefix cache, unless its queue is much longer (serve/routing.py). "
+                               "in vLLM's prefix cache, unless its queue is much longer (serve/edge/routing.py). "
                                "Matters with more than one replica.")
 
     @model_validator(mode="after")

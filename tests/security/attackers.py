@@ -1,19 +1,23 @@
-"""Hostile clients, each run in a process of its own (so that its work never slows the test's own measuring
-client), sending only to 127.0.0.1. Every loop is bounded in bytes, count and time. Their source addresses
-are other loopback addresses (127.0.0.2, ...): to the server they are other clients than the test's."""
+"""Hostile clients, each run in a process of its own at the lowest priority (nice 19: on 2 cores a client's
+own CPU would otherwise be measured as the server's, and its GIL would slow the test's measuring client),
+sending only to 127.0.0.1. Every loop is bounded in bytes, count and time. Their source addresses are other
+loopback addresses (127.0.0.2, ...): to the server they are other clients than the test's."""
 
 from __future__ import annotations
 
 import multiprocessing
+import os
+import selectors
 import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
 
-def idle_sockets(port: int, count: int, source: str, limit_s: float) -> dict[str, Any]:
+def idle_sockets(port: int, count: int, source: str, limit_s: float, start_at: float = 0.0) -> dict[str, Any]:
     """Open `count` connections that send nothing; report how many the server took (not refused at once)
     and how long each took to close."""
+    _wait_until(start_at)
     socks, refused = [], 0
     for _ in range(count):
         s = socket.socket()
@@ -28,17 +32,15 @@ def idle_sockets(port: int, count: int, source: str, limit_s: float) -> dict[str
         socks.append((s, time.monotonic()))
     opened = time.monotonic()
     held, closed_after = 0, []
-    for s, _ in socks:
+    watch = selectors.DefaultSelector()  # epoll: waiting costs nothing until a socket has news
+    for s, at in socks:
         s.setblocking(False)
-    pending = list(socks)
-    while pending and time.monotonic() - opened < limit_s:
-        still = []
-        for s, at in pending:
+        watch.register(s, selectors.EVENT_READ, at)
+    while watch.get_map() and time.monotonic() - opened < limit_s:
+        for key, _ in watch.select(timeout=0.5):
+            s, at = key.fileobj, key.data
             try:
                 data = s.recv(4096)
-            except BlockingIOError:
-                still.append((s, at))
-                continue
             except OSError:
                 data = b""
             if data.startswith(b"HTTP/1.1 503"):
@@ -46,17 +48,24 @@ def idle_sockets(port: int, count: int, source: str, limit_s: float) -> dict[str
             else:
                 held += 1
                 closed_after.append(time.monotonic() - at)
+            watch.unregister(s)
             s.close()
-        pending = still
-        time.sleep(0.05)
-    for s, _ in pending:
-        s.close()
-    return {"refused": refused, "held": held, "still_open": len(pending),
+    still_open = len(watch.get_map())
+    for key in list(watch.get_map().values()):
+        key.fileobj.close()
+    return {"refused": refused, "held": held, "still_open": still_open,
             "longest_open_s": max(closed_after, default=0.0)}
 
 
-def endless_header(port: int, source: str, total_bytes: int, limit_s: float) -> dict[str, Any]:
+def _wait_until(start_at: float) -> None:
+    """Attackers start at a set moment (CLOCK_MONOTONIC is the machine's): their interpreter's start-up is
+    over by then, so only the attack itself overlaps what the test measures."""
+    time.sleep(max(0.0, start_at - time.monotonic()))
+
+
+def endless_header(port: int, source: str, total_bytes: int, limit_s: float, start_at: float = 0.0) -> dict[str, Any]:
     """Stream one header of `total_bytes` (as fast as the server takes it) until the server cuts it."""
+    _wait_until(start_at)
     s = socket.socket()
     s.bind((source, 0))
     s.connect(("127.0.0.1", port))
@@ -80,7 +89,7 @@ def chunked_upload(port: int, headers: dict[str, str], total_bytes: int, limit_s
     s = socket.socket()
     s.connect(("127.0.0.1", port))
     s.settimeout(limit_s)
-    head = [f"POST /v1/files HTTP/1.1", "Host: 127.0.0.1", "Transfer-Encoding: chunked",
+    head = ["POST /v1/files HTTP/1.1", "Host: 127.0.0.1", "Transfer-Encoding: chunked",
             f"Content-Type: multipart/form-data; boundary={boundary}", *(f"{k}: {v}" for k, v in headers.items())]
     s.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
 
@@ -92,7 +101,7 @@ def chunked_upload(port: int, headers: dict[str, str], total_bytes: int, limit_s
                     .encode()))
     sent, start, data = 0, time.monotonic(), chunk(b'{"custom_id": "x"}\n' * 52429)  # ~1 MiB a chunk
     s.setblocking(False)
-    answer = b""
+    answer, left = b"", memoryview(data)
     try:
         while sent < total_bytes and time.monotonic() - start < limit_s:
             try:
@@ -102,9 +111,13 @@ def chunked_upload(port: int, headers: dict[str, str], total_bytes: int, limit_s
             except BlockingIOError:
                 pass
             try:
-                sent += s.send(data)
+                n = s.send(left)  # a send may take part of a chunk: the rest goes next, or the framing breaks
             except BlockingIOError:
                 time.sleep(0.001)
+                continue
+            sent, left = sent + n, left[n:]
+            if not left:
+                left = memoryview(data)
     except OSError:
         pass
     s.settimeout(5)
@@ -126,7 +139,7 @@ def stalled_stream(port: int, headers: dict[str, str], body: bytes, hold_s: floa
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.connect(("127.0.0.1", port))
-    head = ["POST /v1/completions HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json",
+    head = ["POST /v1/chat/completions HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json",
             f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in headers.items())]
     s.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + body)
     time.sleep(hold_s)
@@ -161,7 +174,32 @@ class Running:
         return out
 
 
+def big_file(port: int, headers: dict[str, str], line_bytes: int, lines: int, limit_s: float,
+             start_at: float = 0.0) -> dict[str, Any]:
+    """Upload a batch file of `lines` lines of `line_bytes`, download it back, delete it."""
+    import httpx
+
+    line = b'{"custom_id": "x", "method": "POST", "url": "/v1/completions", "body": {"prompt": "%s"}}\n' % (
+        b"a" * (line_bytes - 100))
+    payload = line * lines
+    _wait_until(start_at)
+    start = time.monotonic()
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=limit_s) as http:
+        r = http.post("/v1/files", data={"purpose": "batch"}, files={"file": ("big.jsonl", payload)})
+        if r.status_code != 200:
+            return {"status": r.status_code, "body": r.text[:300]}
+        file_id, size = r.json()["id"], 0
+        uploaded = time.monotonic()
+        with http.stream("GET", f"/v1/files/{file_id}/content") as got:
+            for chunk in got.iter_bytes():
+                size += len(chunk)
+        http.delete(f"/v1/files/{file_id}")
+    return {"status": 200, "uploaded": len(payload), "downloaded": size, "upload_s": uploaded - start,
+            "download_s": time.monotonic() - uploaded, "start": start, "end": time.monotonic()}
+
+
 def _run(queue: Any, fn: Callable[..., dict[str, Any]], args: tuple) -> None:
+    os.nice(19)
     try:
         queue.put(fn(*args))
     except BaseException as exc:  # noqa: BLE001 - handed to the test, which raises it

@@ -33,7 +33,7 @@ def test_the_file_and_fields_arrive(client):
     r = c.post("/v1/files", files={"file": ("in.jsonl", b'{"a": 1}\n\n{"b": 2}\n')},
                data={"purpose": "batch", "expires_after[anchor]": "created_at", "expires_after[seconds]": "3600"})
     body = r.json()
-    assert (body["size"], body["lines"], body["name"]) == (19, 2, "in.jsonl")
+    assert (body["size"], body["lines"], body["name"]) == (19, 3, "in.jsonl")  # lines: an upper bound
     assert body["fields"] == {"purpose": "batch", "expires_after[anchor]": "created_at",
                               "expires_after[seconds]": "3600"}
 
@@ -77,3 +77,9 @@ def test_a_body_that_is_not_multipart_or_is_malformed_is_400(client):
     bad = c.post("/v1/files", content=b"--x\r\nno headers end",
                  headers={"content-type": "multipart/form-data; boundary=x"})
     assert bad.status_code == 400
+
+
+def test_the_exact_count_leaves_blank_lines_out(tmp_path):
+    path = tmp_path / "f.jsonl"
+    path.write_bytes(b'{"a": 1}\n\n  \r\n{"b": 2}\n' * 100_000 + b'{"c": 3}')
+    assert upload.exact_lines(path) == 200_001

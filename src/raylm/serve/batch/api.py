@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray.exceptions import RayTaskError
 
 from raylm import errors
@@ -76,9 +77,8 @@ def add_routes(api: FastAPI, ingress: Any) -> None:
 
     @api.get("/v1/files/{file_id}/content")
     async def file_content(request: Request, file_id: str) -> Response:
-        # FileResponse reads the file on a thread, a chunk at a time, as the client takes it.
-        return await answer(request, lambda owner: FileResponse(store().file_path(owner, file_id),
-                                                                media_type="application/octet-stream"))
+        return await answer(request, lambda owner: StreamingResponse(
+            _read(store().file_path(owner, file_id)), media_type="application/octet-stream"))
 
     @api.post("/v1/batches")
     async def create_batch(request: Request) -> Response:
@@ -125,8 +125,11 @@ async def _create_file(request: Request, config: Any, store: Store, owner: str) 
         purpose = received.fields.get("purpose", "")
         if purpose != "batch":
             raise errors.InvalidRequestError("purpose must be batch", param="purpose", code="invalid_purpose")
-        if received.lines > config.batch_max_requests:
-            raise errors.InvalidRequestError(f"the file has {received.lines} lines; a batch file holds at most "
+        lines = received.lines  # an upper bound: blank lines count too
+        if lines > config.batch_max_requests:
+            lines = await asyncio.to_thread(upload.exact_lines, received.path)
+        if lines > config.batch_max_requests:
+            raise errors.InvalidRequestError(f"the file has {lines} lines; a batch file holds at most "
                                              f"{config.batch_max_requests}", param="file", code="too_many_requests")
         ttl_s = _ttl(received.fields, config.batch_file_ttl_s)
         record = await asyncio.to_thread(store.adopt_file, owner, received.filename, purpose, received.path,
@@ -135,6 +138,14 @@ async def _create_file(request: Request, config: Any, store: Store, owner: str) 
         await asyncio.to_thread(received.path.unlink, True)
         raise
     return public(record)
+
+
+async def _read(path: Path) -> AsyncIterator[bytes]:
+    """A file a MiB at a time, each read on a thread, as the client takes it (Starlette's FileResponse reads
+    64 KiB a thread hop)."""
+    with await asyncio.to_thread(path.open, "rb") as f:
+        while chunk := await asyncio.to_thread(f.read, upload.FLUSH_BYTES):
+            yield chunk
 
 
 def _ttl(fields: dict[str, str], default_s: int) -> int:

@@ -111,20 +111,29 @@ class _Parts:
 
 
 class _LineCounter:
-    """Non-blank lines of a stream, counted as it passes."""
+    """Lines of a stream, counted as it passes at C speed (bytes.count): at most one more than its non-blank
+    lines per blank line, so an upper bound of a batch file's requests (`exact` counts a file that passes it)."""
 
     def __init__(self) -> None:
-        self.count, self._open = 0, False  # _open: the line in progress has a non-blank byte
+        self.count, self._open = 0, False  # _open: a line is in progress
 
     def feed(self, chunk: bytes) -> None:
-        *whole, last = chunk.split(b"\n")
-        for piece in whole:
-            self.count += self._open or bool(piece.strip())
-            self._open = False
-        self._open = self._open or bool(last.strip())
+        if chunk:
+            self.count += chunk.count(b"\n")
+            self._open = not chunk.endswith(b"\n")
 
     def total(self) -> int:
         return self.count + self._open
+
+
+def exact_lines(path: Path) -> int:
+    """Non-blank lines of a file, read a MiB at a time (blocking: call it on a thread)."""
+    count, carry = 0, b""
+    with path.open("rb") as f:
+        while block := f.read(FLUSH_BYTES):
+            *whole, carry = (carry + block).split(b"\n")
+            count += sum(1 for line in whole if line.strip())
+    return count + bool(carry.strip())
 
 
 async def receive(request: Request, folder: Path, room: int, too_big: errors.APIError, idle_s: float) -> Upload:

@@ -36,6 +36,7 @@ from raylm.serve.batch.store import Store
 from raylm.serve.edge import http
 from raylm.serve.edge.access import Access
 from raylm.serve.edge.routes import build_api
+from raylm.serve.logs import log_to_stderr
 from raylm.serve.metrics import IngressMetrics
 
 logger = logging.getLogger("raylm.serve")
@@ -75,6 +76,7 @@ class Ingress:
     async def __init__(self, models: tuple[ModelConfig, ...], handles: dict[str, Any], access: Access,
                        config: ServeConfig, batch_jobs: Any) -> None:
         """`config`: serve.*, with batch_dir resolved and without keys (those reach it hashed, in `access`)."""
+        log_to_stderr("raylm")  # INFO and above of raylm's loggers into this replica's log file
         self.models = {m.name: m for m in models}
         self.handles = handles
         self.batch_jobs = batch_jobs

@@ -6,9 +6,9 @@
               request line ≤ max_request_line_bytes?                                else 414, closed
               head ≤ max_header_bytes, ≤ max_header_count headers?                  else 431, closed
            ─► the app (auth, routes)
-    answer ─► a client that takes none of it for write_timeout_s (the socket's buffer full, asyncio's too)
-              is cut off: the relay sees a disconnect and closes the replica's stream, which aborts the
-              engine request and frees its slot
+    answer ─► a client that takes none of it for write_timeout_s (the socket's buffer, send_buffer_bytes,
+              full, and asyncio's too) is cut off: the relay sees a disconnect and closes the replica's
+              stream, which aborts the engine request and frees its slot
     idle   ─► kept alive keep_alive_s (uvicorn's own timeout), then closed
 
 uvicorn with httptools parses HTTP here; httptools (llhttp) has no limit on a header's size or count and
@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,19 +83,25 @@ class GuardedProtocol(HttpToolsProtocol):
 
     # connection
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        client = self.client[0] if self.client else ""
-        if not self.table.admit(client):
-            self._refuse(errors.UnavailableError(
-                "too many open connections; retry later", code="too_many_connections", retry_after=1))
+        peer = transport.get_extra_info("peername")
+        client = peer[0] if isinstance(peer, tuple) else ""
+        if not self.table.admit(client):  # refused before uvicorn sets anything up: a flood costs little
+            self.transport, self._refused = transport, _TOO_MANY
+            transport.write(_TOO_MANY_ANSWER)
+            transport.close()
             return
+        super().connection_made(transport)
         self._client = client
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # bounded, so a reader that stalls fills it (and the write deadline starts) soon
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.limits.send_buffer_bytes)
         self._arm_head_timer()  # a connection that sends nothing is closed like a slow head
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._client is not None:
-            self.table.release(self._client)
-            self._client = None
+        if self._client is None:  # refused in connection_made: uvicorn never knew it
+            return
+        self.table.release(self._client)
+        self._client = None
         for timer in (self._head_timer, self._write_timer):
             if timer is not None:
                 timer.cancel()
@@ -164,11 +171,15 @@ class GuardedProtocol(HttpToolsProtocol):
     # writing
     def pause_writing(self) -> None:
         """The client stopped taking its answer (the transport's buffer is over its high-water mark)."""
+        if self.flow is None:  # a connection refused before uvicorn set it up
+            return
         super().pause_writing()
         if self._write_timer is None:
             self._write_timer = self.loop.call_later(self.limits.write_timeout_s, self._write_stalled)
 
     def resume_writing(self) -> None:
+        if self.flow is None:
+            return
         super().resume_writing()
         if self._write_timer is not None:
             self._write_timer.cancel()
@@ -203,12 +214,24 @@ class GuardedProtocol(HttpToolsProtocol):
             self._head_timer = None
         if self.transport.is_closing():
             return
-        body = json.dumps(err.body()).encode()
-        head = [STATUS_LINE[err.status], b"content-type: application/json\r\n",
-                b"content-length: %d\r\n" % len(body), b"connection: close\r\n"]
-        head += [f"{k}: {v}\r\n".encode() for k, v in err.headers().items()]
-        self.transport.write(b"".join([*head, b"\r\n", body]))
+        self.transport.write(_answer(err))
         self.transport.close()
+
+
+_TOO_MANY = errors.UnavailableError("too many open connections; retry later", code="too_many_connections",
+                                    retry_after=1)
+
+
+def _answer(err: errors.APIError) -> bytes:
+    """A whole HTTP answer, `connection: close`, in the one error shape."""
+    body = json.dumps(err.body()).encode()
+    head = [STATUS_LINE[err.status], b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body), b"connection: close\r\n"]
+    head += [f"{k}: {v}\r\n".encode() for k, v in err.headers().items()]
+    return b"".join([*head, b"\r\n", body])
+
+
+_TOO_MANY_ANSWER = _answer(_TOO_MANY)  # made once: a flood of connections is answered with these bytes
 
 
 def protocol_class(limits: HTTPConfig) -> type[GuardedProtocol]:

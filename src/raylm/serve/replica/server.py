@@ -24,6 +24,7 @@ from raylm.contract import NAMED_EVENTS, Call, Direct, Reply, sse_frames
 from raylm.engine.protocol import Engine
 from raylm.models import resolve_source
 from raylm.serve import status
+from raylm.serve.logs import log_to_stderr
 from raylm.serve.metrics import ReplicaMetrics
 from raylm.serve.replica.admission import Admission, Turns
 from raylm.serve.stream import StreamHub
@@ -46,25 +47,11 @@ def stream_host() -> str:
     return "127.0.0.1" if _ray.HEAD_NODE_RESOURCE in node["Resources"] else node["NodeManagerAddress"]
 
 
-def _log_to_stderr(*names: str) -> None:
-    """INFO and above of these loggers to the replica's stderr, which Serve writes to the replica's log
-    file (the console too with -v): what vLLM's own logging setup did, off in replicas (see
-    builder.replica_env)."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for name in names:
-        named = logging.getLogger(name)
-        if not named.handlers:
-            named.addHandler(handler)
-            named.setLevel(logging.INFO)
-            named.propagate = False
-
-
 class ModelServer:
     """Hosts one engine; the ingress reaches it through `reply` on a Serve handle."""
 
     async def __init__(self, model: ModelConfig, cache_dir: str, engine_factory=_make_engine) -> None:
-        _log_to_stderr("vllm", "raylm")
+        log_to_stderr("vllm", "raylm")
         self.name = model.name
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         await self._report("loading weights")  # for the start-up's live status (runner.py)

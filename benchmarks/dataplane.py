@@ -1,6 +1,7 @@
 """The serving path's own cost: a tiny model behind raylm and behind bare `vllm serve`, CPU per token by role.
 
     python benchmarks/dataplane.py [--systems raylm,vllm] [--concurrency 64,256] [--seconds 30] [--rounds 1]
+    RAYLM_BASE_SRC=../before/src python benchmarks/dataplane.py --systems raylm-base,raylm,vllm   # before/after
 
 The model is the tests' tiny random Llama (2 layers, 128 wide), so the engine's compute is small and the
 serving path dominates. Each system serves it with the same engine arguments (bf16, eager, 256 sequences
@@ -124,6 +125,11 @@ def report(rows: dict[str, list[dict]], levels: list[int], out: Path) -> None:
                              " (target ≥ 0.95× vllm)")
             lines.append(f"- c={c}: raylm outside the worker {med('raylm', c, 'outside_worker_ms'):.3f} ms/token "
                          "(target ≤ 0.4)")
+            if "raylm-base" in rows:
+                lines.append(f"- c={c}: raylm / raylm-base tok/s "
+                             f"**{med('raylm', c, 'tok_s') / med('raylm-base', c, 'tok_s'):.2f}×**, serving path "
+                             f"{med('raylm', c, 'serving_path_ms'):.3f} vs {med('raylm-base', c, 'serving_path_ms'):.3f} "
+                             "ms/token")
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,8 @@
 
 Systems (each its own process tree, stopped by PID afterwards; only what this harness started):
     raylm           `raylm serve` with this one model
+    raylm-base      the same from another checkout's `src` ($RAYLM_BASE_SRC first on PYTHONPATH, e.g. a
+                    `git worktree` of the previous commit): before/after in one run
     vllm            bare `vllm serve` (python -m vllm.entrypoints.openai.api_server), same engine arguments
     vllm-uni        the same with raylm's CPU engine layout (the worker inside EngineCore; systems/vllm_uni.py)
     ray-serve-llm   Ray Serve LLM (ray.serve.llm.build_openai_app), same engine arguments, Serve's
@@ -69,7 +71,8 @@ def command(system: str, setup: Setup, port: int, work: Path) -> tuple[list[str]
         config = {"models": [model], "serve": {"port": port, "metrics_port": free_port()}}
         path = work / f"{system}.yaml"
         path.write_text(yaml.safe_dump(config))
-        return [py, "-m", "raylm.cli", "serve", str(path)], {}
+        tree = {"PYTHONPATH": os.environ["RAYLM_BASE_SRC"]} if base == "raylm-base" else {}
+        return [py, "-m", "raylm.cli", "serve", str(path)], tree
     if base in ("vllm", "vllm-uni"):
         server = ["-m", "vllm.entrypoints.openai.api_server"] if base == "vllm" else [str(HERE / "systems/vllm_uni.py")]
         return [py, *server, "--model", setup.model_dir, "--served-model-name", setup.name, "--host", "127.0.0.1",

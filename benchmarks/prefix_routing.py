@@ -9,13 +9,17 @@ most --system-timeout-s), one after the other, on the same workload in the same 
     prefix           raylm's PrefixAffinityRouter (routing: prefix; src/raylm/serve/edge/routing.py)
     ray-llm-prefix   opt-in: Ray Serve LLM's PrefixCacheAffinityRouter (its policy, its prefix-tree actor) in
                      the same deployment. As shipped it cannot route raylm's calls: it reads the prompt from
-                     an argument with a `.messages`/`.prompt` attribute, raylm's ingress passes the body as a
-                     dict (`reply(endpoint, body, rid, tenant)`), so it raises ValueError inside
+                     an argument with a `.messages`/`.prompt` attribute, raylm's ingress passes a
+                     `raylm.contract.Call` whose body is a dict, so it raises ValueError inside
                      choose_replicas and Serve's routing task drops the request (a 503 after
                      serve.cold_start_timeout_s). Here it is subclassed to read the text with raylm's
                      prompt_text, nothing else changed. It calls its tree actor with blocking ray.get on the
                      ingress's event loop (Serve's throughput-optimized mode runs the router there), and that
                      actor takes a logical CPU to schedule, hence serve.num_cpus 4 for every system.
+    prefix-tenants   `prefix` with API keys: the requests come from 4 tenants in turn (each system prompt is
+                     sent by every tenant), tenants' prefix caches shared (serve.cache_salt: false)
+    prefix-salted    the same, each tenant's cache salted (serve.cache_salt: true, the default with keys):
+                     what keeping tenants' caches apart costs in hit rate and TTFT
 llm-d's prefix scorer needs Kubernetes and its Envoy gateway: not run here.
 
 Model: bundled SmolLM2-135M-Instruct, 2 replicas of num_cpus 1, engine one OpenMP thread each, unbound
@@ -61,7 +65,8 @@ from helpers import free_port  # noqa: E402  (one free_port, the tests')
 from raylm.models import SMOLLM2  # noqa: E402
 
 RESULTS = HERE / "results"
-SYSTEMS = ("default", "prefix", "ray-llm-prefix")
+SYSTEMS = ("default", "prefix", "ray-llm-prefix", "prefix-tenants", "prefix-salted")
+TENANTS = 4  # prefix-tenants, prefix-salted: keys sk-bench-0 .. sk-bench-3
 PROMPTS, PROMPT_TOKENS, QUESTION_TOKENS, OUTPUT_TOKENS, WARMUP = 8, 1000, 12, 16, 4
 BLOCK_TOKENS = 32
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
@@ -97,9 +102,11 @@ def config(system: str, cache_tokens: int):
     if cache_tokens:
         engine_args["num_gpu_blocks_override"] = cache_tokens // BLOCK_TOKENS
     model = ModelConfig(**{**smollm2.model_dump(), "replicas": 2, "num_cpus": 1.0, "engine_args": engine_args,
-                           "env": ENV, "routing": "prefix" if system == "prefix" else "default"})
+                           "env": ENV, "routing": "prefix" if system.startswith("prefix") else "default"})
+    keys = {"api_keys": [{"tenant": f"t{i}", "key": f"sk-bench-{i}"} for i in range(TENANTS)],
+            "cache_salt": system == "prefix-salted"} if system in ("prefix-tenants", "prefix-salted") else {}
     return AppConfig(models=(model,), serve={"port": free_port(), "metrics_port": free_port(), "num_cpus": 4,
-                                             "ready_timeout_s": READY_TIMEOUT_S})
+                                             "ready_timeout_s": READY_TIMEOUT_S, **keys})
 
 
 def use_ray_llm_router() -> None:
@@ -111,8 +118,7 @@ def use_ray_llm_router() -> None:
 
     class RayLLMPrefixRouter(PrefixCacheAffinityRouter):
         def _extract_text_from_request(self, pending_request) -> str:
-            body = next((a for a in pending_request.args if isinstance(a, dict)), None)
-            return prompt_text(body) or " "  # it divides by the text's length
+            return prompt_text(pending_request.args[0].body) or " "  # it divides by the text's length
 
     # Serve imports a router by path and pickles it by value: it must be an attribute of its module.
     RayLLMPrefixRouter.__module__, RayLLMPrefixRouter.__qualname__ = "__main__", "RayLLMPrefixRouter"
@@ -174,10 +180,15 @@ def measure(system: str, requests: int, concurrency: int, cache_tokens: int) -> 
     try:
         url = f"{service.url}/v1/chat/completions"
 
+        keyed = service.config.serve.api_keys
+
+        def auth(i: int) -> dict[str, str]:  # tenants in turn (with keys)
+            return {"authorization": f"Bearer sk-bench-{i % TENANTS}"} if keyed else {}
+
         async def drive(batch: list[dict], c: int, timeout_s: float):
             limits = httpx.Limits(max_connections=c, max_keepalive_connections=c)
             async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
-                return await closed_loop(lambda i: send(client, url, batch[i]), c, len(batch), timeout_s)
+                return await closed_loop(lambda i: send(client, url, batch[i], auth(i)), c, len(batch), timeout_s)
 
         asyncio.run(drive(warmup, 2, 60))
         before = settled(service.metrics_url, METRICS_SETTLE_S)

@@ -14,12 +14,14 @@ from collections.abc import Callable
 from typing import Any
 
 
-def idle_sockets(port: int, count: int, source: str, limit_s: float, start_at: float = 0.0) -> dict[str, Any]:
-    """Open `count` connections that send nothing; report how many the server took (not refused at once)
-    and how long each took to close."""
+def idle_sockets(port: int, count: int, source: str, limit_s: float, start_at: float = 0.0,
+                 per_s: float = 1500.0) -> dict[str, Any]:
+    """Open `count` connections (`per_s` a second) that send nothing; report how many the server took (not
+    refused at once) and how long each took to close."""
     _wait_until(start_at)
-    socks, refused = [], 0
-    for _ in range(count):
+    socks, refused, began = [], 0, time.monotonic()
+    for i in range(count):
+        time.sleep(max(0.0, began + i / per_s - time.monotonic()))
         s = socket.socket()
         s.bind((source, 0))
         s.settimeout(5)
@@ -161,6 +163,11 @@ class Running:
 
     def alive(self) -> bool:
         return self._process.is_alive()
+
+    def stop(self) -> None:
+        """End it now (its sockets close with it)."""
+        self._process.kill()
+        self._process.join(5)
 
     def result(self, timeout_s: float = 120) -> dict[str, Any]:
         try:

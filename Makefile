@@ -48,6 +48,7 @@ test: setup chromium
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider -m "not slow"
 
 # Too long for CI: fairness (its own service, ~3.5 min), autoscaling (~3 min), a cold start from zero (~100 s),
+# a node lost under traffic (~150 s),
 # soak (RAYLM_SOAK_S, 30 min), raylm build → serve deploy on a second Ray cluster (~80 s), joining a cluster
 # with --address auto (~65 s), the GPU extra's resolution (~55 s), batch restart and priority (~5 min).
 test-slow: setup chromium

@@ -33,6 +33,7 @@ from raylm.models import default_cache_dir
 
 READER = r"""
 import json, sys, time
+import pyarrow as pa
 from raylm.data import io, job
 path, per_block = sys.argv[1], None
 start = time.process_time()
@@ -42,7 +43,7 @@ if hasattr(io, "scan"):  # this tree: one scan, block reads
     per_block = min(max(256, -(-total // 4)), 16 * 256)
     blocks = job.plan_blocks(scans, per_block)
     read = job._reader("text", {})
-    rows = sum(len(read({"block": [json.dumps(b)]})) for b in blocks)
+    rows = sum(len(read(pa.table({"block": [json.dumps(b)]}))) for b in blocks)
 else:  # before: rows counted by reading the file, each block reading it again
     counts = {path: io.count_rows(path, "text")}
     total = counts[path]

@@ -63,13 +63,14 @@ def two_nodes():
         for root in list(ours):  # with their agents and workers, whose command lines do not name the dir
             with contextlib.suppress(psutil.Error):
                 ours += root.children(recursive=True)
-        end_processes(ours, grace_s=0, term_s=20)
+        end_processes(ours, grace_s=0, term_s=5)
 
 
 def _replicas() -> list[psutil.Process]:
     return replica_processes("tiny", psutil.process_iter())  # `ray start` daemons: not our children
 
 
+@pytest.mark.slow  # ~150 s (two `ray start` nodes, a 2-replica service, a replacement): `make test-slow`
 def test_losing_a_node_reschedules_its_replica_while_the_other_serves(two_nodes, tiny_model):
     from raylm.serve.control.service import start
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-import ray
 from ray import serve
 
 from scenario import KEYS, LIMITS, auth, load, replica_processes, report, sender
@@ -146,7 +145,7 @@ def test_api_keys_are_required_and_never_logged(chaos_service):
     assert httpx.get(f"{url}/v1/models", timeout=30).status_code == 401
     assert httpx.get(f"{url}/health", timeout=30).status_code == 200
     assert httpx.post(f"{url}/v1/completions", json=body, timeout=30, headers=auth("light")).status_code == 200
-    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    logs = Path(chaos_service.log_dir)
     leaked = [p.name for p in logs.rglob("*") if p.is_file()
               and any(k.encode() in p.read_bytes() for k in (*KEYS.values(), "sk-nope"))]
     assert leaked == []

@@ -61,4 +61,4 @@ def test_raylm_build_output_deploys_with_serve_deploy(tiny_model, tmp_path):
                        capture_output=True, timeout=120, env=env)
         ours = [p for p in psutil.process_iter(["cmdline"])
                 if str(temp_dir) in " ".join(p.info["cmdline"] or [])]
-        end_processes(ours, grace_s=0, term_s=20)
+        end_processes(ours, grace_s=0, term_s=5)

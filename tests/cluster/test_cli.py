@@ -112,7 +112,7 @@ def ray_head():
                     "--disable-usage-stats"], check=True, timeout=120)
     yield port
     ours = [p for p in psutil.process_iter(["cmdline"]) if str(temp_dir) in " ".join(p.info["cmdline"] or [])]
-    end_processes(ours, grace_s=0, term_s=20)
+    end_processes(ours, grace_s=0, term_s=5)
 
 
 # host:port in `make test` (the path that needs the token door); `auto` (~65 s more) in `make test-slow`.

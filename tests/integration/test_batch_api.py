@@ -1,6 +1,7 @@
 """The OpenAI Batch API, driven by the unmodified OpenAI SDK against the real service (tiny model, MiniLM)."""
 
 import json
+import socket
 import time
 
 import httpx
@@ -134,11 +135,16 @@ def test_bad_uploads_and_batches_get_clear_errors(service):
         return httpx.post(f"{url}/v1/files", headers=auth, data={"purpose": purpose},
                           files={"file": ("f.jsonl", content)}, timeout=30)
 
-    # A declared length past the fixture's batch_max_file_bytes is refused before a byte of the body is read.
-    too_big = httpx.post(f"{url}/v1/files", headers={**auth, "content-type": "multipart/form-data; boundary=x",
-                                                     "content-length": str(2 * SERVICE_MAX_FILE_BYTES)},
-                         content=b"", timeout=30)
-    assert too_big.status_code == 413 and too_big.json()["error"]["type"] == "invalid_request_error"
+    # A declared length past the fixture's batch_max_file_bytes is refused before a byte of the body is read
+    # (a raw socket: an HTTP client will not declare more than it sends).
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=30) as s:
+        s.sendall(f"POST /v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
+                  "Content-Type: multipart/form-data; boundary=x\r\n"
+                  f"Content-Length: {2 * SERVICE_MAX_FILE_BYTES}\r\n\r\n".encode())
+        answer = b""
+        while b'"code"' not in answer and (more := s.recv(65536)):
+            answer += more
+    assert answer.startswith(b"HTTP/1.1 413") and b'"type":"invalid_request_error"' in answer.replace(b" ", b"")
     too_many = post_file(b"{}\n" * 1001)  # ...and batch_max_requests 1000
     assert too_many.status_code == 400 and too_many.json()["error"]["code"] == "too_many_requests"
     purpose = post_file(b"{}\n", purpose="fine-tune")

@@ -15,7 +15,7 @@ from typing import Any
 
 
 def idle_sockets(port: int, count: int, source: str, limit_s: float, start_at: float = 0.0,
-                 per_s: float = 1500.0) -> dict[str, Any]:
+                 per_s: float = 1000.0) -> dict[str, Any]:
     """Open `count` connections (`per_s` a second) that send nothing; report how many the server took (not
     refused at once) and how long each took to close."""
     _wait_until(start_at)

@@ -146,3 +146,14 @@ def test_an_error_row_keeps_every_column_but_its_text(tmp_path):
     assert [r["id"] for r in rows] == ["a", "b", "c", "d"] and [r["meta"]["k"] for r in rows] == [1, 2, 3, 4]
     assert [r["error"] is None for r in rows] == [True, False, False, True]
     assert "not a string: 7" in rows[1]["error"] and rows[1]["text"] is None
+
+
+def test_the_jobs_reader_skips_rows_already_done(tmp_path):
+    from raylm.data import job
+
+    path = tmp_path / "x.jsonl"
+    path.write_text("".join(json.dumps({"text": f"t{i}"}) + "\n" for i in range(10)))
+    blocks = job.plan_blocks([io.scan(str(path))], 4)
+    read = job._reader("text", {str(path): [1, 5, 9]})
+    batches = [read(pa.table({"block": [json.dumps(b)]})) for b in blocks]  # as Ray Data hands them over
+    assert [r["_row"] for t in batches for r in t.to_pylist()] == [0, 2, 3, 4, 6, 7, 8]

@@ -47,7 +47,8 @@ def _run(task: str, input: str, output: Path, config: Path | None, stage: str, k
     spec = job.JobSpec(task, input, str(output), cfg.text_column, cfg.output_format,
                        {**options, "model": path})
     with _job_errors():  # fail fast, before starting Ray, on a bad input or an OUT that is not ours
-        io.list_inputs(spec.input)
+        if all(io.file_size(f) == 0 for f in io.list_inputs(spec.input)):
+            raise job.JobError(f"input {spec.input!r} holds no rows")
         job.claim_output(spec)
     console.print(f"{stage.lower()}: {model.source} ({resources['num_cpus']:g} CPU, {resources['num_gpus']:g} GPU "
                   f"per actor, {cfg.concurrency} actor(s))")

@@ -59,6 +59,11 @@ def list_inputs(spec: str) -> list[str]:
     return files
 
 
+def file_size(path: str) -> int:
+    fs, inner = _filesystem(path)
+    return fs.get_file_info(inner).size or 0
+
+
 def input_format(path: str) -> str | None:
     return FORMATS.get(PurePosixPath(path).suffix.lower())
 

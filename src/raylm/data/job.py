@@ -139,10 +139,10 @@ def plan_blocks(scans: list[io.Scan], rows_per_block: int) -> list[dict[str, Any
     return [block for scanned in scans for block in scanned.blocks(rows_per_block)]
 
 
-def _reader(text_column: str, done: dict[str, list[int]]) -> Callable[[dict], pa.Table]:
-    def read(batch: dict) -> pa.Table:
+def _reader(text_column: str, done: dict[str, list[int]]) -> Callable[[pa.Table], pa.Table]:
+    def read(batch: pa.Table) -> pa.Table:
         tables = []
-        for block in batch["block"]:
+        for block in batch["block"].to_pylist():  # a pyarrow batch (batch_format="pyarrow")
             table = io.read_block(json.loads(block), text_column)
             skip = done.get(table["_source"][0].as_py()) if len(table) else None
             if skip:

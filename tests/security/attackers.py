@@ -7,19 +7,19 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import selectors
 import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
 
-def idle_sockets(port: int, count: int, source: str, limit_s: float, start_at: float = 0.0,
+def idle_sockets(port: int, count: int, source: str, hold_s: float, start_at: float = 0.0,
                  per_s: float = 1000.0) -> dict[str, Any]:
-    """Open `count` connections (`per_s` a second) that send nothing; report how many the server took (not
-    refused at once) and how long each took to close."""
+    """Open `count` connections (`per_s` a second) that send nothing, and hold them `hold_s` after the last;
+    then count the 503s the server answered at once (what it did with the rest, the test sees server-side:
+    this process runs at nice 19 and may be late to notice anything)."""
     _wait_until(start_at)
-    socks, refused, began = [], 0, time.monotonic()
+    socks, failed, began = [], 0, time.monotonic()
     for i in range(count):
         time.sleep(max(0.0, began + i / per_s - time.monotonic()))
         s = socket.socket()
@@ -28,35 +28,21 @@ def idle_sockets(port: int, count: int, source: str, limit_s: float, start_at: f
         try:
             s.connect(("127.0.0.1", port))
         except OSError:
-            refused += 1
+            failed += 1
             s.close()
             continue
-        socks.append((s, time.monotonic()))
-    opened = time.monotonic()
-    held, closed_after = 0, []
-    watch = selectors.DefaultSelector()  # epoll: waiting costs nothing until a socket has news
-    for s, at in socks:
+        socks.append(s)
+    connected_at = time.monotonic()
+    time.sleep(max(0.0, connected_at + hold_s - time.monotonic()))
+    refused = 0
+    for s in socks:
         s.setblocking(False)
-        watch.register(s, selectors.EVENT_READ, at)
-    while watch.get_map() and time.monotonic() - opened < limit_s:
-        for key, _ in watch.select(timeout=0.5):
-            s, at = key.fileobj, key.data
-            try:
-                data = s.recv(4096)
-            except OSError:
-                data = b""
-            if data.startswith(b"HTTP/1.1 503"):
-                refused += 1
-            else:
-                held += 1
-                closed_after.append(time.monotonic() - at)
-            watch.unregister(s)
-            s.close()
-    still_open = len(watch.get_map())
-    for key in list(watch.get_map().values()):
-        key.fileobj.close()
-    return {"refused": refused, "held": held, "still_open": still_open,
-            "longest_open_s": max(closed_after, default=0.0)}
+        try:
+            refused += s.recv(64).startswith(b"HTTP/1.1 503")
+        except OSError:
+            pass
+        s.close()
+    return {"connected_at": connected_at, "refused_503": refused, "connect_failed": failed}
 
 
 def _wait_until(start_at: float) -> None:

@@ -9,6 +9,7 @@ import asyncio
 import json
 import socket
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -74,6 +75,27 @@ def unloaded_p99(url: str, before: list[float]) -> float:
     return (p99(before) + p99(stream_gaps(url))) / 2
 
 
+class Watch:
+    """Samples `measure()` every 0.2 s on a thread until stopped: [(time, value), ...]."""
+
+    def __init__(self, measure) -> None:
+        self.measure, self.samples, self._stop = measure, [], threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> "Watch":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            self.samples.append((time.monotonic(), self.measure()))
+
+    def stop(self) -> list[tuple[float, int]]:
+        self._stop.set()
+        self._thread.join(5)
+        return self.samples
+
+
 def health_times(url: str, seconds: float) -> list[float]:
     times, end = [], time.monotonic() + seconds
     with httpx.Client(timeout=10) as client:
@@ -85,6 +107,10 @@ def health_times(url: str, seconds: float) -> list[float]:
     return times
 
 
+def connections_from(proc: psutil.Process, address: str) -> int:
+    return sum(1 for c in proc.net_connections("tcp") if c.raddr and c.raddr.ip == address)
+
+
 def test_an_endless_header_and_3000_idle_sockets_leave_streams_and_health_alone(service):
     url, port = service.url, port_of(service)
     stream_gaps(url, streams=1)  # warm
@@ -92,22 +118,29 @@ def test_an_endless_header_and_3000_idle_sockets_leave_streams_and_health_alone(
     ingress = ingress_process()
     rss_before = ingress.memory_info().rss
     start_at = time.monotonic() + 3.0  # the attack begins once the streams below are under way
-    idle = Running(idle_sockets, port, 3000, "127.0.0.2", HEADER_TIMEOUT_S + 20, start_at).start()
+    idle = Running(idle_sockets, port, 3000, "127.0.0.2", HEADER_TIMEOUT_S + 5, start_at).start()
     header = Running(endless_header, port, "127.0.0.3", 512 * 2**20, 30, start_at).start()
+    watch = Watch(lambda: connections_from(ingress, "127.0.0.2")).start()  # server-side, every 0.2 s
     time.sleep(max(0.0, start_at - 1.0 - time.monotonic()))
     during = stream_gaps(url)
     health = health_times(url, 2)
     rss_peak = ingress.memory_info().rss
     idle_result, header_result = idle.result(), header.result()
+    held = watch.stop()
     unloaded = unloaded_p99(url, alone)
     ratio = p99(during) / unloaded
+    # The last held socket is closed this long after the attacker's last connect (each closes header_timeout_s
+    # after its own; the attacker runs at nice 19 and may report its last connect late, hence the max with 0).
+    closed_after = max(0.0, max((t for t, n in held if n), default=0.0) - idle_result["connected_at"])
     report("endless header + 3000 idle sockets", itl_p99_alone_ms=1000 * unloaded,
            itl_p99_during_ms=1000 * p99(during), ratio=ratio, health_max_ms=1000 * max(health),
-           ingress_rss_growth_mib=(rss_peak - rss_before) / 2**20, **idle_result,
-           header_bytes_taken=header_result["sent"], header_cut_after_s=header_result["cut_after_s"])
+           ingress_rss_growth_mib=(rss_peak - rss_before) / 2**20, most_held=max(n for _, n in held),
+           refused_503=idle_result["refused_503"], connect_failed=idle_result["connect_failed"],
+           last_held_after_last_connect_s=closed_after, header_bytes_taken=header_result["sent"],
+           header_cut_after_s=header_result["cut_after_s"])
     assert header_result["sent"] < 8 * 2**20  # cut near the 64 KiB limit, not after 512 MiB
-    assert idle_result["still_open"] == 0 and idle_result["longest_open_s"] < HEADER_TIMEOUT_S + 2
-    assert idle_result["held"] <= 512 and idle_result["refused"] + idle_result["held"] == 3000  # the default cap
+    assert max(n for _, n in held) <= 512 and idle_result["refused_503"] > 0  # the default cap per address
+    assert held[-1][1] == 0 and closed_after < HEADER_TIMEOUT_S + 2
     assert max(health) < 0.1
     assert rss_peak - rss_before < 50 * 2**20
     assert ratio <= 1.5

@@ -6,6 +6,7 @@ Systems (each its own process tree, stopped by PID afterwards; only what this ha
     raylm           `raylm serve` with this one model
     raylm-base      the same from another checkout's `src` ($RAYLM_BASE_SRC first on PYTHONPATH, e.g. a
                     `git worktree` of the previous commit): before/after in one run
+    raylm-nice15    raylm with its workers at Ray's default nice 15 (raylm's own cluster runs them at 0)
     vllm            bare `vllm serve` (python -m vllm.entrypoints.openai.api_server), same engine arguments
     vllm-uni        the same with raylm's CPU engine layout (the worker inside EngineCore; systems/vllm_uni.py)
     ray-serve-llm   Ray Serve LLM (ray.serve.llm.build_openai_app), same engine arguments, Serve's
@@ -71,8 +72,9 @@ def command(system: str, setup: Setup, port: int, work: Path) -> tuple[list[str]
         config = {"models": [model], "serve": {"port": port, "metrics_port": free_port()}}
         path = work / f"{system}.yaml"
         path.write_text(yaml.safe_dump(config))
-        tree = {"PYTHONPATH": os.environ["RAYLM_BASE_SRC"]} if base == "raylm-base" else {}
-        return [py, "-m", "raylm.cli", "serve", str(path)], tree
+        extra = {"raylm-base": {"PYTHONPATH": os.environ.get("RAYLM_BASE_SRC", "")},
+                 "raylm-nice15": {"RAY_worker_niceness": "15"}}.get(base, {})
+        return [py, "-m", "raylm.cli", "serve", str(path)], extra
     if base in ("vllm", "vllm-uni"):
         server = ["-m", "vllm.entrypoints.openai.api_server"] if base == "vllm" else [str(HERE / "systems/vllm_uni.py")]
         return [py, *server, "--model", setup.model_dir, "--served-model-name", setup.name, "--host", "127.0.0.1",

@@ -130,7 +130,7 @@ def test_an_endless_header_and_3000_idle_sockets_leave_streams_and_health_alone(
     unloaded = unloaded_p99(url, alone)
     ratio = p99(during) / unloaded
     # The last held socket is closed this long after the attacker's last connect (each closes header_timeout_s
-    # after its own; the attacker runs at nice 19 and may report its last connect late, hence the max with 0).
+    # after its own; the attacker runs at the lowest priority and may report its last connect late: max with 0).
     closed_after = max(0.0, max((t for t, n in held if n), default=0.0) - idle_result["connected_at"])
     report("endless header + 3000 idle sockets", itl_p99_alone_ms=1000 * unloaded,
            itl_p99_during_ms=1000 * p99(during), ratio=ratio, health_max_ms=1000 * max(health),

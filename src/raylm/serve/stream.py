@@ -67,7 +67,10 @@ class Outgoing:
             self.abort()
 
     async def _drained(self) -> None:
+        """Wait while the ingress lags (bounded by STALL_S); nothing at all, per token, while it keeps up."""
         assert self._writer is not None
+        if not self._writer.transport.get_write_buffer_size():
+            return
         async with asyncio.timeout(STALL_S):  # not wait_for: on 3.11 it can swallow the abort's cancellation
             await self._writer.drain()
 

@@ -92,11 +92,11 @@ def end_processes(processes: list[psutil.Process], grace_s: float = 10.0, term_s
 # one (vLLM's inter-token histogram has one per token), so under a 1,900 tok/s flood on 2 cores each 10 s
 # report was a 270 ms burst of a core, stalling first tokens by 100-200 ms; every 2 s the bursts are at
 # most 60 ms, for the same total CPU (3% of a core).
-# Workers run at nice 0, not Ray's 15: the replicas and their EngineCores are the service, and at nice 15 every
-# nice-0 process (Ray's raylet, GCS, agents, metrics export, any client on the machine) took CPU from the
-# engine's OpenMP threads first, their weight 36 against 1,024 (raylm data does the same for its stage actors).
+# Workers stay at Ray's nice 15. Tried at nice 0 (as raylm data's stage actors): benchmarks/dataplane.py, one
+# round, tiny Llama with the engine on core 1, c=64: 1,129 tok/s against 1,501 at nice 15 (0.75×), serving
+# path 0.756 against 0.549 ms of CPU per token.
 # A joined cluster keeps its own settings. The user's values win.
-SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0", "RAY_worker_niceness": "0",
+SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
              "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1", "RAY_metrics_report_interval_ms": "2000",
              "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}
 

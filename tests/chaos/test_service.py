@@ -211,6 +211,7 @@ def test_a_request_at_zero_replicas_waits_for_the_cold_start(chaos_service):
     report("cold start", first_request_s=cold_s, back_to_zero_s=back_to_zero_s)
 
 
+@pytest.mark.slow  # ~90 s at 2x capacity: `make test-slow`
 def test_admission_bounded_by_time_keeps_admitted_requests_fast(chaos_service):
     """At 2x capacity, `cold` (max_queue_wait_s 50 ms) refuses what would wait, and what it admits starts soon."""
     httpx.post(f"{chaos_service.url}/v1/completions", headers=auth("light"), timeout=180,
@@ -279,6 +280,7 @@ def test_a_killed_replica_is_restarted_and_its_requests_retried(chaos_service):
     assert recovered_at < 60  # docs/serve.md: 34-44 s
 
 
+@pytest.mark.slow  # ~55 s (a SIGSTOPped engine, its replacement): `make test-slow`
 def test_a_stalled_engine_is_detected_and_replaced(chaos_service):
     wait_for(lambda: running_replicas("pair") == 2, 120)
     replica = replica_processes("pair")[0]

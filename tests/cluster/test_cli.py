@@ -137,6 +137,7 @@ def test_serve_joins_an_existing_cluster(ray_head, tiny_model, tmp_path, how):
             proc.kill()
 
 
+@pytest.mark.slow  # ~55 s (a Ray cluster started to fail in the engine): `make test-slow`
 def test_bad_engine_argument_fails_with_the_reason(tiny_model, tmp_path):
     config = write_config(tmp_path / "raylm.yaml", tiny_model, free_port())
     data = yaml.safe_load(config.read_text())

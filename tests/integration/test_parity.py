@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from helpers import CPU_ENV, TINY_ENGINE_ARGS
 from raylm import hardware
 
@@ -26,6 +28,7 @@ OFFLINE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # ~70 s (a second vLLM engine, offline): `make test-slow`
 def test_greedy_matches_vllm_offline(client, tiny_model, tmp_path):
     script = tmp_path / "offline.py"
     script.write_text(OFFLINE)

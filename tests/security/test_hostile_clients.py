@@ -148,7 +148,12 @@ def test_an_endless_header_and_3000_idle_sockets_leave_streams_and_health_alone(
            last_held_after_last_connect_s=closed_after, header_bytes_taken=header_result["sent"],
            header_cut_after_s=header_result["cut_after_s"])
     assert header_result["sent"] < 8 * 2**20  # cut near the 64 KiB limit, not after 512 MiB
-    assert max(n for _, n in held) <= 512 and idle_result["refused_503"] > 0  # the default cap per address
+    # The default cap per address. While the attacker still connects, a sample may also count a connection the
+    # server has accepted and is refusing that instant (503 written, close under way): judge the samples taken
+    # once the attacker has stopped connecting, and allow the refusals in flight only before that.
+    settled = [n for t, n in held if t > idle_result["connected_at"] + 0.5]
+    assert settled and max(settled) <= 512 and max(n for _, n in held) <= 512 + 8
+    assert idle_result["refused_503"] > 0
     assert held[-1][1] == 0 and closed_after < HEADER_TIMEOUT_S + 2
     assert max(health) < 0.1
     assert rss_peak - rss_before < 50 * 2**20

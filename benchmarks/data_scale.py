@@ -4,9 +4,10 @@
                                     [--baseline-src PATH] [--skip tokenize,batch]
 
     reader    plan + read every block of a JSONL file as `raylm data` does, in one process: CPU seconds per row
-    tokenize  `raylm data tokenize IN OUT` end to end; rows/s past start-up (a 100-row job's wall time)
+    tokenize  `raylm data tokenize IN OUT` end to end; rows/s past start-up (a 100-row job's wall time), and
+              the marginal rate between sizes (rows added / time added: no start-up in it, so no start-up noise)
     batch     a Batch API job of completions (the tiny test model, 1 token each) through `raylm serve`:
-              created → completed; lines/s past start-up (a 100-line batch's time)
+              created → completed; lines/s past start-up (a 100-line batch's time), and the marginal rate
 
 `--baseline-src` runs each measure again with another checkout's `src` first on PYTHONPATH (e.g. a
 `git worktree` of the previous commit), in the same run: the before/after table of BENCHMARKS.md. Results:
@@ -100,6 +101,7 @@ def batch_lines(folder: Path, lines: int) -> Path:
 def serve_tiny(work: Path, src: str | None) -> tuple[subprocess.Popen, str]:
     model = make_tiny_llama(default_cache_dir() / "models" / "tiny-llama-bench")
     port = free_port()
+    work.mkdir(parents=True, exist_ok=True)
     config = work / "batch.yaml"
     config.write_text(json.dumps({  # JSON is YAML
         "models": [{"name": "tiny", "source": str(model), "num_cpus": 1,
@@ -152,12 +154,14 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--batch-lines", default="1000,10000,50000")
     parser.add_argument("--baseline-src", default=None)
-    parser.add_argument("--skip", default="")
+    parser.add_argument("--skip", default="", help="measures to leave out: tokenize, batch")
+    parser.add_argument("--trees", default="this,baseline", help="which of this tree and the baseline to run")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     lines = [int(s) for s in args.batch_lines.split(",")]
     trees = {"this": None, **({"baseline": args.baseline_src} if args.baseline_src else {})}
+    trees = {tree: src for tree, src in trees.items() if tree in args.trees.split(",")}
     skip = set(filter(None, args.skip.split(",")))
     results: dict = {"cpu_flags": cpu_flags(), "date": time.strftime("%Y-%m-%d"), "trees": {}}
     with tempfile.TemporaryDirectory(prefix="raylm-data-scale-") as tmp:
@@ -188,6 +192,15 @@ def main() -> None:
     report(results, sizes, lines, args.out)
 
 
+NOISE = "— (inside the start-up's own spread)"
+
+
+def _rate(value: float) -> str:
+    """A rate past start-up, or a dash where the job took no longer than the start-up alone (a small job's work
+    is shorter than the start-up's spread between runs: then only the marginal rates say anything)."""
+    return NOISE if value > 1e9 else f"{value:,.0f}"
+
+
 def report(results: dict, sizes: list[int], lines: list[int], out: Path) -> None:
     text = [f"CPU flags: {results['cpu_flags']}; date {results['date']}", ""]
     for tree, got in results["trees"].items():
@@ -198,12 +211,16 @@ def report(results: dict, sizes: list[int], lines: list[int], out: Path) -> None
         for n in sizes if got["tokenize"] else []:
             t = got["tokenize"][n]
             text.append(f"| tokenize: rows/s past start-up ({got['tokenize']['startup_s']:.1f} s) | {n:,} | "
-                        f"{t['rows_per_s']:,.0f} (wall {t['wall_s']:.1f} s) |")
+                        f"{_rate(t['rows_per_s'])} (wall {t['wall_s']:.1f} s) |")
         for n in lines if got["batch"] else []:
             b = got["batch"][n]
             text.append(f"| Batch API: lines/s past start-up ({got['batch']['startup_s']:.1f} s) | {n:,} | "
-                        f"{b['lines_per_s']:,.0f} (wall {b['wall_s']:.1f} s) |")
-        if got["tokenize"]:
+                        f"{_rate(b['lines_per_s'])} (wall {b['wall_s']:.1f} s) |")
+        for kind, unit, sizes_of in (("tokenize", "rows", sizes), ("batch", "lines", lines)):
+            walls = [(n, got[kind][n]["wall_s"]) for n in sizes_of if got[kind]]
+            for (a, wa), (b, wb) in zip(walls, walls[1:]):  # the cost of the rows added: no start-up in it
+                text.append(f"| {kind}: {unit}/s from {a:,} to {b:,} (marginal) | | {(b - a) / max(wb - wa, 1e-9):,.0f} |")
+        if got["tokenize"] and _rate(got["tokenize"][sizes[0]]["rows_per_s"]) != NOISE:
             text.append(f"| tokenize: rows/s at {sizes[-1]:,} / at {sizes[0]:,} | | "
                         f"**{got['tokenize'][sizes[-1]]['rows_per_s'] / got['tokenize'][sizes[0]]['rows_per_s']:.2f}×** "
                         "(target ≥ 0.9×) |")

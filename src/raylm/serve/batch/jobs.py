@@ -177,6 +177,10 @@ class BatchJobs:
         self.config = config
         self.app_name = serve.get_replica_context().app_name
         self.tasks: dict[str, asyncio.Task] = {}
+        # Lines per part file of each running batch's out/: a part is written whole, once (SplitSink), so each
+        # is counted once, not at every poll (reading every answer so far at each poll made a 50,000-line
+        # batch's polls cost more the further it got).
+        self._lines: dict[str, dict[str, int]] = {}
         for record in self.store.batches():
             if record["status"] not in FINAL:  # the service stopped while it ran: finish it
                 logger.info("resuming batch %s (%s)", record["id"], record["status"])
@@ -234,10 +238,11 @@ class BatchJobs:
         return public(record)
 
     async def retrieve(self, tenant: str, batch_id: str) -> dict[str, Any]:
-        return public(self._current(self.store.batch(tenant, batch_id)))
+        return public(await asyncio.to_thread(lambda: self._current(self.store.batch(tenant, batch_id))))
 
     async def list_batches(self, tenant: str, limit: int, after: str | None) -> dict[str, Any]:
-        return page([self._current(r) for r in self.store.batches(tenant)], limit, after)
+        records = await asyncio.to_thread(lambda: [self._current(r) for r in self.store.batches(tenant)])
+        return page(records, limit, after)
 
     def _current(self, record: dict[str, Any]) -> dict[str, Any]:
         """A running batch's counts are its answers written so far."""
@@ -323,10 +328,17 @@ class BatchJobs:
         # The answers are in the output and error files now: the working copies go (a restart reads the record).
         (folder / INPUT).unlink(missing_ok=True)
         shutil.rmtree(folder / "out", ignore_errors=True)
+        self._lines.pop(record["id"], None)
 
     def _counts(self, record: dict[str, Any]) -> dict[str, int]:
-        out = self.store.batch_dir(record["id"]) / "out"
-        done = {sub: sum(p.read_bytes().count(b"\n") for p in (out / sub).glob("*.jsonl")) for sub in ("data", "errors")}
+        out, counted = self.store.batch_dir(record["id"]) / "out", self._lines.setdefault(record["id"], {})
+
+        def lines(path: Path) -> int:
+            key = f"{path.parent.name}/{path.name}"
+            if key not in counted:
+                counted[key] = path.read_bytes().count(b"\n")
+            return counted[key]
+        done = {sub: sum(lines(p) for p in (out / sub).glob("*.jsonl")) for sub in ("data", "errors")}
         return {"total": record["request_counts"]["total"], "completed": done["data"], "failed": done["errors"]}
 
 

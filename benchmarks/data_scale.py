@@ -177,7 +177,7 @@ def main() -> None:
                 got["tokenize"]["startup_s"] = startup
                 for n in sizes:
                     wall = tokenize(make_input(work, n), work / f"out-{tree}-{n}", src)
-                    got["tokenize"][n] = {"wall_s": wall, "rows_per_s": n / max(wall - startup, 1e-9)}
+                    got["tokenize"][n] = {"wall_s": wall, "rows_per_s": n / (wall - startup) if wall > startup else None}
                     print(tree, "tokenize", n, got["tokenize"][n], flush=True)
             if "batch" not in skip:
                 proc, url = serve_tiny(work / f"serve-{tree}", src)
@@ -189,7 +189,7 @@ def main() -> None:
                     got["batch"]["startup_s"] = startup
                     for n in lines:
                         took = run_batch(url, batch_lines(work, n))
-                        got["batch"][n] = {"wall_s": took, "lines_per_s": n / max(took - startup, 1e-9)}
+                        got["batch"][n] = {"wall_s": took, "lines_per_s": n / (took - startup) if took > startup else None}
                         print(tree, "batch", n, got["batch"][n], flush=True)
                 finally:
                     stop(proc)
@@ -202,7 +202,7 @@ NOISE = "— (inside the start-up's own spread)"
 def _rate(value: float) -> str:
     """A rate past start-up, or a dash where the job took no longer than the start-up alone (a small job's work
     is shorter than the start-up's spread between runs: then only the marginal rates say anything)."""
-    return NOISE if value > 1e9 else f"{value:,.0f}"
+    return NOISE if value is None else f"{value:,.0f}"
 
 
 def report(results: dict, sizes: list[int], lines: list[int], out: Path) -> None:
@@ -224,11 +224,12 @@ def report(results: dict, sizes: list[int], lines: list[int], out: Path) -> None
             walls = [(n, got[kind][n]["wall_s"]) for n in sizes_of if got[kind]]
             for (a, wa), (b, wb) in zip(walls, walls[1:]):  # the cost of the rows added: no start-up in it
                 text.append(f"| {kind}: {unit}/s from {a:,} to {b:,} (marginal) | | {(b - a) / max(wb - wa, 1e-9):,.0f} |")
-        if got["tokenize"] and _rate(got["tokenize"][sizes[0]]["rows_per_s"]) != NOISE:
+        if got["tokenize"] and None not in (got["tokenize"][sizes[0]]["rows_per_s"],
+                                            got["tokenize"][sizes[-1]]["rows_per_s"]):
             text.append(f"| tokenize: rows/s at {sizes[-1]:,} / at {sizes[0]:,} | | "
                         f"**{got['tokenize'][sizes[-1]]['rows_per_s'] / got['tokenize'][sizes[0]]['rows_per_s']:.2f}×** "
                         "(target ≥ 0.9×) |")
-        if got["batch"]:
+        if got["batch"] and None not in (got["batch"][lines[0]]["lines_per_s"], got["batch"][lines[-1]]["lines_per_s"]):
             text.append(f"| Batch API: lines/s at {lines[-1]:,} / at {lines[0]:,} | | "
                         f"**{got['batch'][lines[-1]]['lines_per_s'] / got['batch'][lines[0]]['lines_per_s']:.2f}×** "
                         "(target ≥ 0.9×) |")

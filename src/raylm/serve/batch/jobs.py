@@ -248,6 +248,7 @@ class BatchJobs:
         """A running batch's counts are its answers written so far."""
         if record["status"] in ("in_progress", "cancelling"):
             return {**record, "request_counts": self._counts(record)}
+        self._lines.pop(record["id"], None)  # a poll that raced _finalize may have counted it again: not kept
         return record
 
     async def cancel(self, tenant: str, batch_id: str) -> dict[str, Any]:

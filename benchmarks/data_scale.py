@@ -8,7 +8,8 @@
               the marginal rate between sizes (rows added / time added: no start-up in it, so no start-up noise)
     batch     a Batch API job of completions (the tiny test model, 1 token each) through `raylm serve`:
               created → completed; lines/s past start-up (a second 100-line batch's time: the first pays for
-              the service's first Ray Data job), and the marginal rate
+              the service's first Ray Data job), the marginal rate, and the rate while answering (polls: from
+              the first answers saved to the last; no start-up in it)
 
 `--baseline-src` runs each measure again with another checkout's `src` first on PYTHONPATH (e.g. a
 `git worktree` of the previous commit), in the same run: the before/after table of BENCHMARKS.md. Results:
@@ -126,20 +127,27 @@ def serve_tiny(work: Path, src: str | None) -> tuple[subprocess.Popen, str]:
     raise TimeoutError("raylm serve did not become ready")
 
 
-def run_batch(url: str, path: Path) -> float:
+def run_batch(url: str, path: Path) -> tuple[float, float | None]:
+    """Created → completed, in seconds; and the lines/s while answering: from the first poll that shows answers
+    saved to the last poll that shows more (None where fewer than two polls did: a small batch)."""
     with httpx.Client(base_url=f"{url}/v1", timeout=120) as client:
         with path.open("rb") as f:
             file_id = client.post("/files", data={"purpose": "batch"}, files={"file": (path.name, f)}).json()["id"]
         start = time.perf_counter()
         batch = client.post("/batches", json={"input_file_id": file_id, "endpoint": "/v1/completions",
                                               "completion_window": "24h"}).json()
+        seen: list[tuple[float, int]] = []  # (when, lines answered) each time the count moved
         while batch["status"] not in ("completed", "failed", "cancelled", "expired"):
             time.sleep(0.5)
             batch = client.get(f"/batches/{batch['id']}").json()
+            done = batch["request_counts"]["completed"] if batch["status"] == "in_progress" else 0
+            if done and (not seen or done > seen[-1][1]):
+                seen.append((time.perf_counter(), done))
         took = time.perf_counter() - start
         assert batch["status"] == "completed" and batch["request_counts"]["completed"] == \
             batch["request_counts"]["total"], batch
-        return took
+        answering = (seen[-1][1] - seen[0][1]) / (seen[-1][0] - seen[0][0]) if len(seen) > 2 else None
+        return took, answering
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -184,12 +192,13 @@ def main() -> None:
                 try:
                     # The first batch of a service also pays for its first Ray Data job (imports, workers): that
                     # one is a warm-up; the start-up subtracted below is a second 100-line batch's time.
-                    got["batch"]["first_s"] = run_batch(url, batch_lines(work, 100))
-                    startup = run_batch(url, batch_lines(work, 100))
+                    got["batch"]["first_s"] = run_batch(url, batch_lines(work, 100))[0]
+                    startup = run_batch(url, batch_lines(work, 100))[0]
                     got["batch"]["startup_s"] = startup
                     for n in lines:
-                        took = run_batch(url, batch_lines(work, n))
-                        got["batch"][n] = {"wall_s": took, "lines_per_s": n / (took - startup) if took > startup else None}
+                        took, answering = run_batch(url, batch_lines(work, n))
+                        got["batch"][n] = {"wall_s": took, "lines_per_s": n / (took - startup) if took > startup else None,
+                                           "answering_lines_per_s": answering}
                         print(tree, "batch", n, got["batch"][n], flush=True)
                 finally:
                     stop(proc)
@@ -220,6 +229,9 @@ def report(results: dict, sizes: list[int], lines: list[int], out: Path) -> None
             b = got["batch"][n]
             text.append(f"| Batch API: lines/s past start-up ({got['batch']['startup_s']:.1f} s) | {n:,} | "
                         f"{_rate(b['lines_per_s'])} (wall {b['wall_s']:.1f} s) |")
+        for n in lines if got["batch"] else []:
+            text.append(f"| Batch API: lines/s while answering (first answers saved → last) | {n:,} | "
+                        f"{_rate(got['batch'][n]['answering_lines_per_s'])} |")
         for kind, unit, sizes_of in (("tokenize", "rows", sizes), ("batch", "lines", lines)):
             walls = [(n, got[kind][n]["wall_s"]) for n in sizes_of if got[kind]]
             for (a, wa), (b, wb) in zip(walls, walls[1:]):  # the cost of the rows added: no start-up in it
@@ -233,6 +245,10 @@ def report(results: dict, sizes: list[int], lines: list[int], out: Path) -> None
             text.append(f"| Batch API: lines/s at {lines[-1]:,} / at {lines[0]:,} | | "
                         f"**{got['batch'][lines[-1]]['lines_per_s'] / got['batch'][lines[0]]['lines_per_s']:.2f}×** "
                         "(target ≥ 0.9×) |")
+        answering = [got["batch"][n]["answering_lines_per_s"] for n in (lines[0], lines[-1])] if got["batch"] else [None]
+        if None not in answering:
+            text.append(f"| Batch API: lines/s while answering at {lines[-1]:,} / at {lines[0]:,} | | "
+                        f"**{answering[1] / answering[0]:.2f}×** |")
         text.append("")
     markdown = "\n".join(text) + "\n"
     print("\n" + markdown)

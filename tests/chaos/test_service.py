@@ -20,6 +20,7 @@ from scenario import KEYS, LIMITS, auth, load, replica_processes, report, sender
 
 from raylm.bench.load import RequestResult, closed_loop, completion_body, open_loop, percentile, send
 from raylm.contract import APP_NAME
+from raylm.serve import status as service_status
 
 def stats(model: str) -> dict:
     return serve.get_deployment_handle(f"model-{model}", APP_NAME).stats.remote().result(timeout_s=30)
@@ -132,6 +133,32 @@ def test_bad_requests_never_take_a_queue_place(chaos_service):
            bad=len(flooded), bad_by_status=dict(Counter(flooded)))
     assert len(valid.results) >= LIMITS["max_running"] and all(r.ok for r in valid.results), dict(statuses)
     assert len(flooded) >= 64 and {status for status, _ in flooded} == {400}, Counter(flooded)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_burst_spreads_over_the_replicas(chaos_service, stream):
+    """24 requests sent at once to `pair` (2 replicas; each runs 4, queues 8 and takes a burst of 4) land within
+    ±50% of 12 on each. Serve's own router put such a burst on one replica (24 streams on 2 replicas of default
+    limits: 14 / 0 on a fresh service, 18 / 6 on a warm one)."""
+    wait_for(lambda: running_replicas("pair") == 2, 240)  # the second may still be starting
+    peaks: dict[str, int] = {}
+
+    async def run(client, u):
+        async def watch():
+            while True:  # each replica reports its queue every second
+                for r in (await asyncio.to_thread(service_status.reports)).get("pair", []):
+                    peaks[r["replica"]] = max(peaks.get(r["replica"], 0), r["running"] + r["queued"])
+                await asyncio.sleep(0.2)
+        watcher = asyncio.create_task(watch())
+        try:
+            return await closed_loop(sender(client, u, "pair", "light", max_tokens=224, stream=stream), 24, 24, 120)
+        finally:
+            watcher.cancel()
+
+    result = asyncio.run(load(chaos_service.url, run))
+    report("burst", stream=stream, ok=len(result.ok), per_replica_peak=sorted(peaks.values()))
+    assert len(result.ok) == 24, result.statuses()
+    assert len(peaks) == 2 and all(6 <= n <= 18 for n in peaks.values()), peaks
 
 
 def test_api_keys_are_required_and_never_logged(chaos_service):

@@ -3,13 +3,15 @@ and the Serve router around them (constructed without a cluster, on fake replica
 
 import asyncio
 
+import pytest
 from ray.serve.request_router import PendingRequest, ReplicaID
 
 from raylm import _ray
 from raylm.config import ModelConfig
 from raylm.contract import Call
-from raylm.serve.control.builder import PREFIX_ROUTER, serve_options
-from raylm.serve.edge.routing import PrefixAffinityRouter, PrefixIndex, block_chain, prefer, prompt_text
+from raylm.serve.control.builder import ROUTERS, serve_options
+from raylm.serve.edge.routing import (Pending, PrefixAffinityRouter, PrefixIndex, SpreadRouter, block_chain, prefer,
+                                      prompt_text)
 
 SYSTEM = "You answer questions about the solar system. " * 30  # ~1,400 chars: 5 blocks of 256
 
@@ -89,6 +91,7 @@ class FakeReplica:
     def __init__(self, name: str) -> None:
         self.replica_id = ReplicaID(name, DeploymentID(name="model-m", app_name="raylm"))
         self.max_ongoing_requests = 100
+        self.node_id, self.availability_zone, self.multiplexed_model_ids = "node", None, set()
 
     async def get_queue_len(self, *, deadline_s: float) -> int:
         return 0
@@ -110,8 +113,8 @@ def test_the_router_sends_a_shared_prefix_where_it_went_before():
         router.on_request_routed(first, b.replica_id, None)
         second = request("How far is Mars?")
         affine = await router.choose_replicas([a, b], second)
-        for _ in range(3):
-            router.on_send_request(b.replica_id)  # b: 3 ongoing, a: 0
+        for _ in range(4):
+            router.on_send_request(b.replica_id)  # b: 4 ongoing; a: 1 at most (the first choice, never sent)
         busy = await router.choose_replicas([a, b], second)
         router.update_replicas([a])
         return [len(unknown[0]), affine, busy, first.routing_context.should_backoff, router.index.blocks(b.replica_id)]
@@ -123,10 +126,39 @@ def test_the_router_sends_a_shared_prefix_where_it_went_before():
     assert left == 0  # a replica that left is forgotten
 
 
-def test_prefix_routing_is_set_on_the_model_deployment_only_when_asked():
+@pytest.mark.parametrize("router_class", [SpreadRouter, PrefixAffinityRouter])
+def test_a_burst_is_spread_before_serve_has_sent_any_of_it(router_class):
+    # Serve's routing task chooses for every waiting request in a row and sends (counting each in its queue
+    # length cache) only after: without the choices not yet sent, all saw the same queues.
+    async def main() -> tuple[list[str], int]:
+        router = router_class(deployment_id=DeploymentID(name="model-m", app_name="raylm"),  # as Serve does
+                              handle_source=_ray.load("DeploymentHandleSource").UNKNOWN, use_replica_queue_len_cache=True)
+        a, b = FakeReplica("a"), FakeReplica("b")
+        router.update_replicas([a, b])
+        chosen = [(await router.choose_replicas([a, b]))[0][0].replica_id for _ in range(10)]
+        for replica_id in chosen:
+            router.on_send_request(replica_id)  # Serve's cache counts them now; none is pending any more
+        return [r.unique_id for r in chosen], router.pending.count(a.replica_id) + router.pending.count(b.replica_id)
+
+    chosen, pending = asyncio.run(main())
+    assert (chosen.count("a"), chosen.count("b"), pending) == (5, 5, 0)
+
+
+def test_a_choice_is_pending_until_sent_or_stale():
+    now = [0.0]
+    pending = Pending(ttl_s=2.0, clock=lambda: now[0])
+    pending.chosen("a"), pending.chosen("a"), pending.chosen("b"), pending.sent("a"), pending.sent("c")
+    assert (pending.count("a"), pending.count("b"), pending.count("c")) == (1, 1, 0)
+    now[0] = 2.5  # Serve never sent them (the replica was full, the request cancelled): forgotten
+    pending.keep(["a"])
+    assert (pending.count("a"), pending.count("b")) == (0, 0)
+
+
+def test_every_model_routes_with_raylms_router_and_prefix_only_when_asked():
     prefix = serve_options(ModelConfig(name="m", source="/m", replicas=2, routing="prefix"))
-    assert prefix["request_router_config"] == {"request_router_class": PREFIX_ROUTER}
-    assert "request_router_config" not in serve_options(ModelConfig(name="m", source="/m", replicas=2))
+    assert prefix["request_router_config"] == {"request_router_class": ROUTERS["prefix"]}
+    default = serve_options(ModelConfig(name="m", source="/m", replicas=2))
+    assert default["request_router_config"] == {"request_router_class": "raylm.serve.edge.routing:SpreadRouter"}
 
 
 def test_each_tenant_gets_its_own_prefix_cache_and_routing_chain():

@@ -154,13 +154,14 @@ def _reader(text_column: str, done: dict[str, list[int]]) -> Callable[[pa.Table]
 
 def run_job(spec: JobSpec, stage_cls: type, stage_kwargs: dict[str, Any], *, concurrency: int = 1,
             num_cpus: float = 1.0, num_gpus: float = 0.0, batch_size: int = 256, rows_per_block: int | None = None,
-            read_num_cpus: float = 1.0, env: dict[str, str] | None = None,
+            read_num_cpus: float = 1.0, env: dict[str, str] | None = None, calls_per_actor: int = 1,
             ray_remote_args: dict[str, Any] | None = None) -> Summary:
     """Run (or resume) a job on the connected Ray cluster; returns this run's counts.
 
     Each stage actor reserves `num_cpus` and `num_gpus`; blocks hold `rows_per_block` rows (default: the
     rows split four ways per actor, at least `batch_size`, at most 16 times it), and a stage is handed one
-    block at a time. `ray_remote_args` go to every
+    block at a time, or `calls_per_actor` at once, each on its own thread (for a stage that waits on others,
+    and is thread-safe). `ray_remote_args` go to every
     read, stage and write (e.g. `resources` that keep them where the files are)."""
     files = io.list_inputs(spec.input)
     out = claim_output(spec)
@@ -186,9 +187,11 @@ def run_job(spec: JobSpec, stage_cls: type, stage_kwargs: dict[str, Any], *, con
     stage_args = {**everywhere, "runtime_env": {"env_vars": env}} if env else everywhere
     # A block is the stage's batch (batch_size=None): blocks never meet before the stage, so each keeps the
     # column types its own rows give (a file read whole once gave one schema; blocks read apart may differ).
+    pool = ray.data.ActorPoolStrategy(size=concurrency) if calls_per_actor == 1 else ray.data.ActorPoolStrategy(
+        size=concurrency, max_tasks_in_flight_per_actor=calls_per_actor, max_concurrent_calls_per_actor=calls_per_actor,
+        enable_true_multi_threading=True)
     ds = ds.map_batches(stage_cls, fn_constructor_kwargs=stage_kwargs, batch_size=None,
-                        batch_format="pyarrow", concurrency=concurrency, num_cpus=num_cpus, num_gpus=num_gpus,
-                        **stage_args)
+                        batch_format="pyarrow", compute=pool, num_cpus=num_cpus, num_gpus=num_gpus, **stage_args)
     sink = SplitSink(out, spec.output_format)
     ds.write_datasink(sink, ray_remote_args={"num_cpus": read_num_cpus, **everywhere}, concurrency=IO_TASKS)
     c = sink.counts

@@ -24,7 +24,8 @@ from raylm.serve.replica.server import ModelDeployment
 HEALTH_CHECK_TIMEOUT_MARGIN_S = 20.0
 INGRESS_MAX_ONGOING = 4096  # the ingress only forwards: the model replicas bound the work
 REFUSAL_HEADROOM = 64  # calls a model replica takes beyond its queue, to refuse them itself (serve_options)
-PREFIX_ROUTER = "raylm.serve.edge.routing:PrefixAffinityRouter"  # routing: prefix
+ROUTERS = {"default": "raylm.serve.edge.routing:SpreadRouter",  # Serve's power of two, bursts spread
+           "prefix": "raylm.serve.edge.routing:PrefixAffinityRouter"}
 
 
 def engine_args(model: ModelConfig) -> dict[str, Any]:
@@ -82,8 +83,8 @@ def serve_options(model: ModelConfig) -> dict[str, Any]:
     options["ray_actor_options"] = {"num_cpus": where.pop("num_cpus"), "num_gpus": where.pop("num_gpus"),
                                     "runtime_env": {"env_vars": hardware.engine_env(model.env, model.source)}}
     options.update(where)
-    if model.routing == "prefix":  # every handle to this model (the ingress's) routes with it
-        options["request_router_config"] = {"request_router_class": PREFIX_ROUTER}
+    # Every handle to this model (the ingress's, the Batch API's) routes with it.
+    options["request_router_config"] = {"request_router_class": ROUTERS[model.routing]}
     scaling = model.autoscaling
     if scaling is None:
         options["num_replicas"] = model.replicas

@@ -145,9 +145,10 @@ class ModelConfig(_Frozen):
     routing: Literal["default", "prefix"] = Field(
         "default", description="How the ingress picks a replica. `default`: Serve's power of two choices (the "
                                "shorter queue of two random replicas), counting the requests it has chosen a "
-                               "replica for and not yet sent, so a burst spreads. `prefix`: requests sharing a prompt start "
-                               "(a system prompt, a chat's earlier turns) go to the replica that already holds it "
-                               "in vLLM's prefix cache, unless its queue is much longer (serve/edge/routing.py). "
+                               "replica for and not yet sent, so a burst spreads. `prefix`: requests sharing a "
+                               "prompt start (a system prompt, a chat's earlier turns) go to the replica that "
+                               "already holds it in vLLM's prefix cache, unless its queue is much longer "
+                               "(serve/edge/routing.py). "
                                "Matters with more than one replica.")
 
     @model_validator(mode="after")

@@ -131,8 +131,9 @@ def test_a_burst_is_spread_before_serve_has_sent_any_of_it(router_class):
     # Serve's routing task chooses for every waiting request in a row and sends (counting each in its queue
     # length cache) only after: without the choices not yet sent, all saw the same queues.
     async def main() -> tuple[list[str], int]:
-        router = router_class(deployment_id=DeploymentID(name="model-m", app_name="raylm"),  # as Serve does
-                              handle_source=_ray.load("DeploymentHandleSource").UNKNOWN, use_replica_queue_len_cache=True)
+        router = router_class(deployment_id=DeploymentID(name="model-m", app_name="raylm"),  # by name, as Serve
+                              handle_source=_ray.load("DeploymentHandleSource").UNKNOWN,
+                              use_replica_queue_len_cache=True)
         a, b = FakeReplica("a"), FakeReplica("b")
         router.update_replicas([a, b])
         chosen = [(await router.choose_replicas([a, b]))[0][0].replica_id for _ in range(10)]

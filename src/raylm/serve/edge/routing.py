@@ -20,11 +20,9 @@ request). With several ingress replicas a prefix may be placed once by each: a b
 
 Queue lengths come from Serve's cache (updated as the router sends, and by each replica's answer to it);
 an unknown one (none for 10 s) counts as empty: nobody sent there lately. To each, the router adds the
-requests it chose that replica for and Serve has not sent yet (`Pending`): Serve's routing task chooses for
-every waiting request in a row and the sends, which update the cache, come after, so during a burst every
-choice saw the same stale queues (measured: 24 streams sent at once to 2 fresh replicas ran 24 on one). The LRU mirrors vLLM's
-eviction: a chain is recorded tail first, so a prefix's first blocks are the last forgotten, as vLLM frees
-a request's blocks tail first. Knobs (Serve's request_router_kwargs): block_chars, max_chars, imbalance,
+requests it chose that replica for and Serve has not sent yet (`Pending`; why: `PendingAware`). The LRU
+mirrors vLLM's eviction: a chain is recorded tail first, so a prefix's first blocks are the last forgotten,
+as vLLM frees a request's blocks tail first. Knobs (Serve's request_router_kwargs): block_chars, max_chars, imbalance,
 capacity_blocks. The pure parts (prompt_text, block_chain, PrefixIndex, prefer) are tested without Ray.
 """
 
@@ -158,7 +156,8 @@ class Pending:
         chosen = self._chosen.get(replica)
         if not chosen:
             return 0
-        while chosen and chosen[0] < self.clock() - self.ttl_s:
+        stale = self.clock() - self.ttl_s
+        while chosen and chosen[0] < stale:
             chosen.popleft()
         return len(chosen)
 

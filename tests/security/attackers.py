@@ -122,8 +122,10 @@ def chunked_upload(port: int, headers: dict[str, str], total_bytes: int, limit_s
     return {"sent": sent, "status": status, "took_s": time.monotonic() - start}
 
 
-def stalled_stream(port: int, headers: dict[str, str], body: bytes, hold_s: float) -> dict[str, Any]:
-    """Send one streaming request with a tiny receive buffer and read nothing for `hold_s`."""
+def stalled_stream(port: int, headers: dict[str, str], body: bytes, hold_s: float,
+                   start_at: float = 0.0) -> dict[str, Any]:
+    """At `start_at`, send one streaming request with a tiny receive buffer and read nothing for `hold_s`."""
+    _wait_until(start_at)
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.connect(("127.0.0.1", port))

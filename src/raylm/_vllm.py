@@ -8,8 +8,11 @@ Loaded lazily: importing raylm (config, CLI, tests) never imports vLLM.
 
 from __future__ import annotations
 
+import ast
 import functools
 import importlib
+import importlib.util
+from pathlib import Path
 from typing import Any
 
 _OPENAI = "vllm.entrypoints.openai"
@@ -56,3 +59,24 @@ NAMES: dict[str, tuple[str, str, str]] = {
 def load(name: str) -> Any:
     module, attribute, _ = NAMES[name]
     return getattr(importlib.import_module(module), attribute)
+
+
+# vLLM declares its parser registries as dict literals (name: (module, class)) and registers them lazily:
+# reading the literal takes milliseconds where importing a registry takes ~15 s (vLLM imports torch). A config
+# loads without vLLM; tests/unit/test_internals.py checks these names against the registries themselves.
+PARSER_REGISTRIES = {"tool": ("tool_parsers/__init__.py", "_TOOL_PARSERS_TO_REGISTER"),
+                     "reasoning": ("reasoning/__init__.py", "_REASONING_PARSERS_TO_REGISTER")}
+
+
+@functools.cache
+def parser_names(kind: str) -> frozenset[str]:
+    """The names of vLLM's built-in tool (`kind` "tool") or reasoning parsers; empty without vLLM here."""
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return frozenset()
+    file, variable = PARSER_REGISTRIES[kind]
+    tree = ast.parse((Path(spec.submodule_search_locations[0]) / file).read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == variable for t in node.targets):
+            return frozenset(ast.literal_eval(node.value))
+    return frozenset()

@@ -11,7 +11,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from raylm._vllm import parser_names
 from raylm.models import BUNDLED_PREFIX, MINILM, SMOLLM2, default_cache_dir
+
+# vLLM's serve arguments that are ModelConfig fields (typed and checked); given in engine_args, they move there.
+SERVING_ARGS = ("tool_call_parser", "enable_auto_tool_choice", "tool_strict_level", "reasoning_parser",
+                "chat_template")
 
 
 class _Frozen(BaseModel):
@@ -151,11 +156,69 @@ class ModelConfig(_Frozen):
                                "(serve/edge/routing.py). "
                                "Matters with more than one replica.")
 
+    tool_call_parser: str | None = Field(
+        None, description="vLLM's tool parser for the calls this model writes (e.g. `hermes`, `llama3_json`; "
+                          "which fits which model: docs/tools.md). Set, requests' `tools` work: a named or "
+                          "`required` tool_choice is forced to a call whose arguments match the tool's schema.")
+    enable_auto_tool_choice: bool | None = Field(
+        None, description="`tool_choice: auto` (OpenAI's default with tools): the calls the model chooses to "
+                          "write are returned as `tool_calls`. Default: on with a tool_call_parser.")
+    tool_strict_level: Literal["auto", "function", "parameter"] = Field(
+        "parameter", description="What vLLM's structured output forces on a tool call (with a tool_call_parser). "
+                                 "`parameter`: the call's envelope and its arguments' JSON schema, so a named or "
+                                 "required call is always valid (OpenAI's promise); `function`: the envelope only; "
+                                 "`auto` (vLLM's default): arguments only for tools marked `strict`.")
+    reasoning_parser: str | None = Field(
+        None, description="vLLM's reasoning parser (e.g. `deepseek_r1`, `qwen3`): the model's reasoning is "
+                          "returned apart from its answer, as `reasoning` (and its streamed deltas).")
+    chat_template: Path | None = Field(
+        None, description="A Jinja chat template file replacing the model's own (on every node that runs it).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _typed_serving_args(cls, data: Any) -> Any:
+        """vLLM's tool and reasoning arguments given in engine_args are taken as the typed fields (checked)."""
+        if not isinstance(data, dict) or not isinstance(data.get("engine_args"), dict):
+            return data
+        args = {k.replace("-", "_"): v for k, v in data["engine_args"].items()}
+        lifted = {k: args.pop(k) for k in SERVING_ARGS if k in args}
+        for key in lifted:
+            if data.get(key) is not None:
+                raise ValueError(f"`{key}` is set both as a field and in engine_args: keep the field")
+        return {**data, **lifted, "engine_args": args} if lifted else data
+
     @model_validator(mode="after")
     def _one_replica_rule(self) -> ModelConfig:
         if self.autoscaling is not None and self.replicas != 1:
             raise ValueError("set either `replicas` or `autoscaling`, not both")
         return self
+
+    @model_validator(mode="after")
+    def _known_parsers(self) -> ModelConfig:
+        for field, kind, plugin in (("tool_call_parser", "tool", "tool_parser_plugin"),
+                                    ("reasoning_parser", "reasoning", "reasoning_parser_plugin")):
+            name, known = getattr(self, field), parser_names(kind)
+            if name is not None and known and name not in known and plugin not in self.engine_args:
+                raise ValueError(f"{field} {name!r} of model {self.name!r} is not one of vLLM's: "
+                                 f"{', '.join(sorted(known))}")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError(f"enable_auto_tool_choice of model {self.name!r} needs a tool_call_parser")
+        if self.chat_template is not None and not self.chat_template.is_file():
+            raise ValueError(f"chat_template of model {self.name!r}: no file {self.chat_template}")
+        return self
+
+    def serving_args(self) -> dict[str, Any]:
+        """The typed fields as vLLM's serve arguments (only those set)."""
+        if self.tool_call_parser is None:
+            args: dict[str, Any] = {}
+        else:
+            args = {"tool_call_parser": self.tool_call_parser, "tool_strict_level": self.tool_strict_level,
+                    "enable_auto_tool_choice": self.enable_auto_tool_choice is not False}
+        if self.reasoning_parser is not None:
+            args["reasoning_parser"] = self.reasoning_parser
+        if self.chat_template is not None:
+            args["chat_template"] = str(self.chat_template)
+        return args
 
 
 class ServeConfig(_Frozen):
@@ -269,6 +332,9 @@ def default_models() -> tuple[ModelConfig, ...]:
                     # 0.2 + top_p 0.9 32/40, 8; vLLM's 1.0 answered noise.
                     engine_args={"max_model_len": 4096, "enforce_eager": True,
                                  "override_generation_config": {"temperature": 0.0}},
+                    # Its template does not show tools to the model; forced (named, required) calls still
+                    # come out valid, in Hermes' <tool_call> format that vLLM's structured output writes.
+                    tool_call_parser="hermes",
                     env={"VLLM_CPU_KVCACHE_SPACE": "2"}),
         ModelConfig(name=MINILM, source=f"{BUNDLED_PREFIX}{MINILM}", task="embed", num_cpus=0.5,
                     engine_args={"enforce_eager": True}, env={"VLLM_CPU_KVCACHE_SPACE": "1"}),
@@ -367,8 +433,9 @@ def load_config(path: str | Path | None = None, *, model: str | None = None,
     if model is not None or replicas is not None:
         models = [m.model_dump() for m in AppConfig.model_validate(tree).models]
         if model is not None:
-            # Engine arguments belong to the old weights; resources and environment stay.
-            models[0] = {**models[0], "name": _name_of(model), "source": model, "engine_args": {}}
+            # Engine arguments and parsers belong to the old weights; resources and environment stay.
+            models[0] = {**models[0], "name": _name_of(model), "source": model, "engine_args": {},
+                         **dict.fromkeys(("tool_call_parser", "reasoning_parser", "chat_template"))}
         if replicas is not None:
             for m in models:
                 m.update(replicas=replicas, autoscaling=None)

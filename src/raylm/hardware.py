@@ -9,14 +9,18 @@
     CPU, one NUMA node                    OpenMP threads bound to every core the process may use (vLLM's
                                           default binds one core less, or core 0 only in a Ray actor)
     CPU, several NUMA nodes               vLLM's own binding (`auto`: one node)
+    CPU, KV cache not sized in the config a KV cache for every sequence the engine runs at its longest
+                                          context, at most a fifth of the memory free when it starts (vLLM's
+                                          own default takes 92% of the node, failing beside any other engine)
 
 Called where the engine runs (a model replica, a data stage actor), not where the config is read: on a
-cluster the two machines differ. What the user set (engine_args `dtype`, env `VLLM_CPU_OMP_THREADS_BIND`)
-always wins.
+cluster the two machines differ. What the user set (engine_args `dtype`, `kv_cache_memory_bytes`,
+`gpu_memory_utilization`; env `VLLM_CPU_OMP_THREADS_BIND`, `VLLM_CPU_KVCACHE_SPACE`) always wins.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +28,10 @@ from typing import Any
 
 BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 (AVX-512, AMX), Arm (cpuinfo "Features")
 BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+KV_ENV = "VLLM_CPU_KVCACHE_SPACE"  # GiB
+KV_ARGS = ("kv_cache_memory_bytes", "gpu_memory_utilization")  # either sizes the KV cache on a CPU too
+KV_SHARE = 0.2  # of the memory free when an engine starts: its KV cache at most (the fitted size)
+GIB = 2**30
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,7 @@ class Hardware:
     cpu_flags: frozenset[str]
     cores: tuple[int, ...]
     numa_nodes: int
+    memory_available: int = 0  # bytes free when detected
 
     @property
     def bf16(self) -> bool:
@@ -50,13 +59,18 @@ class Fit:
 def detect(gpus: int | None = None) -> Hardware:
     """This machine; `gpus` when the caller knows them (a Ray worker: its assigned GPUs), else counted with
     torch, which loads OpenMP with the environment of this moment (see llm_stages._make_llm)."""
+    import psutil
+
     return Hardware(gpus=_gpus() if gpus is None else gpus, cpu_flags=_cpu_flags(),
                     cores=tuple(sorted(os.sched_getaffinity(0))),
-                    numa_nodes=len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))) or 1)
+                    numa_nodes=len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))) or 1,
+                    memory_available=psutil.virtual_memory().available)
 
 
-def fit(engine_args: dict[str, Any], env: dict[str, str], hw: Hardware | None = None) -> Fit:
-    """The user's engine arguments and environment with the machine's defaults filled in."""
+def fit(engine_args: dict[str, Any], env: dict[str, str], hw: Hardware | None = None,
+        model_dir: str | None = None) -> Fit:
+    """The user's engine arguments and environment with the machine's defaults filled in (`model_dir`: the
+    model's folder, whose config.json says what a token of KV cache takes)."""
     hw = hw or detect()
     args, env, notes = dict(engine_args), dict(env), []
     if hw.gpus:
@@ -75,7 +89,47 @@ def fit(engine_args: dict[str, Any], env: dict[str, str], hw: Hardware | None = 
         notes.append(f"OpenMP threads on cores {env[BIND_ENV]} (all {len(hw.cores)})")
     else:
         notes.append(f"OpenMP threads: vLLM's binding ({hw.numa_nodes} NUMA nodes)")
+    if KV_ENV in env or any(key in args for key in KV_ARGS):
+        notes.append("KV cache set in the config")
+    else:
+        args["kv_cache_memory_bytes"], why = kv_cache_fit(args, model_dir, hw.memory_available)
+        notes.append(f"KV cache {args['kv_cache_memory_bytes'] / GIB:.2f} GiB ({why})")
     return Fit(args, env, tuple(notes))
+
+
+def kv_cache_fit(args: dict[str, Any], model_dir: str | None, available: int) -> tuple[int, str]:
+    """Bytes of KV cache for an engine the config does not size, and why: room for every sequence it runs
+    (max_num_seqs) at its longest context, at most KV_SHARE of the memory free (at least 1 GiB), and never
+    less than one sequence at its longest context (vLLM refuses to start with less)."""
+    cap = max(GIB, int(available * KV_SHARE))
+    shape = _kv_shape(model_dir, args)
+    if shape is None:
+        return cap, f"{KV_SHARE:.0%} of the {available / GIB:.1f} GiB free; the model's size per token unknown"
+    per_token, context = shape
+    seqs = int(args.get("max_num_seqs", 256))
+    need = per_token * context * seqs
+    size = max(min(need, cap), per_token * context)
+    return size, (f"{seqs} sequences x {context} tokens x {per_token / 1024:.0f} KiB would take "
+                  f"{need / GIB:.2f} GiB; at most {KV_SHARE:.0%} of the {available / GIB:.1f} GiB free")
+
+
+def _kv_shape(model_dir: str | None, args: dict[str, Any]) -> tuple[int, int] | None:
+    """(KV bytes per token, longest context) from the model's config.json; None when it does not say."""
+    try:
+        config = json.loads((Path(model_dir or "") / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    config = config.get("text_config", config)
+    try:
+        heads = int(config["num_attention_heads"])
+        head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        layers = int(config["num_hidden_layers"])
+        context = int(args.get("max_model_len") or config["max_position_embeddings"])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    width = 4 if args.get("dtype") in ("float32", "float") else 2
+    return 2 * layers * kv_heads * head_dim * width, context
 
 
 def engine_env(env: dict[str, str], source: str) -> dict[str, str]:

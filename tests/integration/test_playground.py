@@ -168,6 +168,28 @@ def test_switching_model_answers_from_the_picked_model_in_the_same_chat(page):
     assert (sent["model"], len(sent["messages"])) == ("tiny", 3)
 
 
+def test_a_tool_call_is_shown_with_its_name_and_arguments(page):
+    sign_in(page)
+    tool = ('[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", '
+            '"properties": {"city": {"type": "string"}}, "required": ["city"]}}}]')
+    page.fill("#tools", tool)
+    page.select_option("#tool-choice", "required")
+    answer, sent = ask(page, "What is the weather in Paris?", SMOLLM2, 64)
+    expect(answer).to_have_attribute("data-state", "done")
+    call = answer.locator(".tool-call")
+    expect(call).to_have_count(1)
+    expect(call).to_contain_text("get_weather(")
+    expect(call).to_contain_text('"city": "Paris"')  # the arguments, parsed and laid out
+    assert sent["tool_choice"] == "required" and sent["tools"][0]["function"]["name"] == "get_weather"
+    expect(answer.locator(".reasoning")).to_be_hidden()  # SmolLM2 has no reasoning parser
+
+    page.fill("#tools", "[not json")  # refused in the page, the prompt kept to retry
+    page.fill("#prompt", "Again")
+    page.click("#send")
+    expect(page.locator("#error")).to_be_visible()
+    expect(page.locator("#prompt")).to_have_value("Again")
+
+
 def test_embeddings_tab_shows_the_similarity_matrix(page):
     sign_in(page)
     page.click("#tab-embed")

@@ -51,6 +51,45 @@ def test_invalid_configs_are_refused_naming_the_field(bad, says):
         AppConfig.model_validate(bad)
 
 
+def test_tool_and_reasoning_fields_are_checked_against_vllms_parsers(tmp_path):
+    with pytest.raises(ValidationError, match="tool_call_parser 'hermess' of model 'a' is not one of vLLM's: "
+                                              ".*hermes.*llama3_json"):
+        ModelConfig(name="a", source="x", tool_call_parser="hermess")
+    with pytest.raises(ValidationError, match="reasoning_parser 'r1' of model 'a' is not one of .*deepseek_r1"):
+        ModelConfig(name="a", source="x", reasoning_parser="r1")
+    with pytest.raises(ValidationError, match="enable_auto_tool_choice of model 'a' needs a tool_call_parser"):
+        ModelConfig(name="a", source="x", enable_auto_tool_choice=True)
+    with pytest.raises(ValidationError, match="chat_template of model 'a': no file"):
+        ModelConfig(name="a", source="x", chat_template=tmp_path / "missing.jinja")
+    with pytest.raises(ValidationError, match="tool_strict_level"):
+        ModelConfig(name="a", source="x", tool_call_parser="hermes", tool_strict_level="loose")
+    # A parser of a plugin vLLM loads at start is not known here: not refused.
+    ModelConfig(name="a", source="x", tool_call_parser="mine", engine_args={"tool_parser_plugin": "/p.py"})
+
+
+def test_tool_fields_become_vllms_serve_arguments_and_old_engine_args_move_to_them(tmp_path):
+    from raylm.serve.control.builder import engine_args
+
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ messages }}")
+    model = ModelConfig(name="a", source="x", tool_call_parser="llama3_json", reasoning_parser="deepseek_r1",
+                        chat_template=template)
+    assert {k: v for k, v in engine_args(model).items() if k != "max_num_seqs"} == {
+        "tool_call_parser": "llama3_json", "tool_strict_level": "parameter", "enable_auto_tool_choice": True,
+        "reasoning_parser": "deepseek_r1", "chat_template": str(template)}
+    assert engine_args(ModelConfig(name="a", source="x")).keys() == {"max_num_seqs"}
+    old = ModelConfig(name="a", source="x", engine_args={"tool-call-parser": "hermes", "max_model_len": 512,
+                                                         "enable_auto_tool_choice": False})
+    assert (old.tool_call_parser, old.enable_auto_tool_choice, old.engine_args) == ("hermes", False,
+                                                                                    {"max_model_len": 512})
+    assert engine_args(old)["enable_auto_tool_choice"] is False
+    with pytest.raises(ValidationError, match="`tool_call_parser` is set both as a field and in engine_args"):
+        ModelConfig(name="a", source="x", tool_call_parser="hermes", engine_args={"tool_call_parser": "hermes"})
+    # The bundled chat model calls tools; another model given with --model starts without its parser.
+    assert load_config().models[0].tool_call_parser == "hermes"
+    assert load_config(model="/models/other").models[0].tool_call_parser is None
+
+
 def test_cli_override_is_validated_too():
     with pytest.raises(ValidationError, match="replicas"):
         load_config(replicas=0)

@@ -26,3 +26,12 @@ def test_vllm_internal(name):
 @pytest.mark.parametrize("argument", sorted(_ray.INIT_ARGUMENTS))
 def test_ray_init_takes_the_private_argument(argument):
     assert f'kwargs.pop("{argument}"' in inspect.getsource(ray.init)
+
+
+@pytest.mark.parametrize("kind", sorted(_vllm.PARSER_REGISTRIES))
+def test_parser_names_read_without_importing_vllm_are_its_registry(kind):
+    from vllm.reasoning import ReasoningParserManager
+    from vllm.tool_parsers import ToolParserManager
+
+    manager = {"tool": ToolParserManager, "reasoning": ReasoningParserManager}[kind]
+    assert _vllm.parser_names(kind) == set(manager.list_registered()) and "hf" in _vllm.parser_names(kind)

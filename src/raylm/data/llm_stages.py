@@ -109,13 +109,13 @@ def _hardware_here() -> Any:
     return hardware.detect(len(ray.get_gpu_ids()) if in_actor and "torch" not in sys.modules else None)
 
 
-def fit_here(engine_args: dict[str, Any], environ: Mapping[str, str], hw: Any) -> Any:
+def fit_here(engine_args: dict[str, Any], environ: Mapping[str, str], hw: Any, model_dir: str | None = None) -> Any:
     """The engine fitted to this machine, with what the model's `env` set in this process (its runtime env)
-    winning: a user's VLLM_CPU_OMP_THREADS_BIND is kept, as the config documents."""
+    winning: a user's VLLM_CPU_OMP_THREADS_BIND and VLLM_CPU_KVCACHE_SPACE are kept, as the config documents."""
     from raylm import hardware
 
-    user = {k: environ[k] for k in (hardware.BIND_ENV,) if environ.get(k)}
-    return hardware.fit(engine_args, user, hw)
+    user = {k: environ[k] for k in (hardware.BIND_ENV, hardware.KV_ENV) if environ.get(k)}
+    return hardware.fit(engine_args, user, hw, model_dir)
 
 
 def _make_llm(model: str, engine_args: dict[str, Any], **kwargs: Any) -> Any:
@@ -128,7 +128,7 @@ def _make_llm(model: str, engine_args: dict[str, Any], **kwargs: Any) -> Any:
     from raylm import hardware
 
     _unnice()
-    fitted = fit_here(engine_args, os.environ, _hardware_here())
+    fitted = fit_here(engine_args, os.environ, _hardware_here(), model)
     os.environ.update(fitted.env)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     binding = fitted.env.get(hardware.BIND_ENV)

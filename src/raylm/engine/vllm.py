@@ -308,22 +308,35 @@ def _handlers(state: Any) -> dict[Endpoint, tuple[Any, Any]]:
     }
 
 
+# vLLM's errors name its command-line flags; in raylm they are fields of the model's config.
+_FLAGS = {"--enable-auto-tool-choice": "`enable_auto_tool_choice`", "--tool-call-parser": "`tool_call_parser`",
+          "--reasoning-parser": "`reasoning_parser`"}
+
+
+def _error(status: int, message: str, param: str | None) -> errors.APIError:
+    if any(flag in message for flag in _FLAGS):
+        for flag, field in _FLAGS.items():
+            message = message.replace(flag, field)
+        message += " in this model's raylm config (docs/tools.md)"
+    return errors.from_status(status, message, param)
+
+
 def _from_vllm_exception(exc: Exception) -> errors.APIError:
     if isinstance(exc, errors.APIError):
         return exc
     err = _vllm.load("create_error_response")(exc).error
-    return errors.from_status(int(err.code), err.message, err.param)
+    return _error(int(err.code), err.message, err.param)
 
 
 def _to_result(result: Any) -> Result:
     from fastapi.responses import JSONResponse
 
     if isinstance(result, _vllm.load("ErrorResponse")):
-        raise errors.from_status(int(result.error.code), result.error.message, result.error.param)
+        raise _error(int(result.error.code), result.error.message, result.error.param)
     if isinstance(result, JSONResponse):
         if result.status_code >= 400:
             err = json.loads(result.body)["error"]
-            raise errors.from_status(result.status_code, err["message"], err.get("param"))
+            raise _error(result.status_code, err["message"], err.get("param"))
         return bytes(result.body)
     if hasattr(result, "model_dump_json"):  # as vLLM's routers dump each (Responses: aliases; Anthropic: no nulls)
         return result.model_dump_json(by_alias=True, exclude_none=type(result).__module__.startswith(

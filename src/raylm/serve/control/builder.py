@@ -29,9 +29,10 @@ ROUTERS = {"default": "raylm.serve.edge.routing:SpreadRouter",  # Serve's power 
 
 
 def engine_args(model: ModelConfig) -> dict[str, Any]:
-    """The user's engine arguments, with room in the engine batch for every sequence admission runs. An
-    engine of several workers runs them as Ray actors in the replica's placement group (placement())."""
-    args = dict(model.engine_args)
+    """The user's engine arguments and the model's tool and reasoning fields, with room in the engine batch
+    for every sequence admission runs. An engine of several workers runs them as Ray actors in the replica's
+    placement group (placement())."""
+    args = {**model.engine_args, **model.serving_args()}
     args.setdefault("max_num_seqs", model.admission.max_running + model.admission.burst)
     if world_size(model) > 1:
         args.setdefault("distributed_executor_backend", "ray")

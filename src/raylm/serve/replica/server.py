@@ -59,7 +59,8 @@ class ModelServer:
         self.turns = Turns()
         self.max_n = model.admission.max_n or (128 if model.num_gpus else 16)
         self.probe_timeout_s = model.health.probe_timeout_s
-        self.fit = hardware.fit(model.engine_args, model.env)
+        self.fit = hardware.fit(model.engine_args, model.env,
+                                model_dir=resolve_source(model.source, Path(cache_dir)))
         os.environ.update(self.fit.env)  # read by vLLM here and in the EngineCore process it spawns
         logger.info("%s: %s", model.name, "; ".join(self.fit.notes))
         self.engine: Engine = engine_factory(model.model_copy(update={"engine_args": self.fit.engine_args}),

@@ -5,7 +5,8 @@
 // Every element the page uses, looked up once at start: model output rendered later can never stand in for
 // one (an answer carrying <form id="chat-form"> comes before the real form in the document).
 const IDS = ["api-key", "api-key-field", "error", "tab-chat", "tab-embed", "chat-panel", "embed-panel", "model",
-  "system", "temperature", "max-tokens", "new-chat", "messages", "chat-form", "prompt", "send", "stop",
+  "system", "temperature", "max-tokens", "tools", "tool-choice", "new-chat", "messages", "chat-form", "prompt",
+  "send", "stop",
   "embed-model", "embed-run", "embed-input", "embed-matrix"];
 const dom = {};
 const $ = (id) => dom[id];
@@ -139,11 +140,20 @@ function scrollToEnd() {
 function addMessage(role, text) {
   const item = document.createElement("article");
   item.className = `message ${role}`;
+  // The model's reasoning (collapsed), its answer, the tools it called, the figures: parts stay empty and
+  // hidden until a stream fills them.
+  const reasoning = document.createElement("details");
+  reasoning.className = "reasoning";
+  reasoning.hidden = true;
+  reasoning.append(Object.assign(document.createElement("summary"), { textContent: "Reasoning" }),
+    document.createElement("pre"));
   const content = document.createElement("div");
   content.className = "content";
+  const calls = document.createElement("div");
+  calls.className = "tool-calls";
   const stats = document.createElement("div");
   stats.className = "stats";
-  item.append(content, stats);
+  item.append(reasoning, content, calls, stats);
   if (role === "user") content.textContent = text; // the user's own text is shown as typed
   $("messages").append(item);
   scrollToEnd();
@@ -161,6 +171,7 @@ function renderer(item) {
     scrollToEnd();
   };
   return {
+    item,
     set(value) {
       text = value;
       if (!pending) {
@@ -178,6 +189,38 @@ function setBusy(controller) {
   $("stop").disabled = controller === null;
 }
 
+/** Tool calls as streamed: each its name and arguments, shown as text (never rendered as HTML). */
+function showToolCalls(item, calls) {
+  const list = item.querySelector(".tool-calls");
+  list.replaceChildren(...calls.filter(Boolean).map((call) => {
+    const block = document.createElement("pre");
+    block.className = "tool-call";
+    let args = call.arguments;
+    try {
+      args = JSON.stringify(JSON.parse(args), null, 2);
+    } catch {
+      // still streaming, or not JSON: shown as it came
+    }
+    block.textContent = `${call.name}(${args})`;
+    return block;
+  }));
+}
+
+function showReasoning(item, text) {
+  const reasoning = item.querySelector(".reasoning");
+  reasoning.hidden = !text;
+  reasoning.querySelector("pre").textContent = text;
+}
+
+/** The tools field's JSON (an array), or null when empty; a SyntaxError names the problem. */
+function parseTools() {
+  const text = $("tools").value.trim();
+  if (!text) return null;
+  const tools = JSON.parse(text);
+  if (!Array.isArray(tools)) throw new SyntaxError("Tools must be a JSON array of OpenAI tool objects.");
+  return tools;
+}
+
 function chatRequest(model, history) {
   const system = $("system").value.trim();
   const body = {
@@ -191,6 +234,8 @@ function chatRequest(model, history) {
   if (temperature !== "") body.temperature = Number(temperature);
   const maxTokens = $("max-tokens").value.trim();
   if (maxTokens !== "") body.max_tokens = Number(maxTokens);
+  const tools = parseTools();
+  if (tools) Object.assign(body, { tools, tool_choice: $("tool-choice").value });
   return body;
 }
 
@@ -225,12 +270,25 @@ async function readAnswer(response, view, got) {
     if (chunk.usage) got.usage = chunk.usage;
     const choice = chunk.choices?.[0];
     if (choice?.finish_reason) got.finish = choice.finish_reason;
-    const delta = choice?.delta?.content;
-    if (delta) {
+    const delta = choice?.delta ?? {};
+    if (delta.content || delta.reasoning || delta.reasoning_content || delta.tool_calls?.length) {
       got.first ??= performance.now();
       got.chunks += 1;
-      got.text += delta;
+    }
+    if (delta.content) {
+      got.text += delta.content;
       view.set(got.text);
+    }
+    const reasoning = delta.reasoning ?? delta.reasoning_content; // vLLM 0.32's name, then the older one
+    if (reasoning) {
+      got.reasoning += reasoning;
+      showReasoning(view.item, got.reasoning);
+    }
+    for (const call of delta.tool_calls ?? []) { // the id and name first, then the arguments in pieces
+      const entry = (got.calls[call.index ?? 0] ??= { name: "", arguments: "" });
+      entry.name += call.function?.name ?? "";
+      entry.arguments += call.function?.arguments ?? "";
+      showToolCalls(view.item, got.calls);
     }
   }
 }
@@ -252,10 +310,11 @@ async function send(event) {
   const view = renderer(item);
   const controller = new AbortController();
   setBusy(controller);
-  const got = { started: performance.now(), first: null, text: "", chunks: 0, usage: null, finish: null };
+  const got = { started: performance.now(), first: null, text: "", reasoning: "", calls: [], chunks: 0,
+    usage: null, finish: null };
   try {
-    await readAnswer(await api("v1/chat/completions", chatRequest(model, history), controller.signal),
-      view, got);
+    const body = chatRequest(model, history); // a tools field that is not JSON fails here, before sending
+    await readAnswer(await api("v1/chat/completions", body, controller.signal), view, got);
     item.dataset.state = "done";
   } catch (err) {
     item.dataset.state = err.name === "AbortError" ? "stopped" : "error";
@@ -263,8 +322,9 @@ async function send(event) {
   }
   got.ended = performance.now();
   setBusy(null);
-  if (got.text || item.dataset.state === "done") {
-    // a stopped or cut answer stays: the user saw it, so the next turn builds on it
+  if (got.text || got.calls.length || item.dataset.state === "done") {
+    // a stopped or cut answer stays: the user saw it, so the next turn builds on it (its text: the page
+    // runs no tools, so a call has no result to send back)
     view.flush();
     history.push({ role: "assistant", content: got.text });
     item.classList.toggle("stopped", item.dataset.state === "stopped");

@@ -47,7 +47,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(scope="session")
 def service(tiny_model, tmp_path_factory):
-    """One real service for the integration and security tests: local Ray + Serve, three vLLM engines on the
+    """One real service for the integration and security tests: local Ray + Serve, four vLLM engines on the
     CPU, API keys on (tenant `default` an admin, `other` not), the edge's timeouts short enough to test."""
     from helpers import API_KEY, CPU_ENV, OTHER_KEY, SERVICE_MAX_FILE_BYTES, TINY_ENGINE_ARGS, free_port
 
@@ -59,6 +59,12 @@ def service(tiny_model, tmp_path_factory):
         models=(
             ModelConfig(name="tiny", source=str(tiny_model), num_cpus=0.25,
                         engine_args=TINY_ENGINE_ARGS, env=CPU_ENV),
+            # The same weights with a reasoning parser that reads text markers (Granite's), and structured
+            # output in the reasoning too, so that a request can make the model write them (tests/integration/
+            # test_tools.py).
+            ModelConfig(name="tiny-think", source=str(tiny_model), num_cpus=0.25, reasoning_parser="granite",
+                        engine_args={**TINY_ENGINE_ARGS, "structured_outputs_config": {"enable_in_reasoning": True}},
+                        env=CPU_ENV),
             smollm2.model_copy(update={"num_cpus": 0.25, "env": CPU_ENV}),
             minilm.model_copy(update={"num_cpus": 0.25, "env": CPU_ENV}),
         ),

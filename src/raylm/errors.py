@@ -111,6 +111,13 @@ class ConfigError(ValueError):
 
 
 CONFIG_ERROR = "[raylm config error]"
+# A line that ends a Python traceback: `ValueError: ...`, `torch.OutOfMemoryError: ...`.
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception): \S")
+
+
+def exception_lines(text: str) -> list[str]:
+    """The lines of `text` that end a Python traceback (the exception and its message), stripped."""
+    return [line.strip() for line in text.splitlines() if _EXCEPTION_LINE.match(line.strip())]
 
 
 def public_error(exc: Exception, request_id: str) -> APIError:

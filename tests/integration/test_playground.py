@@ -102,10 +102,10 @@ def test_wrong_api_key_shows_an_error_and_the_right_key_lists_the_models(page):
 
     page.fill("#api-key", API_KEY)
     expect(error).to_be_hidden()
-    expect(page.locator("#model option")).to_have_text(["tiny", SMOLLM2])
+    expect(page.locator("#model option")).to_have_text(["tiny", "tiny-think", SMOLLM2])
     expect(page.locator("#embed-model option")).to_have_text([MINILM])
     page.reload()  # the key lives in this tab's sessionStorage, so a reload keeps it
-    expect(page.locator("#model option")).to_have_text(["tiny", SMOLLM2])
+    expect(page.locator("#model option")).to_have_text(["tiny", "tiny-think", SMOLLM2])
     assert page.evaluate("[sessionStorage.getItem('raylm.apiKey'), localStorage.length]") == [API_KEY, 0]
 
 

@@ -1,6 +1,7 @@
 """Tool calling as a new user tries it, with the unmodified OpenAI SDK, against the bundled SmolLM2 (its config:
 `tool_call_parser: hermes`, arguments forced to the tool's schema). Its chat template does not show the model
-the tools: every valid call below is vLLM's structured output at work, which is the point."""
+the tools: every valid call below is vLLM's structured output at work, which is the point. Reasoning: the tiny
+model with Granite's parser, made to write Granite's markers by structured output."""
 
 import json
 
@@ -102,3 +103,24 @@ def test_a_model_without_a_parser_says_which_config_field_turns_tools_on(client)
                                        tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="required")
     message = refused.value.body["message"]
     assert "`tool_call_parser`" in message and "raylm config" in message and "--" not in message, message
+
+
+THINKING = (r"Here is my thought process:( [a-z]{4,10}){2,4} Here is my response:( [a-z]{4,10}){2,4}")
+
+
+def test_reasoning_comes_apart_from_the_answer_whole_and_streamed(client):
+    ask = dict(model="tiny-think", messages=[{"role": "user", "content": "hi"}], max_tokens=120, temperature=1.0,
+               extra_body={"structured_outputs": {"regex": THINKING}, "seed": 3})
+    message = client.chat.completions.create(**ask).choices[0].message
+    reasoning, answer = message.reasoning, message.content
+    assert len(reasoning.split()) >= 2 and len(answer.split()) >= 2, message
+    assert "Here is my" not in reasoning + answer  # the markers are the parser's, not the answer's
+    streamed = {"reasoning": "", "content": ""}
+    for chunk in client.chat.completions.create(**ask, stream=True):
+        for part in streamed:
+            streamed[part] += getattr(chunk.choices[0].delta, part, None) or "" if chunk.choices else ""
+    assert streamed["content"] == answer
+    # vLLM 0.32's Granite parser streams the first word of its "Here is my response:" marker as reasoning.
+    assert streamed["reasoning"] in (reasoning, reasoning + "Here"), streamed
+    plain = client.chat.completions.create(**{**ask, "model": "tiny"}).choices[0].message  # no parser
+    assert plain.content.startswith("Here is my thought process:") and not getattr(plain, "reasoning", None)

@@ -16,3 +16,14 @@ def test_embed_task_uses_the_pooling_runner():
 def test_unknown_engine_argument_is_refused():
     with pytest.raises(ValueError, match="max_modle_len"):
         VLLMEngine("/m", "n", "generate", {"max_modle_len": 1}).build_args()
+
+
+def test_a_mapping_is_parsed_as_vllm_serve_parses_it():
+    """vLLM makes some config objects from a mapping only on its command line (structured_outputs_config)."""
+    from vllm.config import StructuredOutputsConfig
+
+    args = VLLMEngine("/m", "n", "generate", {"structured_outputs_config": {"enable_in_reasoning": True},
+                                              "override_generation_config": {"temperature": 0.0}}).build_args()
+    assert isinstance(args.structured_outputs_config, StructuredOutputsConfig)
+    assert args.structured_outputs_config.enable_in_reasoning is True
+    assert args.override_generation_config == {"temperature": 0.0}

@@ -47,3 +47,40 @@ def test_validation_error_names_the_field():
     err = errors.validation_error(info.value)
     assert err.param == "temperature"
     assert err.status == 400 and "1 more" in err.message
+
+
+ENGINE_CORE_FAILED = """Traceback (most recent call last):
+  File "/venv/vllm/v1/engine/core.py", line 1100, in run_engine_core
+    raise ValueError(
+ValueError: Available memory on node 0 (14.77/16.71 GiB) on startup is less than desired CPU memory utilization
+Process EngineCore_DP0:
+RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {'EngineCore': 1}
+"""
+
+
+def test_the_engine_cores_root_cause_is_read_back_from_the_stderr_it_shares(tmp_path):
+    from raylm.engine.vllm import engine_core_cause
+
+    stderr = tmp_path / "worker.err"  # a Ray worker's stderr is its log file
+    stderr.write_text("ValueError: a start before this one\n")
+    since = stderr.stat().st_size
+    with stderr.open("a") as f:
+        f.write(ENGINE_CORE_FAILED)
+    assert engine_core_cause(since, str(stderr)) == (
+        "ValueError: Available memory on node 0 (14.77/16.71 GiB) on startup is less than desired CPU memory "
+        "utilization")
+    assert engine_core_cause(stderr.stat().st_size, str(stderr)) is None  # nothing new since
+    assert engine_core_cause(0, "/dev/null") is None  # not a file: nothing read
+
+
+def test_a_failed_replicas_traceback_is_told_in_one_line():
+    from raylm.serve.control.service import _headline
+
+    serve_says = ("A replica failed to start with exception. Retrying 2 more time(s). Error: \n"
+                  "ray::ServeReplica:raylm:model-a.initialize_and_get_metadata() (pid=1)\n"
+                  f"RuntimeError: {ENGINE_CORE_FAILED}"
+                  "RuntimeError: the engine of a did not start: ValueError: Available memory on node 0\n")
+    assert _headline(serve_says) == ("A replica failed to start with exception. Retrying 2 more time(s). "
+                                     "Error: … RuntimeError: the engine of a did not start: ValueError: "
+                                     "Available memory on node 0")
+    assert _headline("Deploying: waiting for resources") == "Deploying: waiting for resources"

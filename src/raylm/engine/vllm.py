@@ -53,17 +53,22 @@ class VLLMEngine:
 
     def build_args(self) -> Any:
         """vLLM's own serve arguments (defaults from its parser), with ours and the user's on top."""
-        args = _vllm.load("make_arg_parser")(_vllm.load("FlexibleArgumentParser")()).parse_args([])
+        parser = _vllm.load("make_arg_parser")(_vllm.load("FlexibleArgumentParser")())
+        known = vars(parser.parse_args([]))
+        for key in self.engine_args:
+            if key.replace("-", "_") not in known:
+                raise errors.ConfigError(f"unknown vLLM engine argument {key!r}")
+        # A mapping goes through vLLM's own parsing, as `vllm serve --x '{json}'` would (it makes the config
+        # objects, e.g. structured_outputs_config, that vLLM does not make from a dict itself).
+        args = parser.parse_args([part for key, value in self.engine_args.items() if isinstance(value, dict)
+                                  for part in (f"--{key.replace('_', '-')}", json.dumps(value))])
         args.model = self.model
         args.served_model_name = [self.served_name]
         if self.task == "embed":
             args.runner = "pooling"
-        known = vars(args)
         for key, value in self.engine_args.items():
-            attr = key.replace("-", "_")
-            if attr not in known:
-                raise errors.ConfigError(f"unknown vLLM engine argument {key!r}")
-            setattr(args, attr, value)
+            if not isinstance(value, dict):
+                setattr(args, key.replace("-", "_"), value)
         return args
 
     async def start(self) -> None:
@@ -83,11 +88,18 @@ class VLLMEngine:
             loggers.append(_vllm.load("RayPrometheusStatLogger"))
         config = engine_args.create_engine_config(usage_context=context)
         marks.append(("engine config", time.monotonic()))
-        with cpu_layout(config, self.engine_args):  # the EngineCore process is spawned in here
-            self.client = _vllm.load("AsyncLLM").from_vllm_config(
-                config, usage_context=context, stat_loggers=loggers,
-                enable_log_requests=engine_args.enable_log_requests,
-                disable_log_stats=engine_args.disable_log_stats)
+        stderr_at = _stderr_size()
+        try:
+            with cpu_layout(config, self.engine_args):  # the EngineCore process is spawned in here
+                self.client = _vllm.load("AsyncLLM").from_vllm_config(
+                    config, usage_context=context, stat_loggers=loggers,
+                    enable_log_requests=engine_args.enable_log_requests,
+                    disable_log_stats=engine_args.disable_log_stats)
+        except Exception as exc:
+            cause = engine_core_cause(stderr_at)
+            if cause is None:
+                raise
+            raise RuntimeError(f"the engine of {self.served_name} did not start: {cause}") from exc
         self._stack.callback(self.client.shutdown)
         marks.append(("engine core (spawn, weights, KV cache, warm-up)", time.monotonic()))
         # Counting for admission uses a copy on one thread: vLLM's renderer uses its own from its threads.
@@ -306,6 +318,34 @@ def _handlers(state: Any) -> dict[Endpoint, tuple[Any, Any]]:
         "tokenize": (request("TokenizeRequest"), method("serving_tokenization", "create_tokenize")),
         "detokenize": (request("DetokenizeRequest"), method("serving_tokenization", "create_detokenize")),
     }
+
+
+_NO_CAUSE = "Engine core initialization failed"  # what vLLM raises in this process: "see root cause above"
+
+
+def _stderr_size() -> int:
+    try:
+        return os.fstat(2).st_size
+    except OSError:
+        return 0
+
+
+def engine_core_cause(since: int, stderr: str = "/proc/self/fd/2") -> str | None:
+    """Why the EngineCore process failed to start. It writes its traceback to the stderr it shares with this
+    process (in a Ray worker, the worker's log file), and this process gets only "Engine core initialization
+    failed. See root cause above". The last exception line written there since `since` bytes, when stderr
+    is a file."""
+    try:
+        path = os.path.realpath(stderr)
+        if not os.path.isfile(path):  # a terminal or a pipe: nothing to read back
+            return None
+        with open(path, "rb") as f:
+            f.seek(max(since, os.path.getsize(path) - 2**20))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    causes = [line for line in errors.exception_lines(text) if _NO_CAUSE not in line]
+    return causes[-1] if causes else None
 
 
 # vLLM's errors name its command-line flags; in raylm they are fields of the model's config.

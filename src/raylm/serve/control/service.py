@@ -17,7 +17,7 @@ import psutil
 import ray
 from ray import serve
 
-from raylm import _ray
+from raylm import _ray, errors
 from raylm.errors import CONFIG_ERROR
 from raylm.config import AppConfig
 from raylm.contract import APP_NAME, deployment_name
@@ -218,8 +218,17 @@ def _deployment_messages(app: Any = None) -> dict[str, str]:
     return {name: d.message for name, d in app.deployments.items() if d.message}
 
 
+def _headline(message: str) -> str:
+    """Serve's message about a replica that failed to start carries the whole traceback (Ray's, Serve's and
+    the constructor's, ~40 lines): its first line and the exception it ended with say it."""
+    ended = errors.exception_lines(message)
+    if "Traceback" not in message or not ended:
+        return message
+    return f"{message.splitlines()[0].strip()} … {ended[-1]}"
+
+
 def _describe_deployments() -> str:
-    return "\n".join(f"{name}: {message}" for name, message in _deployment_messages().items())
+    return "\n".join(f"{name}: {_headline(message)}" for name, message in _deployment_messages().items())
 
 
 class _Phases:
@@ -267,11 +276,12 @@ def wait_ready(url: str, timeout_s: float, report: Callable[[str], None] = logge
             with contextlib.suppress(Exception):  # the live status is informational
                 phases.update(status)
         if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
-            raise DeployError(f"deployment failed: {status.message or status.status}\n{_describe_deployments()}")
+            raise DeployError(f"deployment failed: {_headline(status.message or status.status)}\n"
+                              f"{_describe_deployments()}")
         for name, message in _deployment_messages(status).items():
             if CONFIG_ERROR in message:  # a replica will never start with this config: no point retrying it
                 raise DeployError(f"{name}: {message[message.index(CONFIG_ERROR):].splitlines()[0]}")
-            line = f"{name}: {message}"
+            line = f"{name}: {_headline(message)}"
             if line not in said and not (phases is not None and phases.loading(name) and _SLOW_INIT in message):
                 said.add(line)
                 report(line)

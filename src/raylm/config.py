@@ -166,7 +166,7 @@ class ModelConfig(_Frozen):
     tool_strict_level: Literal["auto", "function", "parameter"] = Field(
         "parameter", description="What vLLM's structured output forces on a tool call (with a tool_call_parser). "
                                  "`parameter`: the call's envelope and its arguments' JSON schema, so a named or "
-                                 "required call is always valid (OpenAI's promise); `function`: the envelope only; "
+                                 "required call is valid (OpenAI's promise); `function`: the envelope only; "
                                  "`auto` (vLLM's default): arguments only for tools marked `strict`.")
     reasoning_parser: str | None = Field(
         None, description="vLLM's reasoning parser (e.g. `deepseek_r1`, `qwen3`): the model's reasoning is "

@@ -435,7 +435,8 @@ def load_config(path: str | Path | None = None, *, model: str | None = None,
         if model is not None:
             # Engine arguments and parsers belong to the old weights; resources and environment stay.
             models[0] = {**models[0], "name": _name_of(model), "source": model, "engine_args": {},
-                         **dict.fromkeys(("tool_call_parser", "reasoning_parser", "chat_template"))}
+                         **dict.fromkeys(("tool_call_parser", "enable_auto_tool_choice", "reasoning_parser",
+                                         "chat_template"))}
         if replicas is not None:
             for m in models:
                 m.update(replicas=replicas, autoscaling=None)

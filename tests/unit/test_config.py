@@ -88,6 +88,10 @@ def test_tool_fields_become_vllms_serve_arguments_and_old_engine_args_move_to_th
     # The bundled chat model calls tools; another model given with --model starts without its parser.
     assert load_config().models[0].tool_call_parser == "hermes"
     assert load_config(model="/models/other").models[0].tool_call_parser is None
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"models": [{"name": "a", "source": "x", "tool_call_parser": "hermes",
+                                                "enable_auto_tool_choice": True}]}))
+    assert load_config(path, model="/models/other").models[0].enable_auto_tool_choice is None
 
 
 def test_cli_override_is_validated_too():

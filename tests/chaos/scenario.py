@@ -7,6 +7,7 @@
                                                 admission bounded by time at 2× capacity
 """
 
+import re
 from collections.abc import Iterable
 
 import httpx
@@ -52,11 +53,11 @@ def chaos_config(tiny_model, only: tuple[str, ...] = ()) -> AppConfig:
 
 def replica_processes(model: str, among: Iterable[psutil.Process] | None = None) -> list[psutil.Process]:
     """Serve replica processes of `model`, among this process's descendants unless told otherwise."""
-    tag = f"ServeReplica:{APP_NAME}:model-{model}"
+    tag = re.compile(rf"ServeReplica:{APP_NAME}:model-{re.escape(model)}(?![\w-])")  # not model-tiny-think
     found = []
     for proc in psutil.Process().children(recursive=True) if among is None else among:
         try:
-            if any(tag in part for part in proc.cmdline()):
+            if any(tag.search(part) for part in proc.cmdline()):
                 found.append(proc)
         except psutil.Error:
             pass

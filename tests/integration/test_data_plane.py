@@ -2,6 +2,7 @@
 its OpenMP threads fitted to the machine; concurrent streams over shared keep-alive connections all finish."""
 
 import asyncio
+import re
 
 import httpx
 import psutil
@@ -14,8 +15,8 @@ from raylm.contract import APP_NAME
 
 
 def _replica(model: str) -> psutil.Process:
-    tag = f"ServeReplica:{APP_NAME}:model-{model}"
-    return next(p for p in psutil.Process().children(recursive=True) if any(tag in a for a in p.cmdline()))
+    tag = re.compile(rf"ServeReplica:{APP_NAME}:model-{re.escape(model)}(?![\w-])")  # not model-tiny-think
+    return next(p for p in psutil.Process().children(recursive=True) if any(tag.search(a) for a in p.cmdline()))
 
 
 def _listening(proc: psutil.Process) -> set[tuple[str, int]]:

@@ -46,8 +46,21 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 @pytest.fixture(scope="session")
-def service(tiny_model, tmp_path_factory):
-    """One real service for the integration and security tests: local Ray + Serve, four vLLM engines on the
+def lora_dir(tiny_model, tmp_path_factory) -> Path:
+    """Adapters of the tiny model, made with PEFT: a, b (in the service's config) and c (rank 8, for a
+    run-time load), wide (rank 16, over the service's limit)."""
+    from helpers import make_lora
+
+    folder = tmp_path_factory.mktemp("adapters")
+    for seed, name in enumerate(("a", "b", "c")):
+        make_lora(tiny_model, folder / name, seed)
+    make_lora(tiny_model, folder / "wide", 9, rank=16)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def service(tiny_model, lora_dir, tmp_path_factory):
+    """One real service for the integration and security tests: local Ray + Serve, five vLLM engines on the
     CPU, API keys on (tenant `default` an admin, `other` not), the edge's timeouts short enough to test."""
     from helpers import API_KEY, CPU_ENV, OTHER_KEY, SERVICE_MAX_FILE_BYTES, TINY_ENGINE_ARGS, free_port
 
@@ -65,6 +78,11 @@ def service(tiny_model, tmp_path_factory):
             ModelConfig(name="tiny-think", source=str(tiny_model), num_cpus=0.25, reasoning_parser="granite",
                         engine_args={**TINY_ENGINE_ARGS, "structured_outputs_config": {"enable_in_reasoning": True}},
                         env=CPU_ENV),
+            # LoRA: two adapters in the config, more loadable at run time from the adapters' folder
+            # (tests/integration/test_lora.py).
+            ModelConfig(name="tiny-lora", source=str(tiny_model), num_cpus=0.25, engine_args=TINY_ENGINE_ARGS,
+                        env=CPU_ENV, adapters={"tiny-a": str(lora_dir / "a"), "tiny-b": str(lora_dir / "b")},
+                        lora={"max_loras": 2, "max_lora_rank": 8, "max_cpu_loras": 2, "load_dirs": [str(lora_dir)]}),
             smollm2.model_copy(update={"num_cpus": 0.25, "env": CPU_ENV}),
             minilm.model_copy(update={"num_cpus": 0.25, "env": CPU_ENV}),
         ),

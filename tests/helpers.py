@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import random
+import re
 import socket
+from collections.abc import Iterable
 from pathlib import Path
+
+import psutil
+
+from raylm.contract import APP_NAME
 
 # Engine arguments and replica environment the tests serve the tiny model with. No dtype: raylm picks it
 # from the CPU (hardware.py), so the suite runs the default path, in float32 on CPUs without bf16 units.
@@ -58,6 +64,27 @@ def make_tiny_llama(out: Path, seed: int = 0) -> Path:
     return out
 
 
+def make_lora(base: Path, out: Path, seed: int, rank: int = 8) -> Path:
+    """A PEFT LoRA adapter of `base` (once), seeded, its B matrices non-zero (PEFT starts them at zero, which
+    would change nothing) and large enough that greedy output differs from the base model's."""
+    if (out / "adapter_config.json").exists():
+        return out
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), LoraConfig(
+        r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                        "up_proj", "down_proj"], lora_dropout=0.0))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn_like(param) * 0.5)
+    model.save_pretrained(out)
+    return out
+
+
 # Ports the tests hand to servers come from below the kernel's ephemeral range (where every socket bound to
 # port 0 lands: Ray's gRPC servers, agents, clients) and above Ray's worker ports (10002-19999): a port found
 # free here stays free until its server binds it, since nothing picks one there by itself. A port picked by
@@ -80,3 +107,16 @@ def free_port() -> int:
     with socket.socket() as s:  # an unusual ephemeral range: the old way, with its race
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def replica_processes(model: str, among: Iterable[psutil.Process] | None = None) -> list[psutil.Process]:
+    """Serve replica processes of `model`, among this process's descendants unless told otherwise."""
+    tag = re.compile(rf"ServeReplica:{APP_NAME}:model-{re.escape(model)}(?![\w-])")  # not model-tiny-think
+    found = []
+    for proc in psutil.Process().children(recursive=True) if among is None else among:
+        try:
+            if any(tag.search(part) for part in proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found

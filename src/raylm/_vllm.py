@@ -52,6 +52,14 @@ NAMES: dict[str, tuple[str, str, str]] = {
     "RerankRequest": ("vllm.entrypoints.pooling.scoring.protocol", "RerankRequest", "the same"),
     "TokenizeRequest": ("vllm.entrypoints.serve.tokenize.protocol", "TokenizeRequest", "the same"),
     "DetokenizeRequest": ("vllm.entrypoints.serve.tokenize.protocol", "DetokenizeRequest", "the same"),
+    "LoadLoRAAdapterRequest": ("vllm.entrypoints.serve.lora.protocol", "LoadLoRAAdapterRequest",
+                               "registering a LoRA adapter with a running server's model registry (vLLM's "
+                               "/v1/load_lora_adapter without its HTTP route)"),
+    # The CPU LoRA ops, where engine/vllm_fixes.py mends a bug (each module that holds them).
+    "lora_cpu_ops": ("vllm.lora.ops.torch_ops.lora_ops", "bgmv_shrink",
+                     "LoRA ops that skip tokens without an adapter (vLLM PR 48421)"),
+    "lora_cpu_ops_export": ("vllm.lora.ops.torch_ops", "bgmv_shrink", "the same"),
+    "lora_cpu_punica": ("vllm.lora.punica_wrapper.punica_cpu", "bgmv_shrink", "the same"),
 }
 
 
@@ -59,6 +67,11 @@ NAMES: dict[str, tuple[str, str, str]] = {
 def load(name: str) -> Any:
     module, attribute, _ = NAMES[name]
     return getattr(importlib.import_module(module), attribute)
+
+
+def module(name: str) -> Any:
+    """The module that holds the name (to replace it there: engine/vllm_fixes.py)."""
+    return importlib.import_module(NAMES[name][0])
 
 
 # vLLM declares its parser registries as dict literals (name: (module, class)) and registers them lazily:

@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from raylm._vllm import parser_names
+from raylm.adapters import check_adapter
 from raylm.models import BUNDLED_PREFIX, MINILM, SMOLLM2, default_cache_dir
 
 # vLLM's serve arguments that are ModelConfig fields (typed and checked); given in engine_args, they move there.
@@ -125,6 +126,34 @@ class HTTPConfig(_Frozen):
                                 "raylm is one client: raise this for it.")
 
 
+class LoraConfig(_Frozen):
+    """LoRA adapters on one base model (vLLM's --enable-lora): limits of each replica's engine, and where an
+    admin may load adapters from at run time (POST /v1/load_lora_adapter)."""
+
+    max_loras: int = Field(1, ge=1, description="Adapters in one engine batch (vLLM's max_loras): requests "
+                                                "for more adapters than this wait for a step of their own.")
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = Field(
+        16, description="Largest adapter rank the engine takes (vLLM's max_lora_rank); a higher-ranked adapter "
+                        "is a config error naming it.")
+    max_cpu_loras: int | None = Field(
+        None, ge=1, description="Adapters each replica keeps loaded; past it the least recently used one is "
+                                "evicted (and loaded again from its folder when asked for). Default: max_loras.")
+    load_dirs: tuple[Path, ...] = Field(
+        (), description="Folders whose adapters an admin key may load at run time; none: run-time loading is "
+                        "off. Only folders under these (symlinks resolved), never a download.")
+
+    @model_validator(mode="after")
+    def _enough_cpu_slots(self) -> LoraConfig:
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras ({self.max_loras})")
+        return self
+
+    @property
+    def held(self) -> int:
+        """Adapters one replica holds at once."""
+        return self.max_cpu_loras or self.max_loras
+
+
 class ModelConfig(_Frozen):
     name: str = Field(description="Name clients put in the request's `model` field.")
     source: str = Field(description=f"Weights: `{BUNDLED_PREFIX}<name>` ({SMOLLM2}, {MINILM}), "
@@ -173,6 +202,13 @@ class ModelConfig(_Frozen):
                           "returned apart from its answer, as `reasoning` (and its streamed deltas).")
     chat_template: Path | None = Field(
         None, description="A Jinja chat template file replacing the model's own (on every node that runs it).")
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="LoRA adapters served on this model, by name (what a request puts in "
+                                          "`model`) → source: a PEFT adapter folder (on every node that runs "
+                                          "the model), or an HF id read offline from the HF cache.")
+    lora: LoraConfig | None = Field(
+        None, description="LoRA limits and run-time loading (docs/lora.md). Set, or `adapters` given, the "
+                          "engine serves adapters.")
 
     @model_validator(mode="before")
     @classmethod
@@ -207,6 +243,24 @@ class ModelConfig(_Frozen):
             raise ValueError(f"chat_template of model {self.name!r}: no file {self.chat_template}")
         return self
 
+    @model_validator(mode="after")
+    def _adapters_fit(self) -> ModelConfig:
+        if (self.adapters or self.lora) and self.task != "generate":
+            raise ValueError(f"model {self.name!r}: LoRA adapters need a generate model")
+        for name, source in self.adapters.items():
+            if name == self.name:
+                raise ValueError(f"adapter {name!r} has the name of its base model")
+            check_adapter(name, source, self.lora_limits.max_lora_rank)
+        return self
+
+    @property
+    def lora_limits(self) -> LoraConfig:
+        return self.lora or LoraConfig()
+
+    @property
+    def serves_adapters(self) -> bool:
+        return bool(self.adapters) or self.lora is not None
+
     def serving_args(self) -> dict[str, Any]:
         """The typed fields as vLLM's serve arguments (only those set)."""
         if self.tool_call_parser is None:
@@ -218,6 +272,10 @@ class ModelConfig(_Frozen):
             args["reasoning_parser"] = self.reasoning_parser
         if self.chat_template is not None:
             args["chat_template"] = str(self.chat_template)
+        if self.serves_adapters:
+            lora = self.lora_limits
+            args.update(enable_lora=True, max_loras=lora.max_loras, max_lora_rank=lora.max_lora_rank,
+                        max_cpu_loras=lora.held)
         return args
 
 
@@ -389,10 +447,10 @@ class AppConfig(_Frozen):
     def _unique_names(cls, models: tuple[ModelConfig, ...]) -> tuple[ModelConfig, ...]:
         if not models:
             raise ValueError("at least one model is required")
-        names = [m.name for m in models]
+        names = [m.name for m in models] + [a for m in models for a in m.adapters]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"duplicate model names: {', '.join(dupes)}")
+            raise ValueError(f"duplicate model or adapter names: {', '.join(dupes)}")
         return models
 
     def model(self, name: str) -> ModelConfig | None:
@@ -433,10 +491,10 @@ def load_config(path: str | Path | None = None, *, model: str | None = None,
     if model is not None or replicas is not None:
         models = [m.model_dump() for m in AppConfig.model_validate(tree).models]
         if model is not None:
-            # Engine arguments and parsers belong to the old weights; resources and environment stay.
+            # Engine arguments, parsers and adapters belong to the old weights; resources and environment stay.
             models[0] = {**models[0], "name": _name_of(model), "source": model, "engine_args": {},
-                         **dict.fromkeys(("tool_call_parser", "enable_auto_tool_choice", "reasoning_parser",
-                                         "chat_template"))}
+                         **{k: ModelConfig.model_fields[k].default for k in SERVING_ARGS}, "adapters": {},
+                         "lora": None}
         if replicas is not None:
             for m in models:
                 m.update(replicas=replicas, autoscaling=None)

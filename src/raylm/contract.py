@@ -64,6 +64,15 @@ class Tenant:
 
 
 @dataclass(frozen=True)
+class Adapter:
+    """A LoRA adapter of the called model: its name (the body's `model`) and folder, which the replica loads
+    on first use (on the replica's node: the same path on every node, as a model's own source)."""
+
+    name: str
+    path: str
+
+
+@dataclass(frozen=True)
 class Call:
     """One request for a model replica (`ModelServer.reply`)."""
 
@@ -71,6 +80,7 @@ class Call:
     body: dict[str, Any]  # the client's JSON body, `model` resolved
     request_id: str
     tenant: Tenant = field(default_factory=Tenant)
+    adapter: Adapter | None = None  # the body's `model` names this adapter of the deployment's model
 
 
 @dataclass(frozen=True)

@@ -7,17 +7,13 @@
                                                 admission bounded by time at 2× capacity
 """
 
-import re
-from collections.abc import Iterable
 
 import httpx
-import psutil
 
-from helpers import TINY_ENGINE_ARGS, free_port
+from helpers import TINY_ENGINE_ARGS, free_port, replica_processes  # noqa: F401 (the chaos tests' import)
 
 from raylm.bench.load import completion_body, send
 from raylm.config import AppConfig, ModelConfig
-from raylm.contract import APP_NAME
 
 KEYS = {"light": "sk-light-test", "heavy": "sk-heavy-test", "gold": "sk-gold-test", "free": "sk-free-test"}
 # One OpenMP thread per tiny engine, left to the OS scheduler: two threads spin on both cores (120% CPU
@@ -49,19 +45,6 @@ def chaos_config(tiny_model, only: tuple[str, ...] = ()) -> AppConfig:
                "api_keys": [{"tenant": t, "key": k} for t, k in KEYS.items()],
                "tenants": {"gold": {"weight": 2}, "free": {"weight": 1}}},
     )
-
-
-def replica_processes(model: str, among: Iterable[psutil.Process] | None = None) -> list[psutil.Process]:
-    """Serve replica processes of `model`, among this process's descendants unless told otherwise."""
-    tag = re.compile(rf"ServeReplica:{APP_NAME}:model-{re.escape(model)}(?![\w-])")  # not model-tiny-think
-    found = []
-    for proc in psutil.Process().children(recursive=True) if among is None else among:
-        try:
-            if any(tag.search(part) for part in proc.cmdline()):
-                found.append(proc)
-        except psutil.Error:
-            pass
-    return found
 
 
 def report(name: str, **figures) -> None:

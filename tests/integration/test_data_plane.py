@@ -2,11 +2,10 @@
 its OpenMP threads fitted to the machine; concurrent streams over shared keep-alive connections all finish."""
 
 import asyncio
-import re
 
 import httpx
 import psutil
-from helpers import AUTH
+from helpers import AUTH, replica_processes
 from ray import serve
 
 from raylm import hardware
@@ -15,8 +14,7 @@ from raylm.contract import APP_NAME
 
 
 def _replica(model: str) -> psutil.Process:
-    tag = re.compile(rf"ServeReplica:{APP_NAME}:model-{re.escape(model)}(?![\w-])")  # not model-tiny-think
-    return next(p for p in psutil.Process().children(recursive=True) if any(tag.search(a) for a in p.cmdline()))
+    return replica_processes(model)[0]
 
 
 def _listening(proc: psutil.Process) -> set[tuple[str, int]]:

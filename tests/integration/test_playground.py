@@ -90,6 +90,10 @@ def ask(page: Page, prompt: str, model: str, max_tokens: int) -> tuple[Locator, 
     return answers.nth(before), request.value.post_data_json
 
 
+# The chat models the service lists, an adapter after its base model.
+CHAT_MODELS = ["tiny", "tiny-think", "tiny-lora", "tiny-a (LoRA of tiny-lora)", "tiny-b (LoRA of tiny-lora)", SMOLLM2]
+
+
 def test_wrong_api_key_shows_an_error_and_the_right_key_lists_the_models(page):
     error = page.locator("#error")
     expect(error).to_contain_text("API key")
@@ -102,10 +106,10 @@ def test_wrong_api_key_shows_an_error_and_the_right_key_lists_the_models(page):
 
     page.fill("#api-key", API_KEY)
     expect(error).to_be_hidden()
-    expect(page.locator("#model option")).to_have_text(["tiny", "tiny-think", SMOLLM2])
+    expect(page.locator("#model option")).to_have_text(CHAT_MODELS)
     expect(page.locator("#embed-model option")).to_have_text([MINILM])
     page.reload()  # the key lives in this tab's sessionStorage, so a reload keeps it
-    expect(page.locator("#model option")).to_have_text(["tiny", "tiny-think", SMOLLM2])
+    expect(page.locator("#model option")).to_have_text(CHAT_MODELS)
     assert page.evaluate("[sessionStorage.getItem('raylm.apiKey'), localStorage.length]") == [API_KEY, 0]
 
 

@@ -39,7 +39,7 @@ def test_model_flag_replaces_first_model_and_keeps_resources():
 
 @pytest.mark.parametrize("bad,says", [
     ({"models": []}, "at least one model"),
-    ({"models": [{"name": "a", "source": "x"}, {"name": "a", "source": "y"}]}, "duplicate model names: a"),
+    ({"models": [{"name": "a", "source": "x"}, {"name": "a", "source": "y"}]}, "duplicate model or adapter names: a"),
     ({"models": [{"name": "a", "source": "x", "replicas": 0}]}, "models.0.replicas"),
     ({"models": [{"name": "a", "source": "x", "task": "dance"}]}, "models.0.task"),
     ({"models": [{"name": "a", "source": "x", "typo_field": 1}]}, "models.0.typo_field"),
@@ -163,3 +163,48 @@ def test_data_jobs_take_their_model_from_the_served_models():
     assert cfg.data_model(cfg.data.generate_model, "generate").source == "bundled:smollm2-135m-instruct"
     sized = AppConfig.model_validate({"data": {"num_cpus": 0.5, "num_gpus": 1}}).data_model("all-minilm-l6-v2", "embed")
     assert (sized.num_cpus, sized.num_gpus, sized.env) == (0.5, 1, {"VLLM_CPU_KVCACHE_SPACE": "1"})
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    from helpers import make_lora, make_tiny_llama
+
+    folder = tmp_path_factory.mktemp("lora")
+    base = make_tiny_llama(folder / "tiny")
+    return {"r8": make_lora(base, folder / "r8", 0), "r16": make_lora(base, folder / "r16", 1, rank=16)}
+
+
+def test_adapters_are_checked_when_the_config_loads_naming_the_adapter(adapters, tmp_path):
+    with pytest.raises(ValidationError, match="adapter 'sql': no adapter folder /nowhere"):
+        ModelConfig(name="m", source="x", adapters={"sql": "/nowhere"})
+    with pytest.raises(ValidationError, match="adapter 'sql': org/none is neither a folder nor an HF id"):
+        ModelConfig(name="m", source="x", adapters={"sql": "org/none"})
+    with pytest.raises(ValidationError, match="adapter 'big' has rank 16, over max_lora_rank 8: raise lora"):
+        ModelConfig(name="m", source="x", adapters={"big": str(adapters["r16"])}, lora={"max_lora_rank": 8})
+    with pytest.raises(ValidationError, match=f"adapter 'x': {tmp_path} has no readable adapter_config.json"):
+        ModelConfig(name="m", source="x", adapters={"x": str(tmp_path)})
+    with pytest.raises(ValidationError, match="max_cpu_loras \\(1\\) must be at least max_loras \\(2\\)"):
+        ModelConfig(name="m", source="x", lora={"max_loras": 2, "max_cpu_loras": 1})
+    with pytest.raises(ValidationError, match="LoRA adapters need a generate model"):
+        ModelConfig(name="m", source="x", task="embed", adapters={"a": str(adapters["r8"])})
+    with pytest.raises(ValidationError, match="duplicate model or adapter names: a"):
+        AppConfig(models=[ModelConfig(name="m", source="x", adapters={"a": str(adapters["r8"])}),
+                          ModelConfig(name="a", source="y")])
+    with pytest.raises(ValidationError, match="max_lora_rank"):
+        ModelConfig(name="m", source="x", lora={"max_lora_rank": 12})
+
+
+def test_adapters_turn_lora_on_in_the_engine_with_the_models_limits(adapters):
+    from raylm.serve.control.builder import engine_args
+
+    model = ModelConfig(name="m", source="x", adapters={"a": str(adapters["r16"])},
+                        lora={"max_loras": 2, "max_lora_rank": 16})
+    args = engine_args(model)
+    assert (args["enable_lora"], args["max_loras"], args["max_lora_rank"], args["max_cpu_loras"]) == (True, 2, 16, 2)
+    assert "enable_lora" not in engine_args(ModelConfig(name="m", source="x"))
+    # --model: the adapters belonged to the old weights
+    tree = {"models": [model.model_dump(mode="json")]}
+    path = adapters["r8"].parent / "c.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    replaced = load_config(path, model="other/model").models[0]
+    assert replaced.adapters == {} and replaced.lora is None

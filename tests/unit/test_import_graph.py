@@ -8,7 +8,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 
 # Lowest first; a module may import its own layer's modules and those below, never above.
 LAYERS = [
-    {"raylm", "raylm.errors", "raylm.models", "raylm._ray", "raylm._vllm"},
+    {"raylm", "raylm.errors", "raylm.models", "raylm.adapters", "raylm._ray", "raylm._vllm"},
     {"raylm.config", "raylm.hardware", "raylm.contract"},
     {"raylm.engine"},
     {"raylm.data", "raylm.bench"},

@@ -179,3 +179,51 @@ def test_each_tenant_gets_its_own_prefix_cache_and_routing_chain():
 
     assert chain({**chat("q"), "cache_salt": a}) != chain({**chat("q"), "cache_salt": b})
     assert chain({**chat("q"), "cache_salt": a}) == chain({**chat("q2"), "cache_salt": a})[:5]
+
+
+def test_an_adapter_goes_where_it_is_loaded_until_that_replica_is_busy_then_spreads():
+    from raylm.contract import Adapter
+
+    def request(adapter: str | None, n: int) -> PendingRequest:
+        call = Call("completions", {"prompt": "hi"}, "rid", adapter=Adapter(adapter, "/a") if adapter else None)
+        return PendingRequest(args=[call], kwargs={},
+                              metadata=_ray.load("RequestMetadata")(request_id="rid", internal_request_id=str(n)))
+
+    async def main() -> list[str]:
+        router = SpreadRouter(deployment_id=DeploymentID(name="model-m", app_name="raylm"),
+                              handle_source=_ray.load("DeploymentHandleSource").UNKNOWN,
+                              use_replica_queue_len_cache=True)
+        router.initialize_state(adapter_capacity=2)
+        a, b = FakeReplica("a"), FakeReplica("b")
+        router.update_replicas([a, b])
+        picks = []
+        for n in range(20):
+            req = request("sql", n)
+            pick = (await router.choose_replicas([a, b], req))[0][0].replica_id
+            router.on_request_routed(req, pick, None)
+            router.on_send_request(pick)  # never finishes: queues only grow
+            picks.append(pick.unique_id)
+        return picks
+
+    picks = asyncio.run(main())
+    first = picks[0]
+    # The first IMBALANCE + 1 go where the adapter went first; past that its queue is too long and the
+    # other replica takes it (and holds it from then on): a hot adapter ends on both, balanced.
+    assert picks[:9] == [first] * 9 and picks[9] != first
+    assert abs(picks.count("a") - picks.count("b")) <= 8
+
+
+def test_the_adapter_index_keeps_as_many_adapters_as_a_replica_holds():
+    index = PrefixIndex(2)
+    for name in ("x", "y", "z"):
+        index.record("r", (hash(("adapter", name)),))
+    assert [index.matched("r", (hash(("adapter", n)),)) for n in ("x", "y", "z")] == [0, 1, 1]
+
+
+def test_a_model_with_adapters_tells_its_router_how_many_a_replica_holds(tmp_path):
+    from helpers import make_lora, make_tiny_llama
+
+    lora = make_lora(make_tiny_llama(tmp_path / "tiny"), tmp_path / "a", seed=0)
+    model = ModelConfig(name="m", source=str(tmp_path / "tiny"), adapters={"a": str(lora)},
+                        lora={"max_loras": 2, "max_cpu_loras": 3})
+    assert serve_options(model)["request_router_config"]["request_router_kwargs"] == {"adapter_capacity": 3}

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from raylm.contract import Endpoint
+from raylm.contract import Adapter, Endpoint
 
 Result = bytes | AsyncIterator[str]
 
@@ -45,6 +45,10 @@ class Engine(Protocol):
         they bound the queue."""
 
     async def create(self, prepared: Prepared, request_id: str) -> Result: ...
+
+    async def use_adapter(self, adapter: Adapter) -> None:
+        """Make a LoRA adapter servable under its name (loaded once; again when its path changes); raise
+        `raylm.errors.InvalidRequestError` naming it if it cannot load. The engine stays up either way."""
 
     def num_running(self) -> int:
         """Requests inside the engine now; drops when a request finishes or is aborted."""

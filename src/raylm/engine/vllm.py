@@ -19,7 +19,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from raylm import _vllm, errors
-from raylm.contract import PATHS, TASK_ENDPOINTS, Endpoint, sse_payload
+from raylm.contract import PATHS, TASK_ENDPOINTS, Adapter, Endpoint, sse_payload
 from raylm.engine import counting, media
 from raylm.engine.protocol import Prepared, PromptSize, Result
 
@@ -200,6 +200,28 @@ class VLLMEngine:
                 raise errors.InvalidRequestError(media.MEDIA_FAILED, param="messages", code="media_not_loaded") from exc
             raise _from_vllm_exception(exc) from exc
         return _to_result(result)
+
+    async def use_adapter(self, adapter: Adapter) -> None:
+        """vLLM's own registry (OpenAIServingModels) loads it: the engine reads its weights into its CPU cache
+        of max_cpu_loras adapters (least recently used evicted, read again from the folder on its next use),
+        and vLLM's handlers find it by the request's `model`."""
+        models = self._state.openai_serving_models
+        known = models.lora_requests.get(adapter.name)
+        if known is not None and known.lora_path == adapter.path:
+            return
+        load = _vllm.load("LoadLoRAAdapterRequest")(lora_name=adapter.name, lora_path=adapter.path,
+                                                     load_inplace=known is not None)
+        try:
+            result = await models.load_lora_adapter(load)
+        except Exception as exc:  # vLLM reports by value; anything raised is the same kind of failure
+            result = exc
+        if isinstance(result, str):
+            logger.info("%s: adapter %s loaded", self.served_name, adapter.name)
+            return
+        why = result.error.message if hasattr(result, "error") else repr(result)
+        logger.warning("%s: adapter %s did not load: %s", self.served_name, adapter.name, why)
+        raise errors.InvalidRequestError(f"adapter {adapter.name!r} could not be loaded: {why}", param="model",
+                                         code="adapter_load_failed")
 
     def _count(self, endpoint: Endpoint, body: dict) -> PromptSize:
         """Prompt tokens, bounded work (counting.py): a prompt over the context stops being counted."""

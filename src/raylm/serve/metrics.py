@@ -11,6 +11,8 @@
                                                            with n > 1 counts n)
     raylm_requests_queued{model, replica}                  waiting in the replica's fair queue
     raylm_queued_prompt_tokens{model, replica}
+    raylm_adapter_loads_total{model, adapter}             a LoRA adapter's request on a replica that did not hold
+                                                           it (among its max_cpu_loras most recently used)
 
 The engine's own (vLLM's Prometheus stat logger on Ray metrics, as Ray Serve LLM uses it), with a
 `model_name` label: vllm:time_to_first_token_seconds, vllm:inter_token_latency_seconds,
@@ -103,6 +105,12 @@ class ReplicaMetrics:
                                     tag_keys=keys)
         self.queued_tokens = metrics.Gauge("raylm_queued_prompt_tokens", "Prompt tokens in the fair queue.",
                                            tag_keys=keys)
+
+        self.adapter_loads = metrics.Counter("raylm_adapter_loads_total", "Adapter loads on a replica (not held).",
+                                             tag_keys=("model", "adapter"))
+
+    def adapter_loaded(self, adapter: str) -> None:
+        self.adapter_loads.inc(tags={"model": self.tags["model"], "adapter": adapter})
 
     def sample(self, running: int, queued: int, queued_tokens: int) -> None:
         self.running.set(running, tags=self.tags)

@@ -128,9 +128,10 @@ def _replica_states(app_name: str, deployments: dict[str, str]) -> dict[str, dic
 
 
 async def collect(app_name: str, deployments: dict[str, str], window: Window,
-                  tenant: str | None = None) -> dict[str, Any]:
+                  tenant: str | None = None, adapters: dict[str, str] | None = None) -> dict[str, Any]:
     """The /status body: {"models": {name: {...}}}, gathered off the event loop. For a `tenant` (not an
-    admin): its own TTFT, answers and share, the models' load, and no replica's PID or Serve's messages."""
+    admin): its own TTFT, answers and share, the models' load, and no replica's PID or Serve's messages.
+    `adapters`: each LoRA adapter's base model; an adapter's figures are under its base's `adapters`."""
     states, by_model = await asyncio.gather(asyncio.to_thread(_replica_states, app_name, deployments),
                                             asyncio.to_thread(reports))
     seen = window.summary(tenant)
@@ -142,7 +143,12 @@ async def collect(app_name: str, deployments: dict[str, str], window: Window,
                          "tokens_per_s": round(sum(r["tokens_per_s"] for r in mine), 1),
                          **seen.get(model, {"ttft_p50_s": None, "ttft_p99_s": None, "answered": 0,
                                             "tenant_shares": {}}),
-                         "replica_reports": mine}
+                         "replica_reports": mine,
+                         "adapters": {name: {
+                             **seen.get(name, {"ttft_p50_s": None, "ttft_p99_s": None, "answered": 0}),
+                             "held_by": sum(name in r.get("adapters", ()) for r in mine)}
+                             for name, base in sorted((adapters or {}).items()) if base == model},
+                         "adapter_loads": sum(r.get("adapter_loads", 0) for r in mine)}
         if tenant is not None:
             models[model].update(message="", replica_reports=[])
     return {"window_s": window.span_s, "models": models, **({"tenant": tenant} if tenant is not None else {})}
@@ -162,7 +168,12 @@ def render(status: dict[str, Any]) -> Iterable[Any]:
                       str(m["running"]), str(m["queued"]), f"{m['tokens_per_s']:.1f}", ms(m["ttft_p50_s"]),
                       ms(m["ttft_p99_s"]), str(m["answered"]),
                       ", ".join(f"{t} {s:.0%}" for t, s in m["tenant_shares"].items()) or "-")
+        for adapter, a in m.get("adapters", {}).items():
+            table.add_row(f"  {adapter}", "adapter", f"held by {a['held_by']}", "", "", "", ms(a["ttft_p50_s"]),
+                          ms(a["ttft_p99_s"]), str(a["answered"]), "")
     yield table
     for name, m in status["models"].items():
+        if m.get("adapter_loads"):
+            yield f"{name}: {m['adapter_loads']} adapter loads since its replicas started"
         if m["message"]:
             yield f"{name}: {m['message']}"

@@ -29,10 +29,11 @@ from ray import serve
 
 from raylm import _ray, errors
 from raylm.config import ModelConfig, ServeConfig
-from raylm.contract import Call, Reply, Tenant, deployment_name
+from raylm.contract import Adapter, Call, Reply, Tenant, deployment_name
 from raylm.data import io
 from raylm.data.job import JobSpec, run_job
 from raylm.serve.batch.store import TENANT, Store, new_id, page, public, request_lines
+from raylm.serve.edge.adapters import served_adapters
 
 logger = logging.getLogger("raylm.serve")
 
@@ -59,8 +60,10 @@ class BatchRequests:
     the models never wait for a block's slowest line, or for Ray Data to hand over the next block."""
 
     def __init__(self, app_name: str, deployments: dict[str, str], endpoint: str, tenant: Tenant,
-                 folder: str, expires_at: float, in_flight: int, max_line_bytes: int) -> None:
+                 folder: str, expires_at: float, in_flight: int, max_line_bytes: int,
+                 adapters: dict[str, tuple[str, Adapter]]) -> None:
         self.endpoint, self.tenant, self.folder, self.expires_at = endpoint, tenant, Path(folder), expires_at
+        self.adapters = adapters  # name → (base model, adapter): as the service served them when the batch began
         self.max_line_bytes = max_line_bytes
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="batch-requests", daemon=True).start()
@@ -101,14 +104,16 @@ class BatchRequests:
         if problem:
             return _line_error("invalid_request", problem, custom_id)
         body = {k: v for k, v in request["body"].items() if k not in ("stream", "stream_options")}
-        handle = self.handles.get(body.get("model"))
+        model = body.get("model")
+        base, adapter = (model, None) if model in self.handles else self.adapters.get(model, (None, None))
+        handle = self.handles.get(base)
         if handle is None:
             err = errors.NotFoundError(f"The model `{body.get('model')}` does not exist", param="model",
                                        code="model_not_found")
             return {"custom_id": custom_id, "status_code": err.status, "response": json.dumps(err.body()),
                     io.ERROR: err.message}
         rid = new_id("req_")
-        reply = await self._send(handle, body, custom_id, rid)
+        reply = await self._send(handle, Call(ENDPOINTS[self.endpoint], body, rid, self.tenant, adapter), custom_id)
         if isinstance(reply, dict):
             return reply
         answer = {"custom_id": custom_id, "status_code": reply.status, "response": reply.body.decode(),
@@ -117,7 +122,7 @@ class BatchRequests:
             answer[io.ERROR] = reply.message
         return answer
 
-    async def _send(self, handle: Any, body: dict, custom_id: str, rid: str) -> Reply | dict[str, Any]:
+    async def _send(self, handle: Any, call: Call, custom_id: str) -> Reply | dict[str, Any]:
         """The line's answer; refusals for capacity (batch work waits for free slots) are tried again. While
         interactive traffic keeps a replica busy, deferred lines back off: their retries are work too."""
         deferred = DEFERRED_RETRY_S[0]
@@ -126,7 +131,7 @@ class BatchRequests:
             if stop:
                 return stop
             try:
-                replies = handle.reply.remote(Call(ENDPOINTS[self.endpoint], body, rid, self.tenant))
+                replies = handle.reply.remote(call)
                 reply = await replies.__anext__()
                 async for _ in replies:  # a Reply is the call's one item: this only ends the call
                     pass
@@ -296,7 +301,8 @@ class BatchJobs:
             stage = {"app_name": self.app_name, "deployments": deployments, "endpoint": record["endpoint"],
                      "tenant": Tenant(who.name, who.weight, who.priority, batch=True), "folder": str(folder),
                      "expires_at": record["expires_at"], "max_line_bytes": self.config.max_request_bytes,
-                     "in_flight": max(_batch_slots(m) for m in self.models.values())}
+                     "in_flight": max(_batch_slots(m) for m in self.models.values()),
+                     "adapters": served_adapters(self.models.values(), self.app_name)}
             # Reading, the stage and writing stay on this node, next to batch_dir; the stage only waits on
             # the models, so nothing reserves a CPU the engines need. Enough blocks run at once to fill
             # `in_flight` with one more queued: a block waiting on its last lines leaves the others running.

@@ -86,6 +86,8 @@ def serve_options(model: ModelConfig) -> dict[str, Any]:
     options.update(where)
     # Every handle to this model (the ingress's, the Batch API's) routes with it.
     options["request_router_config"] = {"request_router_class": ROUTERS[model.routing]}
+    if model.serves_adapters:  # the router keeps, per replica, the adapters it holds (routing.py)
+        options["request_router_config"]["request_router_kwargs"] = {"adapter_capacity": model.lora_limits.held}
     scaling = model.autoscaling
     if scaling is None:
         options["num_replicas"] = model.replicas

@@ -30,11 +30,13 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 
 from raylm import _ray, errors
 from raylm.config import ModelConfig, ServeConfig
-from raylm.contract import NAMED_EVENTS, PATHS, TASK_ENDPOINTS, Call, Endpoint, Reply, deployment_name, error_event
+from raylm.contract import (NAMED_EVENTS, PATHS, TASK_ENDPOINTS, Adapter, Call, Endpoint, Reply, deployment_name,
+                            error_event)
 from raylm.serve import status, stream
 from raylm.serve.batch.store import Store
 from raylm.serve.edge import http
 from raylm.serve.edge.access import Access
+from raylm.serve.edge.adapters import Adapters
 from raylm.serve.edge.routes import build_api
 from raylm.serve.logs import log_to_stderr
 from raylm.serve.metrics import IngressMetrics
@@ -89,6 +91,7 @@ class Ingress:
         # With keys, each tenant's prefix cache is its own (vLLM's cache_salt): TTFT tells no tenant what another
         # asked. The salt's secret is made when the app is built (access.salt_secret), shared by every ingress.
         self.salt = CacheSalt(access.salt_secret) if access.keyed and config.cache_salt else None
+        self.adapters = Adapters(models, serve.get_replica_context().app_name)
         self.http_server = await http.serve_http(build_api(self), config.host, config.port, config.http)
 
     async def serve(self, endpoint: Endpoint, request: Request) -> Response:
@@ -99,11 +102,11 @@ class Ingress:
             tenant = self.access.caller(request.headers).tenant
             who = tenant.name
             body = await http.json_body(request, self.config.max_request_bytes, self.config.http.body_timeout_s)
-            model = self._model(endpoint, body)
-            name = model.name
+            model, adapter = await self._model(endpoint, body)
+            name = adapter.name if adapter is not None else model.name
             if self.salt is not None and endpoint in SALTED:
                 body["cache_salt"] = self.salt.of(tenant.name, body.get("cache_salt"))
-            head = await self._open(model, Call(endpoint, body, rid, tenant))
+            head = await self._open(model, Call(endpoint, body, rid, tenant, adapter))
         except Exception as exc:
             head = Reply.of(_as_api_error(exc), rid)
         if isinstance(head, Reply):
@@ -111,7 +114,8 @@ class Ingress:
             return http.json_response(head, rid)
         return http.sse_response(self._relay(head, name, endpoint, start, rid, who), rid)
 
-    def _model(self, endpoint: Endpoint, body: dict) -> ModelConfig:
+    async def _model(self, endpoint: Endpoint, body: dict) -> tuple[ModelConfig, Adapter | None]:
+        """The model a request names, and the adapter of it when the name is an adapter's."""
         name = body.get("model")
         if name is None:
             name = next((m.name for m in self.models.values() if endpoint in TASK_ENDPOINTS[m.task]),
@@ -119,15 +123,17 @@ class Ingress:
             body["model"] = name
         if not isinstance(name, str):
             raise errors.InvalidRequestError("model must be a string", param="model", code="invalid_type")
-        if name not in self.models:
-            raise errors.NotFoundError(
-                f"The model `{name}` does not exist. Served models: {', '.join(self.models)}.",
-                param="model", code="model_not_found")
-        model = self.models[name]
+        if name in self.models:
+            model, adapter = self.models[name], None
+        else:
+            found = await self.adapters.find(name)
+            if found is None or found[0] not in self.models:  # (a run-time adapter of a model since removed)
+                raise _no_model(name, self.models)
+            model, adapter = self.models[found[0]], found[1]
         if endpoint not in TASK_ENDPOINTS[model.task]:
             raise errors.InvalidRequestError(f"model {name!r} does not serve {PATHS[endpoint][0]}",
                                              param="model", code="unsupported_endpoint")
-        return model
+        return model, adapter
 
     async def _open(self, model: ModelConfig, call: Call) -> Reply | AsyncIterator[bytes]:
         """Send the request; if its replica dies before the first reply, send it once more."""
@@ -188,15 +194,45 @@ class Ingress:
         rid = http.request_id(request)
         try:
             self.access.tenant(request.headers)
-            if model_id is not None and model_id not in self.models:
-                raise errors.NotFoundError(f"The model `{model_id}` does not exist. Served models: "
-                                           f"{', '.join(self.models)}.", param="model", code="model_not_found")
+            if model_id is not None and model_id not in self.models and await self.adapters.find(model_id) is None:
+                raise _no_model(model_id, self.models)
         except errors.APIError as exc:
             return http.error_response(exc, rid)
         # `task` is raylm's: which endpoints a model serves (the playground picks its chat models by it).
-        cards = [{"id": name, "object": "model", "created": self.created, "owned_by": "raylm", "task": m.task}
-                 for name, m in self.models.items() if model_id in (None, name)]
-        return JSONResponse(cards[0] if model_id is not None else {"object": "list", "data": cards})
+        # An adapter's card names its base in `parent`, as vLLM's does.
+        adapters = await self.adapters.current()
+        cards = []
+        for name, m in self.models.items():
+            cards.append({"id": name, "object": "model", "created": self.created, "owned_by": "raylm", "task": m.task})
+            cards += [{"id": adapter, "object": "model", "created": self.created, "owned_by": "raylm",
+                       "task": m.task, "parent": name} for adapter, (base, _) in adapters.items() if base == name]
+        if model_id is not None:
+            return JSONResponse(next(c for c in cards if c["id"] == model_id))
+        return JSONResponse({"object": "list", "data": cards})
+
+    async def change_adapters(self, request: Request, load: bool) -> Response:
+        """POST /v1/load_lora_adapter, /v1/unload_lora_adapter (vLLM's bodies; `model` names the base when
+        several models take run-time adapters): an admin key only; see adapters.py."""
+        rid = http.request_id(request)
+        try:
+            if not self.access.caller(request.headers).admin:
+                raise errors.PermissionDeniedError("loading and unloading adapters needs an admin key",
+                                                   code="admin_only")
+            body = await http.json_body(request, 64 * 1024, self.config.http.body_timeout_s)
+            name, path, base = body.get("lora_name"), body.get("lora_path"), body.get("model")
+            for field, value in (("lora_name", name), ("lora_path", path if load else ""), ("model", base or "")):
+                if not isinstance(value, str) or (field == "lora_name" and not value):
+                    raise errors.InvalidRequestError(f"{field} must be a non-empty string", param=field)
+            if load:
+                await self.adapters.load(name, path, base)
+                message = f"Success: LoRA adapter '{name}' added successfully."
+            else:
+                await self.adapters.unload(name)
+                message = f"Success: LoRA adapter '{name}' removed successfully."
+        except Exception as exc:
+            return http.error_response(exc, rid)
+        logger.info("adapter %s %s by an admin", name, "registered" if load else "removed")
+        return Response(message, media_type="text/plain")
 
     async def status(self, request: Request) -> Response:
         """GET /status (behind the API key): the service at a glance, every tenant's for an admin key, the
@@ -209,7 +245,8 @@ class Ingress:
         deployments = {name: deployment_name(name) for name in self.models}
         app_name = serve.get_replica_context().app_name
         tenant = None if caller.admin else caller.tenant.name
-        return JSONResponse(await status.collect(app_name, deployments, self.metrics.window, tenant))
+        adapters = {name: base for name, (base, _) in (await self.adapters.current()).items()}
+        return JSONResponse(await status.collect(app_name, deployments, self.metrics.window, tenant, adapters))
 
     async def ready(self) -> JSONResponse:
         """Ready when every model that keeps replicas answers a ping; a model scaled to zero counts as ready."""
@@ -239,6 +276,11 @@ class Ingress:
         if server is not None:
             server.should_exit = True
             await asyncio.wait({server.task}, timeout=5)
+
+
+def _no_model(name: str, models: dict[str, ModelConfig]) -> errors.APIError:
+    return errors.NotFoundError(f"The model `{name}` does not exist. Served models: {', '.join(models)} "
+                                "(and their adapters: GET /v1/models).", param="model", code="model_not_found")
 
 
 IngressDeployment = serve.deployment(Ingress)

@@ -70,6 +70,14 @@ def build_api(ingress: Any) -> FastAPI:
     async def retrieve_model(request: Request, model_id: str) -> Response:
         return await ingress.list_models(request, model_id)
 
+    @api.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request) -> Response:
+        return await ingress.change_adapters(request, load=True)
+
+    @api.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request) -> Response:
+        return await ingress.change_adapters(request, load=False)
+
     @api.get("/", include_in_schema=False)
     async def playground() -> Response:
         return _static(PLAYGROUND / "index.html")

@@ -137,6 +137,14 @@ class PrefixIndex:
             del self._held[replica]
 
 
+def adapter_block(pending_request: PendingRequest | None) -> tuple[int, ...]:
+    """A LoRA adapter's request as a chain of one block (its name's), for `prefer`; () without one."""
+    call = pending_request.args[0] if pending_request is not None and pending_request.args else None
+    if not isinstance(call, Call) or call.adapter is None:
+        return ()
+    return (hash(("adapter", call.adapter.name)),)
+
+
 class Pending:
     """Requests a replica was chosen for and Serve has not sent yet, each forgotten after `ttl_s`."""
 
@@ -196,8 +204,10 @@ class PendingAware(RequestRouter):
         super().__init__(*args, **kwargs)
         self.initialize_state()  # Serve calls it again with the deployment's kwargs
 
-    def initialize_state(self, **kwargs: Any) -> None:
+    def initialize_state(self, adapter_capacity: int = 1, **kwargs: Any) -> None:
         self.pending = Pending()
+        # Per replica, the LoRA adapters it was sent, as many as it keeps loaded (lora.max_cpu_loras).
+        self.adapters = PrefixIndex(adapter_capacity)
 
     def loads(self, replica_ids: Iterable[ReplicaID]) -> dict[ReplicaID, int]:
         """Queue lengths as Serve's cache has them (unknown: 0), plus the choices not yet sent."""
@@ -214,9 +224,15 @@ class PendingAware(RequestRouter):
         super().on_send_request(replica_id)
         self.pending.sent(replica_id)
 
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        adapter = adapter_block(pending_request)
+        if adapter:
+            self.adapters.record(replica_id, adapter)
+
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
         self.pending.keep(self.curr_replicas)
+        self.adapters.keep(self.curr_replicas)
 
 
 class SpreadRouter(FIFOMixin, LocalityMixin, MultiplexMixin, PendingAware):
@@ -232,6 +248,11 @@ class SpreadRouter(FIFOMixin, LocalityMixin, MultiplexMixin, PendingAware):
         by_id = {r.replica_id: r for r in candidate_replicas if r.replica_id in ids}
         if not by_id:
             return []
+        adapter = adapter_block(pending_request)
+        if adapter:  # a LoRA adapter's request: a replica that holds it, unless its queue is much longer
+            shuffled = random.sample(list(by_id), len(by_id))
+            pick = prefer(adapter, shuffled, self.loads(shuffled), self.adapters)
+            return self.chosen(by_id[pick], [by_id[i] for i in shuffled])
         two = random.sample(list(by_id), min(2, len(by_id)))
         loads = self.loads(two)
         return self.chosen(by_id[min(two, key=lambda i: loads[i])], [by_id[i] for i in two])
@@ -242,8 +263,9 @@ class PrefixAffinityRouter(PendingAware):
     request's prefix goes to that request, not to the oldest one waiting."""
 
     def initialize_state(self, block_chars: int = BLOCK_CHARS, max_chars: int = MAX_CHARS,
-                         imbalance: int = IMBALANCE, capacity_blocks: int = CAPACITY_BLOCKS) -> None:
-        super().initialize_state()
+                         imbalance: int = IMBALANCE, capacity_blocks: int = CAPACITY_BLOCKS,
+                         adapter_capacity: int = 1) -> None:
+        super().initialize_state(adapter_capacity)
         self.block_chars, self.max_chars, self.imbalance = block_chars, max_chars, imbalance
         self.index = PrefixIndex(capacity_blocks)
 
@@ -252,9 +274,12 @@ class PrefixAffinityRouter(PendingAware):
         call = pending_request.args[0] if pending_request is not None and pending_request.args else None
         if not isinstance(call, Call):
             return ()
-        # A salted request (one tenant's cache, ingress.CacheSalt) shares blocks only with its own salt.
-        seed = f"{call.endpoint}\x00{call.body.get('cache_salt') or ''}"
-        return block_chain(prompt_text(call.body, self.max_chars), self.block_chars, seed)
+        # A salted request (one tenant's cache, ingress.CacheSalt) shares blocks only with its own salt; an
+        # adapter's, with its adapter's (vLLM's block hashes hold the adapter), whose own block comes first.
+        adapter = call.adapter.name if call.adapter is not None else ""
+        seed = f"{call.endpoint}\x00{call.body.get('cache_salt') or ''}\x00{adapter}"
+        return adapter_block(pending_request) + block_chain(prompt_text(call.body, self.max_chars),
+                                                            self.block_chars, seed)
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -275,6 +300,7 @@ class PrefixAffinityRouter(PendingAware):
         return self.chosen(by_id[pick], shuffled)
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        super().on_request_routed(pending_request, replica_id, result)
         try:
             self.index.record(replica_id, self.chain(pending_request))
         except Exception:  # learning is best effort: the request is already on its way

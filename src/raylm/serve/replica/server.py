@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -32,10 +33,11 @@ from raylm.serve.stream import StreamHub
 logger = logging.getLogger("raylm.serve")
 
 
-def _make_engine(model: ModelConfig, cache_dir: Path) -> Engine:
+def _make_engine(model: ModelConfig, model_dir: str) -> Engine:
+    """`model_dir`: the model's source resolved (models.resolve_source), once per replica."""
     from raylm.engine.vllm import VLLMEngine
 
-    return VLLMEngine(resolve_source(model.source, cache_dir), model.name, model.task, model.engine_args)
+    return VLLMEngine(model_dir, model.name, model.task, model.engine_args)
 
 
 def stream_host() -> str:
@@ -45,6 +47,29 @@ def stream_host() -> str:
     node_id = ray.get_runtime_context().get_node_id()
     node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
     return "127.0.0.1" if _ray.HEAD_NODE_RESOURCE in node["Resources"] else node["NodeManagerAddress"]
+
+
+class HeldAdapters:
+    """The adapters the engine holds, as its CPU cache of max_cpu_loras keeps them (least recently used out):
+    vLLM counts no loads, so this mirror does, for the metrics and `raylm status`."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.loads = capacity, 0
+        self._lru: OrderedDict[str, None] = OrderedDict()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._lru)
+
+    def use(self, name: str) -> bool:
+        """Record a request for the adapter; True when it had to be loaded."""
+        loaded = name not in self._lru
+        self._lru[name] = None
+        self._lru.move_to_end(name)
+        while len(self._lru) > self.capacity:
+            self._lru.popitem(last=False)
+        self.loads += loaded
+        return loaded
 
 
 class ModelServer:
@@ -59,16 +84,17 @@ class ModelServer:
         self.turns = Turns()
         self.max_n = model.admission.max_n or (128 if model.num_gpus else 16)
         self.probe_timeout_s = model.health.probe_timeout_s
-        self.fit = hardware.fit(model.engine_args, model.env,
-                                model_dir=resolve_source(model.source, Path(cache_dir)))
+        model_dir = resolve_source(model.source, Path(cache_dir))
+        self.fit = hardware.fit(model.engine_args, model.env, model_dir=model_dir)
         os.environ.update(self.fit.env)  # read by vLLM here and in the EngineCore process it spawns
         logger.info("%s: %s", model.name, "; ".join(self.fit.notes))
         self.engine: Engine = engine_factory(model.model_copy(update={"engine_args": self.fit.engine_args}),
-                                             Path(cache_dir))
+                                             model_dir)
         await self.engine.start()
         self.streams = StreamHub()
         await self.streams.start(stream_host())
         self.metrics = ReplicaMetrics(model.name, self.replica_id)
+        self.held = HeldAdapters(model.lora_limits.held)
         self._sampler = asyncio.create_task(self._sample())
 
     async def _sample(self) -> None:
@@ -82,8 +108,9 @@ class ModelServer:
             await asyncio.sleep(1.0)
 
     async def _report(self, phase: str, running: int = 0, queued: int = 0, tokens_per_s: float = 0.0) -> None:
+        held = getattr(self, "held", None) or HeldAdapters(0)  # none before the engine is up
         report = {"phase": phase, "running": running, "queued": queued, "tokens_per_s": round(tokens_per_s, 2),
-                  "pid": os.getpid()}
+                  "pid": os.getpid(), "adapters": list(held.names), "adapter_loads": held.loads}
         try:
             await asyncio.to_thread(status.publish, self.name, self.replica_id, report)
         except Exception as exc:  # the status page is not worth a replica: GCS may be busy or restarting
@@ -101,6 +128,10 @@ class ModelServer:
                 raise errors.InvalidRequestError(
                     f"n is {prepared.sequences}; this model takes at most {self.max_n} (admission.max_n)",
                     param="n", code="n_too_large")
+            if call.adapter is not None:  # loaded before the request takes a slot: a failed load costs none
+                await self.engine.use_adapter(call.adapter)
+                if self.held.use(call.adapter.name):
+                    self.metrics.adapter_loaded(call.adapter.name)
             async with self.admission.slot(call.tenant, prepared.size.total, prepared.sequences):
                 result = await self.engine.create(prepared, rid)
                 if isinstance(result, bytes):
@@ -138,7 +169,8 @@ class ModelServer:
         """This replica's queue and engine, for tests and operators."""
         return {"pid": os.getpid(), "running": self.admission.running, "queued": self.admission.queued,
                 "queued_tokens": self.admission.queued_tokens, "rejected": dict(self.admission.rejected),
-                "engine_running": self.engine.num_running(), "streams": f"{self.streams.host}:{self.streams.port}"}
+                "engine_running": self.engine.num_running(), "streams": f"{self.streams.host}:{self.streams.port}",
+                "adapters": list(self.held.names), "adapter_loads": self.held.loads}
 
     async def __del__(self) -> None:
         # Serve awaits this on graceful replica shutdown: stop the engine and its EngineCore process.

@@ -97,7 +97,8 @@ function showError(message) {
 
 function fillSelect(select, models) {
   const previous = select.value;
-  select.replaceChildren(...models.map((m) => new Option(m.id, m.id)));
+  // A LoRA adapter's card names its base model in `parent` (as vLLM's does)
+  select.replaceChildren(...models.map((m) => new Option(m.parent ? `${m.id} (LoRA of ${m.parent})` : m.id, m.id)));
   if (models.some((m) => m.id === previous)) select.value = previous;
 }
 

@@ -272,11 +272,15 @@ class ModelConfig(_Frozen):
             args["reasoning_parser"] = self.reasoning_parser
         if self.chat_template is not None:
             args["chat_template"] = str(self.chat_template)
-        if self.serves_adapters:
-            lora = self.lora_limits
-            args.update(enable_lora=True, max_loras=lora.max_loras, max_lora_rank=lora.max_lora_rank,
-                        max_cpu_loras=lora.held)
-        return args
+        return {**args, **self.lora_args()}
+
+    def lora_args(self) -> dict[str, Any]:
+        """vLLM's engine arguments for serving this model's adapters (none without)."""
+        if not self.serves_adapters:
+            return {}
+        lora = self.lora_limits
+        return {"enable_lora": True, "max_loras": lora.max_loras, "max_lora_rank": lora.max_lora_rank,
+                "max_cpu_loras": lora.held}
 
 
 class ServeConfig(_Frozen):
@@ -456,19 +460,23 @@ class AppConfig(_Frozen):
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
 
+    def adapter_base(self, name: str) -> ModelConfig | None:
+        """The model whose `adapters` name this one."""
+        return next((m for m in self.models if name in m.adapters), None)
+
     def data_model(self, ref: str, task: Literal["generate", "embed"] | None) -> ModelConfig:
         """The model a data stage runs: `ref` names one of `models` (its source, engine arguments, env and
-        resources), else it is a source; `data`'s engine_args, env and resources go on top. `task` None: any
-        model (a tokenizer's)."""
+        resources) or an adapter of one (that model, LoRA on), else it is a source; `data`'s engine_args, env
+        and resources go on top. `task` None: any model (a tokenizer's)."""
         data = self.data
-        model = self.model(ref) or next((m for m in default_models() if m.name == ref), None)
+        model = self.model(ref) or self.adapter_base(ref) or next((m for m in default_models() if m.name == ref), None)
         if model is None:
             model = ModelConfig(name=_name_of(ref), source=ref, task=task or "generate",
                                 engine_args=_DATA_ENGINE_ARGS, env=_DATA_ENV)
         elif task is not None and model.task != task:
             raise ValueError(f"model {ref!r} is a {model.task} model; this job needs a {task} model")
         resources = {k: v for k, v in (("num_cpus", data.num_cpus), ("num_gpus", data.num_gpus)) if v is not None}
-        return model.model_copy(update={"engine_args": {**model.engine_args, **data.engine_args},
+        return model.model_copy(update={"engine_args": {**model.engine_args, **model.lora_args(), **data.engine_args},
                                         "env": {**model.env, **data.env}, **resources})
 
 

@@ -150,3 +150,25 @@ def test_generate_on_tiny_model_with_per_row_params(tiny_model, tmp_path):
     assert rows[0]["finish_reason"] in ("stop", "length") and rows[0]["num_prompt_tokens"] > 2
     error = read_out(out, "errors").to_pylist()[0]
     assert error["_row"] == 2 and "context" in error["error"]
+
+
+def test_generate_rows_through_the_configs_adapters(tiny_model, lora_dir, tmp_path):
+    import yaml
+    from helpers import TINY_ENGINE_ARGS
+
+    config = tmp_path / "raylm.yaml"
+    config.write_text(yaml.safe_dump({"models": [{
+        "name": "tiny-lora", "source": str(tiny_model), "engine_args": TINY_ENGINE_ARGS,
+        "adapters": {"tiny-a": str(lora_dir / "a"), "tiny-b": str(lora_dir / "b")},
+        "lora": {"max_loras": 2, "max_lora_rank": 8}}]}))
+    src = tmp_path / "in.jsonl"
+    rows = [{}, {"adapter": "tiny-a"}, {"adapter": "tiny-b"}, {"adapter": "nope"}, {"adapter": "tiny-a"}]
+    src.write_text("\n".join(json.dumps({"text": "Hello world", "ignore_eos": True, **r}) for r in rows) + "\n")
+    out = tmp_path / "out"
+    result = raylm_data("generate", str(src), str(out), "--config", str(config), "--model", "tiny-lora",
+                        "--max-tokens", "8")
+    assert counts(result) == [5, 4, 1, 0]
+    texts = {r["_row"]: r["generated_text"] for r in read_out(out, "data").to_pylist()}
+    assert len({texts[0], texts[1], texts[2]}) == 3 and texts[4] == texts[1]  # base, a, b: each its own weights
+    error = read_out(out, "errors").to_pylist()[0]
+    assert error["_row"] == 3 and "no adapter 'nope'; this model's: tiny-a, tiny-b" in error["error"]

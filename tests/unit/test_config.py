@@ -208,3 +208,9 @@ def test_adapters_turn_lora_on_in_the_engine_with_the_models_limits(adapters):
     path.write_text(yaml.safe_dump(tree))
     replaced = load_config(path, model="other/model").models[0]
     assert replaced.adapters == {} and replaced.lora is None
+
+
+def test_a_data_job_named_by_adapter_runs_its_base_model_with_lora_on(adapters):
+    app = AppConfig(models=[ModelConfig(name="m", source="x", adapters={"a": str(adapters["r8"])})])
+    model = app.data_model("a", "generate")
+    assert model.name == "m" and model.engine_args["enable_lora"] and model.engine_args["max_lora_rank"] == 16

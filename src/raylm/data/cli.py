@@ -44,6 +44,12 @@ def _run(task: str, input: str, output: Path, config: Path | None, stage: str, k
         resources = {"num_cpus": 1.0, "num_gpus": 0.0}
     else:
         kwargs["engine_args"] = model.engine_args
+    if stage == "Generate" and model.adapters:  # rows may name an adapter (column `adapter`); --model: the default
+        from raylm.adapters import check_adapter
+
+        kwargs["adapters"] = {name: str(check_adapter(name, source, model.lora_limits.max_lora_rank))
+                              for name, source in model.adapters.items()}
+        kwargs["adapter"] = ref if ref in model.adapters else None
     spec = job.JobSpec(task, input, str(output), cfg.text_column, cfg.output_format,
                        {**options, "model": path})
     with _job_errors():  # fail fast, before starting Ray, on a bad input or an OUT that is not ours

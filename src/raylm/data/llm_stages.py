@@ -208,13 +208,19 @@ class Generate(_EngineStage):
     """text → `generated_text`, token counts and `finish_reason`, with vLLM batch inference.
 
     Chat models get their chat template (the text is the user's message). Rows may carry their own
-    `max_tokens`, `temperature` and `ignore_eos` (generate exactly `max_tokens`, as benchmarks do); others
-    use the defaults given here.
+    `max_tokens`, `temperature` and `ignore_eos` (generate exactly `max_tokens`, as benchmarks do), and
+    `adapter`: one of `adapters` (name → folder; the engine needs enable_lora); others use the defaults
+    given here (`adapter` None: the base model).
     """
 
     def __init__(self, model: str, text_column: str = "text", engine_args: dict[str, Any] | None = None,
-                 max_tokens: int = 64, temperature: float = 0.0, ignore_eos: bool = False) -> None:
+                 max_tokens: int = 64, temperature: float = 0.0, ignore_eos: bool = False,
+                 adapters: dict[str, str] | None = None, adapter: str | None = None) -> None:
         super().__init__(model, engine_args or {})
+        from vllm.lora.request import LoRARequest
+
+        self.loras = {name: LoRARequest(name, n + 1, path) for n, (name, path) in enumerate((adapters or {}).items())}
+        self.adapter = adapter
         self.tokenizer = self.llm.get_tokenizer()
         self.max_len = self.llm.llm_engine.model_config.max_model_len
         self.chat = getattr(self.tokenizer, "chat_template", None) is not None
@@ -228,7 +234,7 @@ class Generate(_EngineStage):
             return self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
         return self.tokenizer(text)["input_ids"]
 
-    def _row_param(self, batch: pa.Table, name: str, default: float, cast: type) -> list:
+    def _row_param(self, batch: pa.Table, name: str, default: Any, cast: type) -> list:
         if name not in batch.column_names:
             return [default] * len(batch)
         return [default if v is None else cast(v) for v in batch[name].to_pylist()]
@@ -240,6 +246,11 @@ class Generate(_EngineStage):
         max_tokens = self._row_param(batch, "max_tokens", self.max_tokens, int)
         temperature = self._row_param(batch, "temperature", self.temperature, float)
         ignore_eos = self._row_param(batch, "ignore_eos", self.ignore_eos, bool)
+        adapters = self._row_param(batch, "adapter", self.adapter, str)
+        for i, name in enumerate(adapters):
+            if name is not None and name not in self.loras and texts[i] is not None:
+                errors[i] = f"no adapter {name!r}; this model's: {', '.join(self.loras) or 'none'}"
+                texts[i] = None
         prompts = [self._prompt_ids(t) if t is not None else [] for t in texts]
         _too_long([len(p) + m for p, m in zip(prompts, max_tokens)], self.max_len, texts, errors)
         rows = [i for i, t in enumerate(texts) if t is not None]
@@ -247,8 +258,9 @@ class Generate(_EngineStage):
         if rows:
             params = [SamplingParams(max_tokens=max_tokens[i], temperature=temperature[i], ignore_eos=ignore_eos[i])
                       for i in rows]
+            loras = [self.loras.get(adapters[i]) for i in rows] if self.loras else None
             outputs = self.llm.generate([TokensPrompt(prompt_token_ids=prompts[i]) for i in rows], params,
-                                        use_tqdm=False)
+                                        use_tqdm=False, lora_request=loras)
             results = {i: o.outputs[0] for i, o in zip(rows, outputs)}
         get = results.get
         return _with(batch, {

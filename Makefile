@@ -7,7 +7,7 @@ EXTRA ?= cpu
 STAMP := $(VENV)/.installed-$(EXTRA)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup chromium serve test test-slow test-unit bench bench-compare bench-dataplane bench-dtype bench-batch bench-data-scale
+.PHONY: setup chromium serve test test-slow test-unit bench bench-compare bench-dataplane bench-dtype bench-batch bench-data-scale bench-lora
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -82,3 +82,8 @@ bench-batch: setup
 # Data job cost by size: the reader, `raylm data tokenize` and the Batch API at 3 sizes each (~20 min)
 bench-data-scale: setup
 	$(BIN)/python benchmarks/data_scale.py
+
+# LoRA adapters: cost beside base traffic, against Ray Serve LLM (a local S3), adapter loads by routing (~15 min)
+bench-lora: setup
+	$(BIN)/pip install -q -e '.[$(EXTRA),bench]'
+	$(BIN)/python benchmarks/lora.py

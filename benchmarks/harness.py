@@ -7,6 +7,8 @@ Systems (each its own process tree, stopped by PID afterwards; only what this ha
     raylm-base      the same from another checkout's `src` ($RAYLM_BASE_SRC first on PYTHONPATH, e.g. a
                     `git worktree` of the previous commit): before/after in one run
     raylm-nice15    raylm with its workers at Ray's default nice 15 (raylm's own cluster runs them at 0)
+    raylm-pow2      raylm with Serve's own PowerOfTwoChoicesRequestRouter for its models (no burst spread,
+                    no adapter affinity): what raylm's routing is measured against
     vllm            bare `vllm serve` (python -m vllm.entrypoints.openai.api_server), same engine arguments
     vllm-uni        the same with raylm's CPU engine layout (the worker inside EngineCore; systems/vllm_uni.py)
     ray-serve-llm   Ray Serve LLM (ray.serve.llm.build_openai_app), same engine arguments, Serve's
@@ -48,6 +50,7 @@ class Setup:
     engine_args: dict[str, Any]
     env: dict[str, str]
     raylm_model: dict[str, Any] = field(default_factory=dict)  # extra raylm model config (admission, ...)
+    ray_llm_lora: dict[str, Any] = field(default_factory=dict)  # Ray Serve LLM's LoraConfig (benchmarks/lora.py)
 
 
 def vllm_flags(engine_args: dict[str, Any]) -> list[str]:
@@ -62,6 +65,12 @@ def vllm_flags(engine_args: dict[str, Any]) -> list[str]:
     return flags
 
 
+# `raylm serve` with Serve's default request router in place of raylm's (system raylm-pow2).
+_SERVE_ROUTER = ("from raylm.serve.control import builder; builder.ROUTERS['default'] = "
+                 "'ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter'; "
+                 "from raylm.cli import app; app(prog_name='raylm')")
+
+
 def command(system: str, setup: Setup, port: int, work: Path) -> tuple[list[str], dict[str, str]]:
     py = sys.executable
     base, _, bind = system.partition("-bind")
@@ -74,6 +83,8 @@ def command(system: str, setup: Setup, port: int, work: Path) -> tuple[list[str]
         path.write_text(yaml.safe_dump(config))
         extra = {"raylm-base": {"PYTHONPATH": os.environ.get("RAYLM_BASE_SRC", "")},
                  "raylm-nice15": {"RAY_worker_niceness": "15"}}.get(base, {})
+        if base == "raylm-pow2":
+            return [py, "-c", _SERVE_ROUTER, "serve", str(path)], extra
         return [py, "-m", "raylm.cli", "serve", str(path)], extra
     if base in ("vllm", "vllm-uni"):
         server = ["-m", "vllm.entrypoints.openai.api_server"] if base == "vllm" else [str(HERE / "systems/vllm_uni.py")]
@@ -84,7 +95,8 @@ def command(system: str, setup: Setup, port: int, work: Path) -> tuple[list[str]
         mode = ({"RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"} if direct
                 else {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"})
         return [py, str(HERE / "systems/ray_serve_llm.py"), setup.model_dir, setup.name, str(port),
-                "--engine-args", json.dumps(setup.engine_args), "--env", json.dumps(env)], {
+                "--engine-args", json.dumps(setup.engine_args), "--env", json.dumps(env),
+                *(["--lora-config", json.dumps(setup.ray_llm_lora)] if setup.ray_llm_lora else [])], {
                     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", **mode}
     if base == "naive":
         return [py, str(HERE / "systems/naive_pipeline.py"), setup.model_dir, setup.name, str(port)], {}
@@ -106,7 +118,7 @@ def running(system: str, setup: Setup, work: Path, timeout_s: float = 600):
             if proc.poll() is not None:
                 raise RuntimeError(f"{system} exited {proc.returncode}; see {log.name}")
             try:  # up means answering a completion: some servers list models before an engine is ready
-                probe = {"model": setup.name, "prompt": "hi", "max_tokens": 1}
+                probe = {"model": setup.name, "prompt": "hi", "max_tokens": 1}  # the base model
                 if httpx.post(f"{url}/completions", json=probe, timeout=30).status_code == 200:
                     break
             except httpx.HTTPError:

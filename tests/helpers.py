@@ -21,6 +21,9 @@ API_KEY = "sk-raylm-integration"
 AUTH = {"authorization": f"Bearer {API_KEY}"}
 OTHER_KEY = "sk-raylm-other-tenant"  # a second tenant (the Batch API's objects are scoped to one)
 SERVICE_MAX_FILE_BYTES = 210 * 2**20  # the service's upload limit: a 200 MiB upload fits, 2 GiB does not
+# What the service's `tiny-think` model is made to write (vLLM structured output) so that its reasoning
+# parser (Granite's, which reads these text markers) has reasoning to take apart.
+THINKING = (r"Here is my thought process:( [a-z]{4,10}){2,4} Here is my response:( [a-z]{4,10}){2,4}")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -18,6 +18,8 @@ if __name__ == "__main__":
     parser = arg_parser()
     parser.add_argument("--engine-args", default="{}")
     parser.add_argument("--env", default="{}")
+    parser.add_argument("--lora-config", default="", help="its LoraConfig as JSON (dynamic_lora_loading_path: "
+                                                          "an s3:// folder of adapters; requests name NAME:adapter)")
     args = parser.parse_args()
 
     from ray.serve.llm import LLMConfig, build_openai_app
@@ -29,6 +31,7 @@ if __name__ == "__main__":
             placement_group_config={"bundles": [{"CPU": 1}]},
             deployment_config={"num_replicas": args.replicas, "ray_actor_options": {"num_cpus": 0.5}},
             runtime_env={"env_vars": json.loads(args.env)},
+            **({"lora_config": json.loads(args.lora_config)} if args.lora_config else {}),
         )
         direct = os.environ.get("RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING") == "1"
         ingress = {} if direct else {"ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0.1}}}

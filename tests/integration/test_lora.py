@@ -78,7 +78,10 @@ def test_run_time_load_then_unload(service, client, lora_dir):
     r = _post(service, "/v1/load_lora_adapter", {"lora_name": "tiny-c", "lora_path": str(lora_dir / "c")})
     assert r.status_code == 200, r.text
     assert client.models.retrieve("tiny-c").parent == "tiny-lora"
-    answer = _greedy(client, "tiny-c", PROMPTS[0])
+    with ThreadPoolExecutor(8) as pool:  # its first requests come together: it loads once, all are answered
+        answers = list(pool.map(lambda _: _greedy(client, "tiny-c", PROMPTS[0]), range(8)))
+    answer = answers[0]
+    assert answers == [answer] * 8
     assert answer != _greedy(client, "tiny-lora", PROMPTS[0])
     assert answer != _greedy(client, "tiny-a", PROMPTS[0])
     r = _post(service, "/v1/unload_lora_adapter", {"lora_name": "tiny-c"})
@@ -106,7 +109,8 @@ def test_an_adapter_that_fails_to_load_is_a_400_naming_it_and_the_replica_stays(
 
 
 def test_an_adapter_chats(service):
-    r = _post(service, "/v1/chat/completions", {"model": "tiny-b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    chat = {"model": "tiny-b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    r = _post(service, "/v1/chat/completions", chat)
     assert r.status_code == 200, r.text
     assert r.json()["model"] == "tiny-b"
 
@@ -134,3 +138,16 @@ def test_the_batch_api_serves_adapters_by_name(client):
     assert answers["tiny-zzz"]["status_code"] == 404
     for name in names[:3]:
         assert answers[name]["body"]["choices"][0]["text"] == _greedy(client, name, PROMPTS[0]), name
+
+
+def test_status_shows_each_adapter_under_its_model(service, client):
+    import time
+
+    _greedy(client, "tiny-b", PROMPTS[1])
+    for _ in range(10):  # each replica publishes what it holds every second
+        status = httpx.get(f"{service.url}/status", headers=AUTH, timeout=30).json()["models"]["tiny-lora"]
+        if status["adapters"]["tiny-b"]["held_by"] == 1:
+            break
+        time.sleep(0.5)
+    assert status["adapters"]["tiny-b"]["answered"] >= 1 and status["adapters"]["tiny-b"]["held_by"] == 1
+    assert set(status["adapters"]) >= {"tiny-a", "tiny-b"} and status["adapter_loads"] >= 2

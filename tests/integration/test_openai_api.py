@@ -13,7 +13,8 @@ MINILM = "all-minilm-l6-v2"
 
 
 def test_models_lists_every_served_model(client):
-    assert {m.id for m in client.models.list().data} == {"tiny", "tiny-think", SMOLLM2, MINILM}
+    served = {"tiny", "tiny-think", "tiny-lora", "tiny-a", "tiny-b", SMOLLM2, MINILM}  # tiny-a, b: adapters
+    assert {m.id for m in client.models.list().data} == served
     assert client.models.retrieve(SMOLLM2).id == SMOLLM2
     with pytest.raises(openai.NotFoundError) as missing:
         client.models.retrieve("no-such-model")

@@ -171,6 +171,11 @@ def test_switching_model_answers_from_the_picked_model_in_the_same_chat(page):
     expect(second.locator(".stats")).to_contain_text("tokens")
     assert (sent["model"], len(sent["messages"])) == ("tiny", 3)
 
+    third, sent = ask(page, "Hello", "tiny-a", 16)  # an adapter, picked by its label "tiny-a (LoRA of ...)"
+    expect(third).to_have_attribute("data-state", "done")
+    expect(third.locator(".stats")).to_contain_text("tokens")
+    assert sent["model"] == "tiny-a"
+
 
 def test_a_tool_call_is_shown_with_its_name_and_arguments(page):
     sign_in(page)
@@ -192,6 +197,32 @@ def test_a_tool_call_is_shown_with_its_name_and_arguments(page):
     page.click("#send")
     expect(page.locator("#error")).to_be_visible()
     expect(page.locator("#prompt")).to_have_value("Again")
+
+
+def test_reasoning_is_shown_collapsed_apart_from_the_answer(page):
+    import json
+
+    from helpers import THINKING
+
+    # The tiny model writes Granite's reasoning markers only when made to: the test adds vLLM's structured
+    # output to the body the page sends (nothing else is changed; the page and the server are as shipped).
+    def force_markers(route):
+        body = {**route.request.post_data_json, "structured_outputs": {"regex": THINKING}, "seed": 3,
+                "temperature": 1.0}
+        route.continue_(post_data=json.dumps(body))
+
+    sign_in(page)
+    page.route("**/v1/chat/completions", force_markers)
+    answer, sent = ask(page, "hi", "tiny-think", 120)
+    expect(answer).to_have_attribute("data-state", "done")
+    reasoning = answer.locator(".reasoning")
+    expect(reasoning).to_be_visible()
+    assert reasoning.get_attribute("open") is None  # collapsed until clicked
+    text = reasoning.locator("pre").text_content()
+    assert len(text.split()) >= 2 and "Here is my" not in answer.locator(".content").text_content()
+    reasoning.locator("summary").click()
+    expect(reasoning.locator("pre")).to_be_visible()
+    assert sent["model"] == "tiny-think" and sent["stream"] is True
 
 
 def test_embeddings_tab_shows_the_similarity_matrix(page):

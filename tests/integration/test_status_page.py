@@ -18,7 +18,8 @@ def test_status_shows_replicas_load_and_last_minute_latency(service, client):
         if (tiny["replica_reports"] and tiny["tokens_per_s"] > 0) or time.monotonic() > deadline:
             break
         time.sleep(1)
-    assert set(body["models"]) == {"tiny", "tiny-think", "smollm2-135m-instruct", "all-minilm-l6-v2"}
+    assert set(body["models"]) == {"tiny", "tiny-think", "tiny-lora", "smollm2-135m-instruct",
+                                   "all-minilm-l6-v2"}
     assert tiny["status"] == "HEALTHY" and tiny["replicas"] == {"RUNNING": 1}
     assert len(tiny["replica_reports"]) == 1 and tiny["replica_reports"][0]["phase"] == "ready"
     assert tiny["answered"] >= 3 and tiny["tenant_shares"]["default"] > 0

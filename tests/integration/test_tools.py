@@ -9,7 +9,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from helpers import AUTH
+from helpers import AUTH, THINKING
 
 SMOLLM2 = "smollm2-135m-instruct"
 WEATHER = {"name": "get_weather", "description": "The weather in a city",
@@ -103,9 +103,6 @@ def test_a_model_without_a_parser_says_which_config_field_turns_tools_on(client)
                                        tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="required")
     message = refused.value.body["message"]
     assert "`tool_call_parser`" in message and "raylm config" in message and "--" not in message, message
-
-
-THINKING = (r"Here is my thought process:( [a-z]{4,10}){2,4} Here is my response:( [a-z]{4,10}){2,4}")
 
 
 def test_reasoning_comes_apart_from_the_answer_whole_and_streamed(client):

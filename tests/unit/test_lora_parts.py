@@ -34,7 +34,7 @@ def test_the_base_model_of_a_run_time_load_is_the_one_that_takes_them_or_must_be
         asyncio.run(Adapters([ModelConfig(name="plain", source="y")], "app").load("n", str(tmp_path), None))
 
 
-def test_vllms_cpu_lora_ops_leave_tokens_without_an_adapter_alone():
+def test_vllms_cpu_lora_ops_leave_tokens_without_an_adapter_alone_and_give_the_others_their_own():
     import torch
 
     from raylm import _vllm
@@ -42,8 +42,29 @@ def test_vllms_cpu_lora_ops_leave_tokens_without_an_adapter_alone():
 
     vllm_fixes.register()
     ops = _vllm.module("lora_cpu_ops")
-    weights = torch.ones(2, 1, 3, 4)  # two adapter slots, rank 3, hidden 4
-    out = torch.full((2, 3), 7.0)
-    ops.bgmv_shrink(torch.ones(2, 4), weights, out, torch.tensor([-1, 1]), 1.0)
-    assert out.tolist() == [[7.0] * 3, [4.0] * 3]  # the -1 row untouched (it got slot 1's before)
     assert _vllm.module("lora_cpu_punica").bgmv_expand is ops.bgmv_expand  # where the CPU wrapper calls it
+    torch.manual_seed(0)
+    slots, rank, hidden, out_dim, tokens = 3, 4, 16, 24, 9
+    index = torch.tensor([-1, 0, 2, 1, -1, 2, 2, 0, -1])
+    a, b = torch.randn(slots, 1, rank, hidden), torch.randn(slots, 1, out_dim, rank)
+    x, h = torch.randn(tokens, hidden), torch.randn(tokens, rank)
+    mine = index >= 0
+
+    def reference(inputs, weights):  # each token through its own adapter's weights
+        return torch.stack([weights[max(int(i), 0), 0] @ inputs[t] for t, i in enumerate(index)])
+
+    shrunk = torch.full((tokens, rank), 7.0)
+    ops.bgmv_shrink(x, a, shrunk, index, 0.5)
+    assert torch.equal(shrunk[~mine], torch.full((3, rank), 7.0))  # vLLM 0.32 gave them slot 2's
+    assert torch.allclose(shrunk[mine], 0.5 * reference(x, a)[mine], atol=1e-5)
+    for add in (True, False):
+        before = torch.randn(tokens, 2 * out_dim)
+        expanded = before.clone()
+        ops.bgmv_expand_slice(h, b, expanded, index, out_dim, out_dim, add)
+        assert torch.equal(expanded[~mine], before[~mine]) and torch.equal(expanded[:, :out_dim], before[:, :out_dim])
+        want = reference(h, b)[mine] + (before[mine, out_dim:] if add else 0)
+        assert torch.allclose(expanded[mine, out_dim:], want, atol=1e-4)
+    untouched = torch.randn(tokens, out_dim)
+    base_only = untouched.clone()
+    ops.bgmv_expand(h, b, base_only, torch.full((tokens,), -1), True)  # a batch of base-model requests only
+    assert torch.equal(base_only, untouched)

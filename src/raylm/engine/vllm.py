@@ -6,6 +6,7 @@ vLLM is imported lazily, inside methods: importing raylm (config, CLI, tests) mu
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import copy
 import functools
@@ -50,6 +51,7 @@ class VLLMEngine:
         self._counter: ThreadPoolExecutor | None = None
         self.max_model_len = 0
         self._multimodal = False
+        self._adapter_locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
 
     def build_args(self) -> Any:
         """vLLM's own serve arguments (defaults from its parser), with ours and the user's on top."""
@@ -209,12 +211,16 @@ class VLLMEngine:
         known = models.lora_requests.get(adapter.name)
         if known is not None and known.lora_path == adapter.path:
             return
-        load = _vllm.load("LoadLoRAAdapterRequest")(lora_name=adapter.name, lora_path=adapter.path,
-                                                     load_inplace=known is not None)
-        try:
-            result = await models.load_lora_adapter(load)
-        except Exception as exc:  # vLLM reports by value; anything raised is the same kind of failure
-            result = exc
+        async with self._adapter_locks[adapter.name]:  # the first requests for it come together: load once
+            known = models.lora_requests.get(adapter.name)
+            if known is not None and known.lora_path == adapter.path:
+                return
+            load = _vllm.load("LoadLoRAAdapterRequest")(lora_name=adapter.name, lora_path=adapter.path,
+                                                         load_inplace=known is not None)
+            try:
+                result = await models.load_lora_adapter(load)
+            except Exception as exc:  # vLLM reports by value; anything raised is the same kind of failure
+                result = exc
         if isinstance(result, str):
             logger.info("%s: adapter %s loaded", self.served_name, adapter.name)
             return

@@ -13,6 +13,9 @@ request goes to the model replica whose engine already holds its prompt's start.
     chosen ─► counted as pending on that replica until Serve sends it (or for PENDING_S at most)
     sent and accepted ─► the chosen replica now holds the request's chain (its own LRU of block hashes)
 
+    a LoRA adapter's request (every model): its adapter as a chain of one block, in an LRU per replica of
+    max_cpu_loras ─► a holder within imbalance; none ─► its home replica (adapter_home: rendezvous hashing)
+
 A chain hash covers every block before it, like vLLM's block hashes, so "holds h_k" means "holds the first k
 blocks". Each ingress replica's router learns only from what it routed: no shared index, no actor on the
 request path (Ray Serve LLM's PrefixCacheAffinityRouter asks a tree actor, with blocking calls, per
@@ -28,6 +31,7 @@ capacity_blocks. The pure parts (prompt_text, block_chain, PrefixIndex, prefer) 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import time
@@ -45,6 +49,9 @@ logger = logging.getLogger("raylm.serve")
 BLOCK_CHARS = 256  # ~60 tokens of English: a shared start shorter than that is not worth a detour
 MAX_CHARS = 32_768  # ~8k tokens hashed at most: enough to tell system prompts and chats apart, and cheap
 IMBALANCE = 8  # extra requests on the holder before its cache stops being worth the wait
+# The same for a LoRA adapter: loading one costs less than a prefix's prefill (a rank-8 SmolLM2 adapter reads
+# 20 MB), and at 8 a replica took every request of a hot adapter (benchmarks/lora.py, zipf: TTFT p99).
+ADAPTER_IMBALANCE = 2
 CAPACITY_BLOCKS = 4096  # per replica: ~1M chars, ~250k tokens, a large engine's KV cache
 PENDING_S = 2.0  # a choice Serve did not act on (the replica was full, the request cancelled) is forgotten
 
@@ -137,12 +144,24 @@ class PrefixIndex:
             del self._held[replica]
 
 
+def adapter_name(pending_request: PendingRequest | None) -> str | None:
+    call = pending_request.args[0] if pending_request is not None and pending_request.args else None
+    return call.adapter.name if isinstance(call, Call) and call.adapter is not None else None
+
+
 def adapter_block(pending_request: PendingRequest | None) -> tuple[int, ...]:
     """A LoRA adapter's request as a chain of one block (its name's), for `prefer`; () without one."""
-    call = pending_request.args[0] if pending_request is not None and pending_request.args else None
-    if not isinstance(call, Call) or call.adapter is None:
-        return ()
-    return (hash(("adapter", call.adapter.name)),)
+    name = adapter_name(pending_request)
+    return () if name is None else (hash(("adapter", name)),)
+
+
+def adapter_home(name: str, replica: ReplicaID) -> int:
+    """Where an adapter no replica holds goes (lowest first): rendezvous hashing, the same order in every
+    ingress process (a stable hash, not Python's salted one), so the adapters are split over the replicas
+    and each replica's cache of max_cpu_loras holds its share instead of every adapter passing through it.
+    Measured (benchmarks/lora.py, Zipf over 8 adapters, 2 replicas of max_cpu_loras 2): docs/lora.md."""
+    digest = hashlib.blake2b(f"{name}\x00{replica.unique_id}".encode(), digest_size=8).digest()
+    return -int.from_bytes(digest, "big")  # not CRC32: it is linear, names alike kept the same order
 
 
 class Pending:
@@ -176,11 +195,12 @@ class Pending:
 
 
 def prefer(chain: Sequence[int], candidates: Sequence[K], loads: Mapping[K, int], index: PrefixIndex,
-           imbalance: int = IMBALANCE) -> K | None:
+           imbalance: int = IMBALANCE, home: Callable[[K], Any] | None = None) -> K | None:
     """Among the candidates whose load is within `imbalance` of the least loaded: the one holding the longest
     start of `chain`; when none holds any, the one holding the fewest blocks (a new prefix goes where it
     evicts least: measured, Serve's random pair instead left the replicas' caches 151k / 112k tokens apart
-    and the hit rate at 0.90); ties: the less loaded, then the earlier. None for an empty chain."""
+    and the hit rate at 0.90), or the lowest `home(candidate)` when given; ties: the less loaded, then the
+    earlier. None for an empty chain."""
     if not chain or not candidates:
         return None
     floor = min(loads.get(c, 0) for c in candidates)
@@ -188,7 +208,7 @@ def prefer(chain: Sequence[int], candidates: Sequence[K], loads: Mapping[K, int]
     matched = {c: index.matched(c, chain) for c in eligible}
     if any(matched.values()):
         return min(eligible, key=lambda c: (-matched[c], loads.get(c, 0)))
-    return min(eligible, key=lambda c: (index.blocks(c), loads.get(c, 0)))
+    return min(eligible, key=lambda c: (home(c) if home else index.blocks(c), loads.get(c, 0)))
 
 
 class PendingAware(RequestRouter):
@@ -248,10 +268,11 @@ class SpreadRouter(FIFOMixin, LocalityMixin, MultiplexMixin, PendingAware):
         by_id = {r.replica_id: r for r in candidate_replicas if r.replica_id in ids}
         if not by_id:
             return []
-        adapter = adapter_block(pending_request)
-        if adapter:  # a LoRA adapter's request: a replica that holds it, unless its queue is much longer
+        name = adapter_name(pending_request)
+        if name is not None:  # a LoRA adapter's request: a replica that holds it, unless its queue is much longer
             shuffled = random.sample(list(by_id), len(by_id))
-            pick = prefer(adapter, shuffled, self.loads(shuffled), self.adapters)
+            pick = prefer(adapter_block(pending_request), shuffled, self.loads(shuffled), self.adapters,
+                          ADAPTER_IMBALANCE, home=lambda replica: adapter_home(name, replica))
             return self.chosen(by_id[pick], [by_id[i] for i in shuffled])
         two = random.sample(list(by_id), min(2, len(by_id)))
         loads = self.loads(two)
@@ -291,7 +312,9 @@ class PrefixAffinityRouter(PendingAware):
         by_id = {r.replica_id: r for r in shuffled}
         loads = self.loads(by_id)
         try:
-            pick = prefer(self.chain(pending_request), list(by_id), loads, self.index, self.imbalance)
+            name = adapter_name(pending_request)
+            home = None if name is None else (lambda replica: adapter_home(name, replica))
+            pick = prefer(self.chain(pending_request), list(by_id), loads, self.index, self.imbalance, home)
         except Exception:  # an error here would strand the request: route it as if it had no prefix
             logger.exception("prefix routing failed; routing by queue length")
             pick = None

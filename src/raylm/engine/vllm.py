@@ -226,7 +226,9 @@ class VLLMEngine:
             return
         why = result.error.message if hasattr(result, "error") else repr(result)
         logger.warning("%s: adapter %s did not load: %s", self.served_name, adapter.name, why)
-        raise errors.InvalidRequestError(f"adapter {adapter.name!r} could not be loaded: {why}", param="model",
+        # vLLM's reason names the server's folders: it stays in the replica's log.
+        raise errors.InvalidRequestError(f"adapter {adapter.name!r} could not be loaded on its replica (its "
+                                         "weights did not load; the replica's log says why)", param="model",
                                          code="adapter_load_failed")
 
     def _count(self, endpoint: Endpoint, body: dict) -> PromptSize:

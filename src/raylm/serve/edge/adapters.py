@@ -21,7 +21,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from raylm import _ray, errors
@@ -101,7 +101,7 @@ class Adapters:
         if found[0] is None:
             raise errors.NotFoundError(f"no run-time adapter {name!r}", param="lora_name", code="model_not_found")
 
-    async def _update(self, change) -> None:
+    async def _update(self, change: Callable[[dict[str, tuple[str, Adapter]]], object]) -> None:
         async with self._lock:
             await self._read()
             adapters = dict(self.runtime)

@@ -207,7 +207,8 @@ class Ingress:
             cards += [{"id": adapter, "object": "model", "created": self.created, "owned_by": "raylm",
                        "task": m.task, "parent": name} for adapter, (base, _) in adapters.items() if base == name]
         if model_id is not None:
-            return JSONResponse(next(c for c in cards if c["id"] == model_id))
+            card = next((c for c in cards if c["id"] == model_id), None)  # None: a run-time adapter's base is gone
+            return JSONResponse(card) if card else http.error_response(_no_model(model_id, self.models), rid)
         return JSONResponse({"object": "list", "data": cards})
 
     async def change_adapters(self, request: Request, load: bool) -> Response:

@@ -8,6 +8,7 @@ missing folder or a rank over the model's limit names the adapter instead of fai
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 # What vLLM's max_lora_rank takes (vllm/config/lora.py MaxLoRARanks).
@@ -54,3 +55,8 @@ def check_adapter(name: str, source: str, max_rank: int) -> Path:
         raise ValueError(f"adapter {name!r} has rank {rank}, over max_lora_rank {max_rank}: raise lora.max_lora_rank "
                          f"to one of {', '.join(str(r) for r in LORA_RANKS if r >= rank)}")
     return folder
+
+
+def adapter_folders(adapters: Mapping[str, str], max_rank: int) -> dict[str, str]:
+    """A model's adapters, name → source, as name → folder, each checked (`check_adapter`)."""
+    return {name: str(check_adapter(name, source, max_rank)) for name, source in adapters.items()}

@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from raylm._vllm import parser_names
-from raylm.adapters import check_adapter
+from raylm.adapters import adapter_folders
 from raylm.models import BUNDLED_PREFIX, MINILM, SMOLLM2, default_cache_dir
 
 # vLLM's serve arguments that are ModelConfig fields (typed and checked); given in engine_args, they move there.
@@ -247,10 +247,9 @@ class ModelConfig(_Frozen):
     def _adapters_fit(self) -> ModelConfig:
         if (self.adapters or self.lora) and self.task != "generate":
             raise ValueError(f"model {self.name!r}: LoRA adapters need a generate model")
-        for name, source in self.adapters.items():
-            if name == self.name:
-                raise ValueError(f"adapter {name!r} has the name of its base model")
-            check_adapter(name, source, self.lora_limits.max_lora_rank)
+        if self.name in self.adapters:
+            raise ValueError(f"adapter {self.name!r} has the name of its base model")
+        adapter_folders(self.adapters, self.lora_limits.max_lora_rank)
         return self
 
     @property

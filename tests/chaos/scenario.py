@@ -7,10 +7,9 @@
                                                 admission bounded by time at 2× capacity
 """
 
-
 import httpx
 
-from helpers import TINY_ENGINE_ARGS, free_port, replica_processes  # noqa: F401 (the chaos tests' import)
+from helpers import TINY_ENGINE_ARGS, free_port
 
 from raylm.bench.load import completion_body, send
 from raylm.config import AppConfig, ModelConfig

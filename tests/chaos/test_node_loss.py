@@ -17,8 +17,8 @@ import pytest
 import ray
 from ray import serve
 
-from helpers import TINY_ENGINE_ARGS, free_port
-from scenario import ENV, replica_processes
+from helpers import TINY_ENGINE_ARGS, free_port, replica_processes
+from scenario import ENV
 
 from raylm.bench.load import closed_loop, send
 from raylm.config import AppConfig, ModelConfig

@@ -16,7 +16,8 @@ import psutil
 import pytest
 from ray import serve
 
-from scenario import KEYS, LIMITS, auth, load, replica_processes, report, sender
+from helpers import replica_processes
+from scenario import KEYS, LIMITS, auth, load, report, sender
 
 from raylm.bench.load import RequestResult, closed_loop, completion_body, open_loop, percentile, send
 from raylm.contract import APP_NAME

@@ -45,10 +45,9 @@ def _run(task: str, input: str, output: Path, config: Path | None, stage: str, k
     else:
         kwargs["engine_args"] = model.engine_args
     if stage == "Generate" and model.adapters:  # rows may name an adapter (column `adapter`); --model: the default
-        from raylm.adapters import check_adapter
+        from raylm.adapters import adapter_folders
 
-        kwargs["adapters"] = {name: str(check_adapter(name, source, model.lora_limits.max_lora_rank))
-                              for name, source in model.adapters.items()}
+        kwargs["adapters"] = adapter_folders(model.adapters, model.lora_limits.max_lora_rank)
         kwargs["adapter"] = ref if ref in model.adapters else None
     spec = job.JobSpec(task, input, str(output), cfg.text_column, cfg.output_format,
                        {**options, "model": path})

@@ -51,8 +51,8 @@ def _aliases_last_slot(shrink: Any) -> bool:
 
 def _per_adapter(inputs: Any, weights: Any, indices: Any, dtype: Any) -> tuple[Any, Any] | None:
     """(each row's inputs @ its adapter's weights.T, the rows that have an adapter), None when no row has
-    one (a base-model batch: nothing to add). weights: (slots, [1,]
-    out, in); a row's slot is its index, -1 for none. One matmul against every slot's weights side by side,
+    one (a base-model batch: nothing to add). weights: (slots, [1,] out, in); a row's slot is its index, -1
+    for none. One matmul against every slot's weights side by side,
     no weight matrix gathered per token (vLLM's gather built a tokens × out × in tensor: 78 MB per op for a
     1,600-token prefill of SmolLM2). The rank side is the small one: a shrink (in: hidden, out: rank) computes
     every slot's rank columns and keeps the row's own; an expand (in: rank) places each row's inputs in its

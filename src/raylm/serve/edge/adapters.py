@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from raylm import _ray, errors
-from raylm.adapters import check_adapter
+from raylm.adapters import adapter_folders, check_adapter
 from raylm.config import ModelConfig
 from raylm.contract import Adapter
 
@@ -139,8 +139,8 @@ class Adapters:
 
 def static_adapters(models: Iterable[ModelConfig]) -> dict[str, tuple[str, Adapter]]:
     """The config's adapters, name → (base model, adapter), each resolved (a folder, or an HF cache snapshot)."""
-    return {name: (m.name, Adapter(name, str(check_adapter(name, source, m.lora_limits.max_lora_rank))))
-            for m in models for name, source in m.adapters.items()}
+    return {name: (m.name, Adapter(name, folder)) for m in models
+            for name, folder in adapter_folders(m.adapters, m.lora_limits.max_lora_rank).items()}
 
 
 def served_adapters(models: Iterable[ModelConfig], app: str) -> dict[str, tuple[str, Adapter]]:

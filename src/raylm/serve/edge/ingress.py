@@ -194,8 +194,6 @@ class Ingress:
         rid = http.request_id(request)
         try:
             self.access.tenant(request.headers)
-            if model_id is not None and model_id not in self.models and await self.adapters.find(model_id) is None:
-                raise _no_model(model_id, self.models)
         except errors.APIError as exc:
             return http.error_response(exc, rid)
         # `task` is raylm's: which endpoints a model serves (the playground picks its chat models by it).
@@ -207,7 +205,7 @@ class Ingress:
             cards += [{"id": adapter, "object": "model", "created": self.created, "owned_by": "raylm",
                        "task": m.task, "parent": name} for adapter, (base, _) in adapters.items() if base == name]
         if model_id is not None:
-            card = next((c for c in cards if c["id"] == model_id), None)  # None: a run-time adapter's base is gone
+            card = next((c for c in cards if c["id"] == model_id), None)
             return JSONResponse(card) if card else http.error_response(_no_model(model_id, self.models), rid)
         return JSONResponse({"object": "list", "data": cards})
 

@@ -149,9 +149,8 @@ def adapter_name(pending_request: PendingRequest | None) -> str | None:
     return call.adapter.name if isinstance(call, Call) and call.adapter is not None else None
 
 
-def adapter_block(pending_request: PendingRequest | None) -> tuple[int, ...]:
-    """A LoRA adapter's request as a chain of one block (its name's), for `prefer`; () without one."""
-    name = adapter_name(pending_request)
+def adapter_block(name: str | None) -> tuple[int, ...]:
+    """A LoRA adapter (by name) as a chain of one block, for `prefer`; () for none."""
     return () if name is None else (hash(("adapter", name)),)
 
 
@@ -245,7 +244,7 @@ class PendingAware(RequestRouter):
         self.pending.sent(replica_id)
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
-        adapter = adapter_block(pending_request)
+        adapter = adapter_block(adapter_name(pending_request))
         if adapter:
             self.adapters.record(replica_id, adapter)
 
@@ -271,7 +270,7 @@ class SpreadRouter(FIFOMixin, LocalityMixin, MultiplexMixin, PendingAware):
         name = adapter_name(pending_request)
         if name is not None:  # a LoRA adapter's request: a replica that holds it, unless its queue is much longer
             shuffled = random.sample(list(by_id), len(by_id))
-            pick = prefer(adapter_block(pending_request), shuffled, self.loads(shuffled), self.adapters,
+            pick = prefer(adapter_block(name), shuffled, self.loads(shuffled), self.adapters,
                           ADAPTER_IMBALANCE, home=lambda replica: adapter_home(name, replica))
             return self.chosen(by_id[pick], [by_id[i] for i in shuffled])
         two = random.sample(list(by_id), min(2, len(by_id)))
@@ -297,10 +296,9 @@ class PrefixAffinityRouter(PendingAware):
             return ()
         # A salted request (one tenant's cache, ingress.CacheSalt) shares blocks only with its own salt; an
         # adapter's, with its adapter's (vLLM's block hashes hold the adapter), whose own block comes first.
-        adapter = call.adapter.name if call.adapter is not None else ""
-        seed = f"{call.endpoint}\x00{call.body.get('cache_salt') or ''}\x00{adapter}"
-        return adapter_block(pending_request) + block_chain(prompt_text(call.body, self.max_chars),
-                                                            self.block_chars, seed)
+        adapter = call.adapter.name if call.adapter is not None else None
+        seed = f"{call.endpoint}\x00{call.body.get('cache_salt') or ''}\x00{adapter or ''}"
+        return adapter_block(adapter) + block_chain(prompt_text(call.body, self.max_chars), self.block_chars, seed)
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:

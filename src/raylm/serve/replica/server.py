@@ -79,6 +79,7 @@ class ModelServer:
         log_to_stderr("vllm", "raylm")
         self.name = model.name
         self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.held = HeldAdapters(model.lora_limits.held)  # the adapters the engine holds, in every report
         await self._report("loading weights")  # for the start-up's live status (runner.py)
         self.admission = Admission(model.admission)
         self.turns = Turns()
@@ -94,7 +95,6 @@ class ModelServer:
         self.streams = StreamHub()
         await self.streams.start(stream_host())
         self.metrics = ReplicaMetrics(model.name, self.replica_id)
-        self.held = HeldAdapters(model.lora_limits.held)
         self._sampler = asyncio.create_task(self._sample())
 
     async def _sample(self) -> None:
@@ -108,9 +108,8 @@ class ModelServer:
             await asyncio.sleep(1.0)
 
     async def _report(self, phase: str, running: int = 0, queued: int = 0, tokens_per_s: float = 0.0) -> None:
-        held = getattr(self, "held", None) or HeldAdapters(0)  # none before the engine is up
         report = {"phase": phase, "running": running, "queued": queued, "tokens_per_s": round(tokens_per_s, 2),
-                  "pid": os.getpid(), "adapters": list(held.names), "adapter_loads": held.loads}
+                  "pid": os.getpid(), "adapters": list(self.held.names), "adapter_loads": self.held.loads}
         try:
             await asyncio.to_thread(status.publish, self.name, self.replica_id, report)
         except Exception as exc:  # the status page is not worth a replica: GCS may be busy or restarting

@@ -9,6 +9,9 @@ Systems (each its own process tree, stopped by PID afterwards; only what this ha
     raylm-nice15    raylm with its workers at Ray's default nice 15 (raylm's own cluster runs them at 0)
     raylm-pow2      raylm with Serve's own PowerOfTwoChoicesRequestRouter for its models (no burst spread,
                     no adapter affinity): what raylm's routing is measured against
+    raylm-off       raylm with usage off (no Ledger, no records, no access log, no traces: docs/usage.md)
+    raylm-on        raylm with everything on: usage and the access log, a quota on the (one) tenant, and traces
+                    (its own and vLLM's) to an OTLP receiver in this process (tests/otlp.py)
     vllm            bare `vllm serve` (python -m vllm.entrypoints.openai.api_server), same engine arguments
     vllm-uni        the same with raylm's CPU engine layout (the worker inside EngineCore; systems/vllm_uni.py)
     ray-serve-llm   Ray Serve LLM (ray.serve.llm.build_openai_app), same engine arguments, Serve's
@@ -71,6 +74,23 @@ _SERVE_ROUTER = ("from raylm.serve.control import builder; builder.ROUTERS['defa
                  "from raylm.cli import app; app(prog_name='raylm')")
 
 
+# What raylm-off and raylm-on change in the service (raylm: the defaults, usage on, no quota, no traces).
+_SERVICE: dict[str, dict[str, Any]] = {
+    "raylm-off": {"usage": {"enabled": False}},
+    "raylm-on": {"tenants": {"default": {"requests_per_minute": 10**7, "tokens_per_minute": 10**10}},
+                 "access_log": {"enabled": True}}}
+_RECEIVER: list[Any] = []
+
+
+def _receiver() -> Any:
+    """One OTLP/HTTP receiver for this process's runs (its spans are counted, then dropped)."""
+    if not _RECEIVER:
+        from otlp import OTLPReceiver
+
+        _RECEIVER.append(OTLPReceiver())
+    return _RECEIVER[0]
+
+
 def command(system: str, setup: Setup, port: int, work: Path) -> tuple[list[str], dict[str, str]]:
     py = sys.executable
     base, _, bind = system.partition("-bind")
@@ -78,7 +98,9 @@ def command(system: str, setup: Setup, port: int, work: Path) -> tuple[list[str]
     if base.startswith("raylm"):
         model = {"name": setup.name, "source": setup.model_dir, "engine_args": setup.engine_args, "env": env,
                  **setup.raylm_model}
-        config = {"models": [model], "serve": {"port": port, "metrics_port": free_port()}}
+        config = {"models": [model], "serve": {"port": port, "metrics_port": free_port(), **_SERVICE.get(base, {})}}
+        if base == "raylm-on":
+            config["serve"]["otlp_endpoint"] = _receiver().endpoint
         path = work / f"{system}.yaml"
         path.write_text(yaml.safe_dump(config))
         extra = {"raylm-base": {"PYTHONPATH": os.environ.get("RAYLM_BASE_SRC", "")},

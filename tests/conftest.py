@@ -59,10 +59,21 @@ def lora_dir(tiny_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def service(tiny_model, lora_dir, tmp_path_factory):
+def otlp():
+    """A real OTLP/HTTP receiver the service exports its traces to."""
+    from otlp import OTLPReceiver
+
+    with OTLPReceiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture(scope="session")
+def service(tiny_model, lora_dir, otlp, tmp_path_factory):
     """One real service for the integration and security tests: local Ray + Serve, five vLLM engines on the
-    CPU, API keys on (tenant `default` an admin, `other` not), the edge's timeouts short enough to test."""
-    from helpers import API_KEY, CPU_ENV, OTHER_KEY, SERVICE_MAX_FILE_BYTES, TINY_ENGINE_ARGS, free_port
+    CPU, API keys on (tenant `default` an admin, `other` not; `ledger` for usage sums, `metered` with quotas),
+    usage in an SQLite file, traces to a receiver, the edge's timeouts short enough to test."""
+    from helpers import (API_KEY, CPU_ENV, LEDGER_KEY, METERED_KEY, METERED_QUOTA, OTHER_KEY, SERVICE_MAX_FILE_BYTES,
+                         TINY_ENGINE_ARGS, free_port)
 
     from raylm.config import AppConfig, ModelConfig, default_models
     from raylm.serve.control.service import start
@@ -87,7 +98,11 @@ def service(tiny_model, lora_dir, tmp_path_factory):
             minilm.model_copy(update={"num_cpus": 0.25, "env": CPU_ENV}),
         ),
         serve={"port": free_port(), "metrics_port": free_port(), "num_cpus": 2,
-               "api_keys": [{"tenant": "default", "key": API_KEY}, {"tenant": "other", "key": OTHER_KEY}],
+               "api_keys": [{"tenant": "default", "key": API_KEY}, {"tenant": "other", "key": OTHER_KEY},
+                            {"tenant": "ledger", "key": LEDGER_KEY}, {"tenant": "metered", "key": METERED_KEY}],
+               "tenants": {"metered": METERED_QUOTA},
+               "usage": {"database": str(tmp_path_factory.mktemp("usage") / "usage.db")},
+               "otlp_endpoint": otlp.endpoint,
                "admin_tenants": ["default"], "batch_dir": str(tmp_path_factory.mktemp("batches")),
                "batch_max_file_bytes": SERVICE_MAX_FILE_BYTES, "batch_max_stored_bytes": 4 * SERVICE_MAX_FILE_BYTES,
                "batch_max_requests": 1000,

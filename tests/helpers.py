@@ -20,6 +20,9 @@ CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
 API_KEY = "sk-raylm-integration"
 AUTH = {"authorization": f"Bearer {API_KEY}"}
 OTHER_KEY = "sk-raylm-other-tenant"  # a second tenant (the Batch API's objects are scoped to one)
+LEDGER_KEY = "sk-raylm-ledger-tenant"  # a tenant only the usage test uses: its sums are its own
+METERED_KEY = "sk-raylm-metered-tenant"  # a tenant with quotas (METERED_QUOTA)
+METERED_QUOTA = {"requests_per_minute": 5, "tokens_per_minute": 4000}
 SERVICE_MAX_FILE_BYTES = 210 * 2**20  # the service's upload limit: a 200 MiB upload fits, 2 GiB does not
 # What the service's `tiny-think` model is made to write (vLLM structured output) so that its reasoning
 # parser (Granite's, which reads these text markers) has reasoning to take apart.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -55,6 +55,10 @@ def serve_command(
     try:
         cfg = load_config(config, model=model, replicas=replicas, host=host, port=port, address=address)
         keyed = load_access(cfg.serve).keyed  # a keys file that is missing or empty fails here, not later
+        if cfg.serve.usage.enabled and cfg.serve.usage.required:  # a usage database that cannot be opened too
+            from raylm.serve.usage.store import UsageStore
+
+            UsageStore(cfg.serve.usage_database).close()
     except (ValidationError, ValueError, OSError) as exc:
         console.print(f"[red]invalid config:[/red] {exc}")
         raise typer.Exit(2) from None
@@ -74,7 +78,18 @@ def serve_command(
         table.add_row("status", f"{service.url}/status  (raylm status)")
         table.add_row("metrics", service.metrics_url)
         table.add_row("logs", service.log_dir + ("" if verbose else "  (-v: here too)"))
+        usage = cfg.serve.usage
+        if usage.enabled:
+            table.add_row("usage", f"{_redacted(cfg.serve.usage_database)}  (raylm usage)")
+            if cfg.serve.access_log.enabled:
+                table.add_row("access log", str(Path(service.log_dir) / "raylm" / "access.log"))
+        if cfg.serve.otlp_endpoint:
+            table.add_row("traces", f"{cfg.serve.otlp_endpoint}/v1/traces")
         console.print(table, highlight=False)
+        if usage.enabled and cfg.serve.access_log.enabled and cfg.serve.access_log.stdout:
+            from raylm.serve.usage.report import follow
+
+            follow(Path(service.log_dir) / "raylm" / "access.log", lambda line: print(line, flush=True))
         console.print("[green]raylm is ready[/green]  (Ctrl-C stops)")
         print(f"{service.url}/v1", flush=True)
 
@@ -96,29 +111,85 @@ def status_command(
 ) -> None:
     """Each model's replicas, running and queued requests, tok/s, TTFT and tenants over the last minute."""
     import json
-    import os
     import sys
 
-    import httpx
 
     from raylm.serve.status import render
 
+    with _api_client(api_key_env) as client:
+        body = _get_json(client, f"{url.rstrip('/').removesuffix('/v1')}/status", {})
+    if as_json:
+        print(json.dumps(body, indent=2))
+        return
+    out = Console(width=None if sys.stdout.isatty() else 160)  # piped: whole rows, not an 80-column wrap
+    for part in render(body):
+        out.print(part)
+
+
+def _api_client(api_key_env: str) -> Any:
+    """An HTTP client for raylm's API, with the key from `api_key_env` when it is set."""
+    import os
+
+    import httpx
+
     key = os.environ.get(api_key_env)
+    return httpx.Client(timeout=60, headers={"authorization": f"Bearer {key}"} if key else {})
+
+
+def _get_json(client: Any, url: str, params: dict) -> Any:
+    """GET a JSON body; exit 2 when the server cannot be reached, 1 when it answers an error."""
+    import httpx
+
     try:
-        r = httpx.get(f"{url.rstrip('/').removesuffix('/v1')}/status", timeout=30,
-                      headers={"authorization": f"Bearer {key}"} if key else {})
+        r = client.get(url, params=params)
     except httpx.HTTPError as exc:
         console.print(f"[red]cannot reach {url}:[/red] {exc}")
         raise typer.Exit(2) from None
     if r.status_code != 200:
         console.print(f"[red]{r.status_code}:[/red] {r.text}")
         raise typer.Exit(1)
+    return r.json()
+
+
+def _redacted(url: str) -> str:
+    from raylm.serve.usage.store import redact
+
+    return redact(url)
+
+
+@app.command("usage")
+def usage_command(
+    url: Annotated[str, typer.Option(help="The raylm server.")] = "http://127.0.0.1:8000",
+    days: Annotated[int, typer.Option(min=1, max=366, help="How many days back (ending now).")] = 7,
+    bucket: Annotated[str, typer.Option(help="Bucket width: 1m, 1h or 1d.")] = "1d",
+    group_by: Annotated[str, typer.Option(help="Comma-separated: project_id (the tenant), api_key_id, model, batch.")]
+    = "project_id,model",
+    kind: Annotated[str, typer.Option(help="completions or embeddings.")] = "completions",
+    as_json: Annotated[bool, typer.Option("--json", help="The raw pages.")] = False,
+    api_key_env: Annotated[str, typer.Option(help="Environment variable holding the API key.")] = "OPENAI_API_KEY",
+) -> None:
+    """Tokens and requests per tenant, key and model from the usage API (an admin key sees every tenant)."""
+    import json
+    import sys
+    import time
+
+
+    from raylm.serve.usage.report import usage_table
+
+    params: dict[str, object] = {"start_time": int(time.time()) - days * 86400, "bucket_width": bucket,
+                                 "group_by": [g for g in group_by.split(",") if g]}
+    base = f"{url.rstrip('/').removesuffix('/v1')}/v1/organization/usage/{kind}"
+    pages = []
+    with _api_client(api_key_env) as client:
+        for _ in range(1000):  # bounded: 1000 pages are far more than 366 days in any bucket
+            pages.append(_get_json(client, base, params))
+            if not pages[-1].get("has_more"):
+                break
+            params["page"] = pages[-1]["next_page"]
     if as_json:
-        print(json.dumps(r.json(), indent=2))
+        print(json.dumps(pages, indent=2))
         return
-    out = Console(width=None if sys.stdout.isatty() else 160)  # piped: whole rows, not an 80-column wrap
-    for part in render(r.json()):
-        out.print(part)
+    Console(width=None if sys.stdout.isatty() else 160).print(usage_table(pages, kind))
 
 
 @app.command("build")

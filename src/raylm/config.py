@@ -95,6 +95,45 @@ class TenantConfig(_Frozen):
     priority: int = Field(0, description="Lower is served first (vLLM's convention), e.g. 0 for a product's "
                                          "users, 1 for internal tools; fairness applies within a priority. "
                                          "Batch API work is a class below every priority.")
+    requests_per_minute: int | None = Field(
+        None, ge=1, description="Requests admitted in any 60 s, across every ingress replica; past it: 429 "
+                                "rate_limit_exceeded with Retry-After. Unset: no limit.")
+    tokens_per_minute: int | None = Field(
+        None, ge=1, description="Tokens (prompt + completion) in any 60 s: a request reserves its prompt's "
+                                "estimate (characters / 4, as OpenAI estimates) plus its max_tokens when admitted, "
+                                "settled with the engine's count when it ends.")
+    tokens_per_day: int | None = Field(
+        None, ge=1, description="Tokens per UTC day, Batch API work included; past it: 429 insufficient_quota "
+                                "until midnight UTC. Restored from the usage store when raylm restarts.")
+
+    @property
+    def limited(self) -> bool:
+        return any(v is not None for v in (self.requests_per_minute, self.tokens_per_minute, self.tokens_per_day))
+
+
+class UsageConfig(_Frozen):
+    """Usage per request (tenant, key id, model, tokens, status, times), kept in a database: docs/usage.md."""
+
+    enabled: bool = Field(True, description="Keep usage. Off: no usage store, and no quotas can be set.")
+    database: str | None = Field(
+        None, description="An SQLite file's path, or a SQLAlchemy URL (`sqlite:////path`, `postgresql://user@host/db`)."
+                          " Default: <cache_dir>/usage.db on the head node.")
+    required: bool = Field(
+        True, description="A database that cannot be reached at start stops `raylm serve` with the reason. "
+                          "False: a warning, and usage is buffered until it can be written.")
+    flush_interval_s: float = Field(1.0, gt=0, le=60, description="How often buffered usage is written.")
+    max_buffered: int = Field(
+        100_000, ge=1000, description="Records held while the database is slow or down; past it the oldest are "
+                                      "dropped (counted in raylm_usage_dropped_total).")
+
+
+class AccessLogConfig(_Frozen):
+    """One JSON line per request in <Ray session logs>/raylm/access.log: never prompts, outputs or keys."""
+
+    enabled: bool = Field(True, description="Write the access log (it needs `usage.enabled`).")
+    stdout: bool = Field(False, description="Also print each line on `raylm serve`'s console.")
+    max_bytes: int = Field(100 * 2**20, ge=2**16, description="Size at which the file is rotated.")
+    backups: int = Field(5, ge=0, description="Rotated files kept (access.log.1, ...).")
 
 
 class HTTPConfig(_Frozen):
@@ -347,10 +386,25 @@ class ServeConfig(_Frozen):
         30 * 24 * 3600, ge=3600, description="Files expire this long after they are made unless an upload asks "
                                              "for less (`expires_after`, as OpenAI's files API); then they are "
                                              "deleted.")
+    usage: UsageConfig = Field(default_factory=UsageConfig, description="Usage per request, kept.")
+    access_log: AccessLogConfig = Field(default_factory=AccessLogConfig, description="The access log.")
+    otlp_endpoint: str | None = Field(
+        None, description="OpenTelemetry traces: an OTLP/HTTP receiver's base URL (e.g. http://127.0.0.1:4318; spans "
+                          "go to <it>/v1/traces). Unset: no tracing, at no cost.")
     metrics_port: int = Field(
         8080, ge=1, le=65535, description="Prometheus endpoint (Ray's metrics export) of the local Ray "
                                           "cluster raylm starts; Ray's agent listens on all interfaces, like "
                                           "Ray's other ports. A joined cluster exports on its own port.")
+
+    @model_validator(mode="after")
+    def _quotas_need_usage(self) -> ServeConfig:
+        limited = sorted(name for name, t in self.tenants.items() if t.limited)
+        if limited and not self.usage.enabled:
+            raise ValueError(f"tenants {', '.join(limited)} have quotas, which count usage: "
+                             "set serve.usage.enabled: true (or remove the quotas)")
+        if self.otlp_endpoint is not None and not self.otlp_endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"serve.otlp_endpoint must be an http(s) URL, not {self.otlp_endpoint!r}")
+        return self
 
     @model_validator(mode="after")
     def _fail_closed(self) -> ServeConfig:
@@ -365,6 +419,11 @@ class ServeConfig(_Frozen):
     @property
     def loopback(self) -> bool:
         return is_loopback(self.host)
+
+    @property
+    def usage_database(self) -> str:
+        """Where usage is kept: usage.database, else an SQLite file in cache_dir (on the head node)."""
+        return self.usage.database or str(Path(self.cache_dir).expanduser() / "usage.db")
 
 
 def is_loopback(host: str) -> bool:

@@ -2,8 +2,10 @@
 
     ingress, Batch API stage ── Call ──────────────► ModelServer.reply(call)   a Serve handle call; a router
                                                                                reads call.body, never guesses
-                             ◄── Reply ─────────────  a whole answer, or an error with its code
+                             ◄── Reply ─────────────  a whole answer (its Usage beside it), or an error with its code
                              ◄── Direct(host, port, ticket) ··· SSE bytes on a direct connection (serve/stream.py)
+                             ◄── Usage ─────────────  when that stream has ended (or was cut off by its client)
+    ingress, Batch API stage ── UsageRecord ───────► the usage store (serve/usage/), in batches, off the request path
 
     SSE, as clients read it:  data: <chunk JSON>\\n\\n ... data: [DONE]\\n\\n
     named-event APIs (Responses, Anthropic Messages):  event: <type>\\ndata: <JSON>\\n\\n ... (no [DONE])
@@ -46,6 +48,7 @@ NAMED_EVENTS: frozenset[Endpoint] = frozenset({"responses", "messages"})
 APP_NAME = "raylm"
 INGRESS_NAME = "ingress"
 BATCH_NAME = "batches"
+LEDGER_NAME = "usage"
 
 
 def deployment_name(model_name: str) -> str:
@@ -81,6 +84,44 @@ class Call:
     request_id: str
     tenant: Tenant = field(default_factory=Tenant)
     adapter: Adapter | None = None  # the body's `model` names this adapter of the deployment's model
+    key_id: str = ""  # which API key (an id derived from its hash, never the key); "" without keys
+    trace: str | None = None  # W3C `traceparent` of the caller's span, when tracing is on
+
+
+@dataclass(frozen=True)
+class Usage:
+    """The tokens a request took, as its engine counted them: what its answer's `usage` says (prompt_tokens,
+    prompt_tokens_details.cached_tokens, completion_tokens), and for a stream its client cut off, what the
+    engine made for it before the abort."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    replica: str = ""  # which replica ran it
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """One request, as the usage store keeps it (and the access log writes it): never a prompt, an output or
+    a key."""
+
+    time: float  # when the request came in, Unix seconds
+    request_id: str
+    tenant: str
+    key_id: str  # "" without keys
+    model: str  # the model a request reached ("" when refused before one was known)
+    adapter: str  # the LoRA adapter it named, "" for none
+    route: str  # an Endpoint
+    status: int  # HTTP status; 499: the client went away; a stream cut mid-way: 500
+    error_code: str  # "" on success
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float | None = None  # to the first byte of a stream's answer; None for a whole answer
+    duration_s: float = 0.0  # to the last byte
+    batch: bool = False  # a Batch API line
+    replica: str = ""
+    trace_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -92,6 +133,7 @@ class Reply:
     headers: Mapping[str, str] = field(default_factory=dict)
     code: str | None = None  # an error's code: queue_full, batch_deferred, model_not_found, ...
     message: str | None = None  # an error's message
+    usage: Usage | None = None  # what the engine counted, when it ran the request
 
     @classmethod
     def of(cls, exc: Exception, request_id: str) -> Reply:

@@ -11,6 +11,8 @@
      ├── HeadersTooLargeError     431  request line or headers over serve.http's limits (414 for the line)
      ├── UnsupportedMediaTypeError 415 a JSON route called without `Content-Type: application/json`
      ├── OverloadedError          429  queue full (Retry-After)
+     ├── RateLimitError           429  a tenant's requests or tokens per minute (x-ratelimit-* headers too)
+     ├── QuotaExceededError       429  a tenant's tokens per day (insufficient_quota)
      ├── UnavailableError         503  no replica can take it (Retry-After)
      └── InternalError            500  anything else; the message shown to users is generic
 
@@ -20,6 +22,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 from http import HTTPStatus
 from typing import Any
@@ -48,7 +51,9 @@ class APIError(Exception):
     def headers(self) -> dict[str, str]:
         if self.retry_after is None:
             return {}
-        return {"Retry-After": str(max(1, round(self.retry_after)))}
+        # Retry-After in whole seconds (RFC 9110); retry-after-ms is what OpenAI's SDKs read first.
+        return {"Retry-After": str(max(1, round(self.retry_after))),
+                "retry-after-ms": str(max(1, math.ceil(self.retry_after * 1000)))}
 
 
 class InvalidRequestError(APIError):
@@ -92,6 +97,16 @@ class RequestTooLargeError(APIError):
 
 class OverloadedError(APIError):
     status, type, default_code = 429, "rate_limit_error", "overloaded"
+
+
+class RateLimitError(APIError):
+    """A tenant's quota (serve.tenants.*.requests_per_minute, tokens_per_minute): OpenAI's shape for it."""
+    status, type, default_code = 429, "requests", "rate_limit_exceeded"
+
+
+class QuotaExceededError(APIError):
+    """A tenant's daily token budget is spent (tokens_per_day)."""
+    status, type, default_code = 429, "insufficient_quota", "insufficient_quota"
 
 
 class UnavailableError(APIError):

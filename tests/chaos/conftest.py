@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from scenario import chaos_config
@@ -27,4 +29,16 @@ def fair_service(tiny_model):
     """Only the model under test. Beside the other scenario engines, pinned to the same core, the light
     tenant's first tokens stalled for 150-550 ms every few seconds (the `pair` engines' 2 s health probes):
     the test then measured the neighbours, not the queue."""
-    yield from _service(chaos_config(tiny_model, only=("tiny",)))
+    config = chaos_config(tiny_model, only=("tiny",))
+    if not os.environ.get("RAYLM_TRACE_FAIRNESS"):
+        yield from _service(config)
+        return
+    # Where a slow request's time went, span by span (docs/usage.md): RAYLM_TRACE_FAIRNESS=1 make test-slow
+    from otlp import OTLPReceiver
+
+    with OTLPReceiver() as receiver:
+        tree = config.model_dump()
+        tree["serve"]["otlp_endpoint"] = receiver.endpoint
+        for svc in _service(type(config).model_validate(tree)):
+            svc.receiver = receiver
+            yield svc

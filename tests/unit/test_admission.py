@@ -83,7 +83,7 @@ def test_a_full_queue_refuses_the_flooder_not_the_newcomer():
 
     admission, order, results = asyncio.run(main())
     refused = [r for r in results if isinstance(r, errors.OverloadedError)]
-    assert len(refused) == 1 and refused[0].status == 429 and refused[0].headers() == {"Retry-After": "1"}
+    assert len(refused) == 1 and refused[0].status == 429 and refused[0].headers()["Retry-After"] == "1"
     assert order == ["heavy", "light", "heavy"]
     assert admission.rejected["queue_full"] == 2 and (admission.running, admission.queued) == (0, 0)
 
@@ -210,7 +210,7 @@ def test_a_request_that_would_wait_too_long_is_refused_at_once_with_that_wait():
         return refused.value, state, admission.finishing_rate()
 
     refused, (queued, rejected), rate_after_idle = asyncio.run(main())
-    assert refused.status == 429 and refused.code == "queue_wait" and refused.headers() == {"Retry-After": "2"}
+    assert refused.status == 429 and refused.code == "queue_wait" and refused.headers()["Retry-After"] == "2"
     assert (queued, rejected) == (5, 1)
     assert rate_after_idle is None
 
@@ -271,3 +271,28 @@ def test_batch_work_waits_while_interactive_requests_run_and_for_a_quiet_spell_a
         return first, beside, soon_after, await batch_starts(), admission.rejected["batch_deferred"]
 
     assert asyncio.run(main()) == (True, False, False, True, 2)
+
+
+def test_a_request_sure_to_be_refused_is_refused_before_it_is_counted():
+    """refuse_early agrees with `slot`: the flooder's next request is refused, the light tenant's is not."""
+    async def main():
+        admission, order, hold = Admission(AdmissionConfig(max_running=1, max_queued=2, burst=0)), [], asyncio.Event()
+        tasks = [asyncio.create_task(_run(admission, HEAVY, order, hold)) for _ in range(3)]
+        await _settle()
+        with pytest.raises(errors.OverloadedError) as refused:
+            admission.refuse_early(HEAVY)
+        admission.refuse_early(LIGHT)  # it would take the flooder's last queue place
+        bursting = Admission(AdmissionConfig(max_running=1, max_queued=1, burst=1))
+        held = [asyncio.create_task(_run(bursting, HEAVY, order, hold)) for _ in range(2)]
+        await _settle()
+        bursting.refuse_early(Tenant("new", weight=2))  # never seen before: it may take the burst slot
+        with pytest.raises(errors.OverloadedError):
+            bursting.refuse_early(HEAVY)
+        hold.set()
+        await asyncio.gather(*held)
+        await asyncio.gather(*tasks)
+        admission.refuse_early(HEAVY)  # an empty queue refuses nobody
+        return refused.value, admission.rejected["queue_full"]
+
+    refused, counted = asyncio.run(main())
+    assert refused.code == "queue_full" and counted == 1

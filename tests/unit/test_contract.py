@@ -43,4 +43,4 @@ def test_error_reply_keeps_client_errors_and_hides_server_errors():
     server = contract.Reply.of(errors.InternalError("engine core died at 0xdead"), "r3")
     assert server.status == 500 and "0xdead" not in server.body.decode()
     overloaded = contract.Reply.of(errors.OverloadedError("busy", retry_after=1), "r4")
-    assert overloaded.headers == {"Retry-After": "1"}
+    assert overloaded.headers == {"Retry-After": "1", "retry-after-ms": "1000"}

@@ -13,7 +13,7 @@ def test_every_error_has_the_openai_body_with_a_string_code():
 
 
 def test_retry_after_header_only_when_given():
-    assert errors.OverloadedError("busy", retry_after=2.4).headers() == {"Retry-After": "2"}
+    assert errors.OverloadedError("busy", retry_after=2.4).headers() == {"Retry-After": "2", "retry-after-ms": "2400"}
     assert errors.OverloadedError("busy").headers() == {}
 
 

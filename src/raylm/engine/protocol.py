@@ -8,11 +8,12 @@ Engines raise `raylm.errors` exceptions for bad requests.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from raylm.contract import Adapter, Endpoint
+from raylm.contract import Adapter, Endpoint, Usage
 
 Result = bytes | AsyncIterator[str]
 
@@ -33,6 +34,26 @@ class Prepared:
     fetches: bool = False  # the engine will fetch a remote media URL for it (an allowed domain's)
 
 
+class Meter:
+    """One request's tokens as its engine makes them, counted as they come (a stream its client cuts off
+    keeps what was made before the abort): the engine writes, the replica reads when the request ends."""
+
+    __slots__ = ("prompt_tokens", "cached_tokens", "completion_tokens", "first_token_ns", "last_token_ns")
+
+    def __init__(self) -> None:
+        self.prompt_tokens = self.cached_tokens = self.completion_tokens = 0
+        self.first_token_ns = self.last_token_ns = 0  # when the engine handed over the first, last token (epoch ns)
+
+    def generated(self, tokens: int) -> None:
+        if tokens:
+            self.last_token_ns = time.time_ns()
+            self.first_token_ns = self.first_token_ns or self.last_token_ns
+            self.completion_tokens += tokens
+
+    def usage(self, replica: str = "") -> Usage:
+        return Usage(self.prompt_tokens, self.cached_tokens, self.completion_tokens, replica)
+
+
 class Engine(Protocol):
     endpoints: frozenset[Endpoint]
     generated_tokens: int  # since start, every request's
@@ -44,7 +65,11 @@ class Engine(Protocol):
         (`raylm.errors`), a prompt longer than the context included. Its prompt tokens may be an estimate:
         they bound the queue."""
 
-    async def create(self, prepared: Prepared, request_id: str) -> Result: ...
+    async def create(self, prepared: Prepared, request_id: str, meter: Meter | None = None,
+                     trace: str | None = None) -> Result:
+        """Run a prepared request; its tokens go to `meter` as the engine makes them (prompt, cached,
+        completion: what the answer's `usage` says), a stream's too, until it ends or is closed. `trace`: the
+        W3C traceparent the engine's own spans continue, if it makes any."""
 
     async def use_adapter(self, adapter: Adapter) -> None:
         """Make a LoRA adapter servable under its name (loaded once; again when its path changes); raise

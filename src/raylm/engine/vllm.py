@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import copy
 import functools
 import json
@@ -22,13 +23,19 @@ from typing import Any
 from raylm import _vllm, errors
 from raylm.contract import PATHS, TASK_ENDPOINTS, Adapter, Endpoint, sse_payload
 from raylm.engine import counting, media
-from raylm.engine.protocol import Prepared, PromptSize, Result
+from raylm.engine.protocol import Meter, Prepared, PromptSize, Result
 
 logger = logging.getLogger(__name__)
 
 # Requests whose prompts vLLM measures itself (score, rerank, tokenize, ...) are counted for the queue only,
 # up to this many contexts' worth: more than a replica's queue holds by default.
 ESTIMATE_BUDGET_CONTEXTS = 8
+# The request whose tokens the engine is making: set in `create`, read where vLLM's serving classes call the
+# engine (AsyncLLM.generate / encode, which take no meter). A stream's generator runs in the task that streams
+# it, made inside `create`'s caller after the set, so it inherits the same value (asyncio copies the context).
+_METER: contextvars.ContextVar[Meter | None] = contextvars.ContextVar("raylm_meter", default=None)
+# The same way, the traceparent vLLM's own request span continues (its otlp_traces_endpoint set).
+_TRACE: contextvars.ContextVar[str | None] = contextvars.ContextVar("raylm_trace", default=None)
 
 
 class VLLMEngine:
@@ -103,6 +110,8 @@ class VLLMEngine:
                 raise
             raise RuntimeError(f"the engine of {self.served_name} did not start: {cause}") from exc
         self._stack.callback(self.client.shutdown)
+        self.client.generate = _metered(self.client.generate)  # before the serving classes take the client
+        self.client.encode = _metered(self.client.encode)
         marks.append(("engine core (spawn, weights, KV cache, warm-up)", time.monotonic()))
         # Counting for admission uses a copy on one thread: vLLM's renderer uses its own from its threads.
         self._tokenizer = copy.deepcopy(self.client.get_tokenizer())
@@ -191,10 +200,13 @@ class VLLMEngine:
             truncate_prompt_tokens=request.truncate_prompt_tokens)
         request.to_sampling_params(max_tokens, serving.default_sampling_params)
 
-    async def create(self, prepared: Prepared, request_id: str) -> Result:
+    async def create(self, prepared: Prepared, request_id: str, meter: Meter | None = None,
+                     trace: str | None = None) -> Result:
         if self.client is not None and self.num_running() == 0:
             self._last_step = time.monotonic()  # an idle engine's last step says nothing of a stall
         _, handler = self._handlers[prepared.endpoint]
+        _METER.set(meter)
+        _TRACE.set(trace)
         try:
             result = await handler(prepared.request, None)
         except Exception as exc:  # vLLM reports bad requests by raising; map them as its server would
@@ -313,6 +325,48 @@ def cpu_layout(config: Any, user_args: dict[str, Any]) -> Iterator[None]:
     parallel.distributed_executor_backend = "uni"
     with omp.configure_omp_envs(rank=0, local_rank=0):
         yield
+
+
+def _metered(call: Any) -> Any:
+    """AsyncLLM.generate or encode, counting each request's tokens into the meter of the raylm request that
+    runs it (several engine requests add up: a completions batch of prompts, a Responses tool loop) as vLLM's
+    usage counts them: the prompt's tokens, its cached ones, every choice's generated ones."""
+    def metered(*args: Any, **kwargs: Any) -> Any:
+        meter, trace = _METER.get(), _TRACE.get()
+        if trace is not None and not kwargs.get("trace_headers"):
+            kwargs["trace_headers"] = {"traceparent": trace}
+        outputs = call(*args, **kwargs)
+        if meter is None:
+            return outputs
+        params = args[1] if len(args) > 1 else kwargs.get("sampling_params", kwargs.get("pooling_params"))
+        # DELTA outputs (streams) carry the new tokens; the others all so far.
+        delta = getattr(getattr(params, "output_kind", None), "name", "") == "DELTA"
+        return _counted(outputs, meter, delta)
+
+    return metered
+
+
+async def _counted(outputs: AsyncIterator[Any], meter: Meter, delta: bool) -> AsyncIterator[Any]:
+    counted: dict[int, int] = {}  # tokens counted so far per choice index
+    prompted = cached = 0
+    async with contextlib.aclosing(outputs):
+        async for output in outputs:
+            if not prompted and output.prompt_token_ids is not None:
+                prompted = len(output.prompt_token_ids)
+                meter.prompt_tokens += prompted
+            if output.num_cached_tokens and output.num_cached_tokens != cached:
+                meter.cached_tokens += output.num_cached_tokens - cached
+                cached = output.num_cached_tokens
+            choices = getattr(output, "outputs", None)
+            for choice in choices if isinstance(choices, list) else ():  # (a pooling output has one PoolingOutput)
+                token_ids = getattr(choice, "token_ids", None)
+                if token_ids is None:
+                    continue
+                before = counted.get(choice.index, 0)
+                now = before + len(token_ids) if delta else len(token_ids)
+                counted[choice.index] = now
+                meter.generated(now - before)
+            yield output
 
 
 def _sequences(request: Any) -> int:

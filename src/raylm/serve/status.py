@@ -172,8 +172,27 @@ def render(status: dict[str, Any]) -> Iterable[Any]:
             table.add_row(f"  {adapter}", "adapter", f"held by {a['held_by']}", "", "", "", ms(a["ttft_p50_s"]),
                           ms(a["ttft_p99_s"]), str(a["answered"]), "")
     yield table
+    if status.get("quotas"):
+        yield quota_table(status["quotas"])
     for name, m in status["models"].items():
         if m.get("adapter_loads"):
             yield f"{name}: {m['adapter_loads']} adapter loads since its replicas started"
         if m["message"]:
             yield f"{name}: {m['message']}"
+
+
+def quota_table(quotas: dict[str, dict[str, Any]]) -> Any:
+    """Each limited tenant's use of its quotas: used / limit (share)."""
+    from rich.table import Table
+
+    table = Table(title="quotas")
+    for column in ("tenant", "requests (60 s)", "tokens (60 s)", "tokens today (UTC)"):
+        table.add_column(column, justify="left" if column == "tenant" else "right")
+
+    def use(used: int, limit: int | None) -> str:
+        return "-" if limit is None else f"{used:,} / {limit:,} ({used / limit:.0%})"
+
+    for tenant, q in sorted(quotas.items()):
+        table.add_row(tenant, use(q["requests"], q["requests_per_minute"]), use(q["tokens"], q["tokens_per_minute"]),
+                      use(q["tokens_today"], q["tokens_per_day"]))
+    return table

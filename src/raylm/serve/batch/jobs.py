@@ -29,11 +29,12 @@ from ray import serve
 
 from raylm import _ray, errors
 from raylm.config import ModelConfig, ServeConfig
-from raylm.contract import Adapter, Call, Reply, Tenant, deployment_name
+from raylm.contract import LEDGER_NAME, Adapter, Call, Reply, Tenant, Usage, UsageRecord, deployment_name
 from raylm.data import io
 from raylm.data.job import JobSpec, run_job
 from raylm.serve.batch.store import TENANT, Store, new_id, page, public, request_lines
 from raylm.serve.edge.adapters import served_adapters
+from raylm.serve.usage.sink import UsageSink
 
 logger = logging.getLogger("raylm.serve")
 
@@ -61,21 +62,25 @@ class BatchRequests:
 
     def __init__(self, app_name: str, deployments: dict[str, str], endpoint: str, tenant: Tenant,
                  folder: str, expires_at: float, in_flight: int, max_line_bytes: int,
-                 adapters: dict[str, tuple[str, Adapter]]) -> None:
+                 adapters: dict[str, tuple[str, Adapter]], usage: bool = False) -> None:
         self.endpoint, self.tenant, self.folder, self.expires_at = endpoint, tenant, Path(folder), expires_at
         self.adapters = adapters  # name → (base model, adapter): as the service served them when the batch began
         self.max_line_bytes = max_line_bytes
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="batch-requests", daemon=True).start()
 
-        async def handles() -> tuple[dict[str, Any], asyncio.Semaphore]:
+        async def handles() -> tuple[dict[str, Any], asyncio.Semaphore, UsageSink | None]:
+            # Each line's usage goes to the Ledger as the ingress's does; sent at the end of every block too.
+            sink = UsageSink(serve.get_deployment_handle(LEDGER_NAME, app_name), 1.0, 100_000) if usage else None
             return ({model: serve.get_deployment_handle(name, app_name).options(stream=True)
-                     for model, name in deployments.items()}, asyncio.Semaphore(in_flight))
-        self.handles, self.gate = asyncio.run_coroutine_threadsafe(handles(), self.loop).result()
+                     for model, name in deployments.items()}, asyncio.Semaphore(in_flight), sink)
+        self.handles, self.gate, self.usage = asyncio.run_coroutine_threadsafe(handles(), self.loop).result()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         lines = batch[LINE].to_pylist() if LINE in batch.column_names else [None] * len(batch)
         answers = asyncio.run_coroutine_threadsafe(self._answers(lines), self.loop).result()
+        if self.usage is not None:
+            asyncio.run_coroutine_threadsafe(self.usage.flush(), self.loop).result()
         for name in ("custom_id", "status_code", "response", "request_id", io.ERROR):
             kind = pa.int32() if name == "status_code" else pa.string()
             column = pa.array([a.get(name) for a in answers], kind)
@@ -112,10 +117,16 @@ class BatchRequests:
                                        code="model_not_found")
             return {"custom_id": custom_id, "status_code": err.status, "response": json.dumps(err.body()),
                     io.ERROR: err.message}
-        rid = new_id("req_")
+        rid, began, start = new_id("req_"), time.time(), time.perf_counter()
         reply = await self._send(handle, Call(ENDPOINTS[self.endpoint], body, rid, self.tenant, adapter), custom_id)
         if isinstance(reply, dict):
             return reply
+        if self.usage is not None:
+            u = reply.usage or Usage()
+            self.usage.add(UsageRecord(began, rid, self.tenant.name, "", base, adapter.name if adapter else "",
+                                       ENDPOINTS[self.endpoint], reply.status, reply.code or "", u.prompt_tokens,
+                                       u.cached_tokens, u.completion_tokens, None, time.perf_counter() - start,
+                                       batch=True, replica=u.replica))
         answer = {"custom_id": custom_id, "status_code": reply.status, "response": reply.body.decode(),
                   "request_id": rid}
         if not reply.ok:
@@ -302,7 +313,8 @@ class BatchJobs:
                      "tenant": Tenant(who.name, who.weight, who.priority, batch=True), "folder": str(folder),
                      "expires_at": record["expires_at"], "max_line_bytes": self.config.max_request_bytes,
                      "in_flight": max(_batch_slots(m) for m in self.models.values()),
-                     "adapters": served_adapters(self.models.values(), self.app_name)}
+                     "adapters": served_adapters(self.models.values(), self.app_name),
+                     "usage": self.config.usage.enabled}
             # Reading, the stage and writing stay on this node, next to batch_dir; the stage only waits on
             # the models, so nothing reserves a CPU the engines need. Enough blocks run at once to fill
             # `in_flight` with one more queued: a block waiting on its last lines leaves the others running.

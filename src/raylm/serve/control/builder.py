@@ -15,14 +15,16 @@ from ray.serve import Application
 from raylm import hardware
 from raylm._ray import HEAD_NODE_RESOURCE
 from raylm.config import AppConfig, ModelConfig, load_config
-from raylm.contract import APP_NAME, BATCH_NAME, INGRESS_NAME, deployment_name
+from raylm.contract import APP_NAME, BATCH_NAME, INGRESS_NAME, LEDGER_NAME, deployment_name
 from raylm.serve.batch.jobs import BatchDeployment
 from raylm.serve.edge.access import load_access
 from raylm.serve.edge.ingress import IngressDeployment
 from raylm.serve.replica.server import ModelDeployment
+from raylm.serve.usage.ledger import LedgerDeployment
 
 HEALTH_CHECK_TIMEOUT_MARGIN_S = 20.0
 INGRESS_MAX_ONGOING = 4096  # the ingress only forwards: the model replicas bound the work
+LEDGER_MAX_ONGOING = 4096  # quota checks: each a dict lookup, never waits
 REFUSAL_HEADROOM = 64  # calls a model replica takes beyond its queue, to refuse them itself (serve_options)
 ROUTERS = {"default": "raylm.serve.edge.routing:SpreadRouter",  # Serve's power of two, bursts spread
            "prefix": "raylm.serve.edge.routing:PrefixAffinityRouter"}
@@ -115,7 +117,8 @@ def build_app(args: AppConfig | dict[str, Any] | None = None) -> Application:
         config = AppConfig.model_validate(args or {})
     handles = {
         m.name: ModelDeployment.options(name=deployment_name(m.name), **serve_options(m)).bind(
-            m.model_copy(update={"engine_args": engine_args(m)}), str(config.serve.cache_dir))
+            m.model_copy(update={"engine_args": engine_args(m)}), str(config.serve.cache_dir),
+            otlp_endpoint=config.serve.otlp_endpoint)
         for m in config.models}
     serve_config = config.serve
     access = load_access(serve_config)
@@ -126,10 +129,16 @@ def build_app(args: AppConfig | dict[str, Any] | None = None) -> Application:
     batches = BatchDeployment.options(
         name=BATCH_NAME, num_replicas=1, ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}},
     ).bind(config.models, dict(access.tenants), edge)
+    # One Ledger, on the head node: its quotas hold for every ingress replica; its SQLite file and access log
+    # are there (usage/ledger.py).
+    ledger = LedgerDeployment.options(
+        name=LEDGER_NAME, num_replicas=1, max_ongoing_requests=LEDGER_MAX_ONGOING,
+        ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}},
+    ).bind(edge, tuple(sorted(set(access.key_hashes.values())))) if serve_config.usage.enabled else None
     return IngressDeployment.options(
         name=INGRESS_NAME, num_replicas=serve_config.ingress_replicas, max_ongoing_requests=INGRESS_MAX_ONGOING,
         ray_actor_options={"num_cpus": serve_config.ingress_num_cpus, "resources": {HEAD_NODE_RESOURCE: 0.001}},
-    ).bind(config.models, handles, access, edge, batches)
+    ).bind(config.models, handles, access, edge, batches, ledger)
 
 
 def serve_config_file(config: AppConfig) -> dict[str, Any]:

@@ -34,11 +34,18 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def key_id(key_hash: str) -> str:
+    """A key as usage and the access log name it: `key_` and the first 16 hex digits of its SHA-256 (what
+    `echo -n "$KEY" | sha256sum` starts with), never the key."""
+    return "key_" + key_hash[:16]
+
+
 @dataclass(frozen=True)
 class Caller:
     tenant: Tenant  # whose queue and share
     owner: str  # whose Batch API objects: the tenant's name with keys, ANONYMOUS without
     admin: bool = False  # sees every tenant's figures and the replicas' internals (/status)
+    key_id: str = ""  # the key's id in usage and logs (key_id()), "" without keys
 
 
 @dataclass(frozen=True)
@@ -65,10 +72,11 @@ class Access:
         if scheme.lower() != "bearer" or not key.strip():
             raise errors.AuthenticationError(
                 "You didn't provide an API key. Send it as `Authorization: Bearer <key>`.", code="missing_api_key")
-        name = self.key_hashes.get(hash_key(key.strip()))
+        hashed = hash_key(key.strip())
+        name = self.key_hashes.get(hashed)
         if name is None:
             raise errors.AuthenticationError("Incorrect API key provided.", code="invalid_api_key")
-        return Caller(self._tenant(name), name, name in self.admins)
+        return Caller(self._tenant(name), name, name in self.admins, key_id(hashed))
 
     def tenant(self, headers: Mapping[str, str]) -> Tenant:
         return self.caller(headers).tenant

@@ -9,7 +9,7 @@ import logging
 import resource
 import socket
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 
 import uvicorn
 from fastapi import Request
@@ -88,13 +88,16 @@ def error_response(exc: Exception, rid: str) -> Response:
     return json_response(Reply.of(exc, rid), rid)
 
 
-def json_response(reply: Reply, rid: str) -> Response:
+def json_response(reply: Reply, rid: str, headers: Mapping[str, str] | None = None) -> Response:
+    """`headers`: the ingress's own (x-ratelimit-*, traceparent) beside the reply's."""
     return Response(reply.body, status_code=reply.status, media_type="application/json",
-                    headers={**reply.headers, REQUEST_ID_HEADER: rid})
+                    headers={**(headers or {}), **reply.headers, REQUEST_ID_HEADER: rid})
 
 
-def sse_response(chunks: AsyncIterator[bytes], rid: str) -> StreamingResponse:
-    return StreamingResponse(chunks, media_type="text/event-stream", headers={REQUEST_ID_HEADER: rid})
+def sse_response(chunks: AsyncIterator[bytes], rid: str,
+                 headers: Mapping[str, str] | None = None) -> StreamingResponse:
+    return StreamingResponse(chunks, media_type="text/event-stream",
+                             headers={**(headers or {}), REQUEST_ID_HEADER: rid})
 
 
 class _Server(uvicorn.Server):

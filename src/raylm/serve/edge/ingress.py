@@ -14,11 +14,13 @@ their replicas die. Every failure leaves here as one OpenAI error body.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,21 +32,27 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 
 from raylm import _ray, errors
 from raylm.config import ModelConfig, ServeConfig
-from raylm.contract import (NAMED_EVENTS, PATHS, TASK_ENDPOINTS, Adapter, Call, Endpoint, Reply, deployment_name,
-                            error_event)
+from raylm.contract import (NAMED_EVENTS, PATHS, TASK_ENDPOINTS, Adapter, Call, Endpoint, Reply, Usage, UsageRecord,
+                            deployment_name, error_event)
 from raylm.serve import status, stream
 from raylm.serve.batch.store import Store
 from raylm.serve.edge import http
 from raylm.serve.edge.access import Access
 from raylm.serve.edge.adapters import Adapters
 from raylm.serve.edge.routes import build_api
+from raylm.serve.edge.spans import RequestSpans
 from raylm.serve.logs import log_to_stderr
 from raylm.serve.metrics import IngressMetrics
+from raylm.serve.tracing import Tracing
+from raylm.serve.usage.sink import UsageSink, reserve_tokens
+from raylm.serve.usage.store import parse_query
 
 logger = logging.getLogger("raylm.serve")
 
 READY_TIMEOUT_S = 5.0
 CONNECT_TIMEOUT_S = 10.0
+QUOTA_TIMEOUT_S = 5.0
+USAGE_WAIT_S = 30.0  # for a finished stream's Usage (its replica ends the stream first, then sends it)
 # The replica (or its node) is gone: the request never ran to the end there, so it may run elsewhere.
 # OSError: its stream's connection was refused or reset before a byte came.
 _REPLICA_GONE = (RayActorError, ReplicaUnavailableError, OSError)
@@ -74,9 +82,41 @@ def _as_api_error(exc: Exception) -> Exception:
     return exc
 
 
+@dataclass
+class Seen:
+    """What the ingress learns of a request as it goes: its usage record and its answer's headers."""
+
+    time: float  # when it came in: Unix seconds
+    start: float  # and by time.perf_counter()
+    request_id: str
+    endpoint: Endpoint
+    tenant: str = "-"
+    key_id: str = ""
+    model: str = ""
+    adapter: str = ""
+    ticket: int = 0  # its quota reservation
+    trace_id: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    spans: RequestSpans | None = None  # tracing on
+
+    @property
+    def label(self) -> str:
+        """The metrics' model label: only served names, never what a client made up."""
+        return self.adapter or self.model or "-"
+
+    def trace(self, spans: RequestSpans) -> None:
+        self.spans, self.trace_id = spans, spans.trace_id
+        if spans.traceparent:
+            self.headers["traceparent"] = spans.traceparent
+
+    def phase(self, name: str) -> None:
+        if self.spans is not None:
+            self.spans.phase(name)
+
+
 class Ingress:
     async def __init__(self, models: tuple[ModelConfig, ...], handles: dict[str, Any], access: Access,
-                       config: ServeConfig, batch_jobs: Any) -> None:
+                       config: ServeConfig, batch_jobs: Any, ledger: Any = None) -> None:
         """`config`: serve.*, with batch_dir resolved and without keys (those reach it hashed, in `access`)."""
         log_to_stderr("raylm")  # INFO and above of raylm's loggers into this replica's log file
         self.models = {m.name: m for m in models}
@@ -92,27 +132,71 @@ class Ingress:
         # asked. The salt's secret is made when the app is built (access.salt_secret), shared by every ingress.
         self.salt = CacheSalt(access.salt_secret) if access.keyed and config.cache_salt else None
         self.adapters = Adapters(models, serve.get_replica_context().app_name)
+        self.tracing = Tracing(config.otlp_endpoint, "raylm-ingress")
+        # Usage and quotas through the Ledger (usage/ledger.py), when usage is kept.
+        self.ledger = ledger
+        self.limited = frozenset(n for n, t in config.tenants.items() if t.limited) if ledger else frozenset()
+        self.usage = UsageSink(ledger, config.usage.flush_interval_s, config.usage.max_buffered) if ledger else None
         self.http_server = await http.serve_http(build_api(self), config.host, config.port, config.http)
 
     async def serve(self, endpoint: Endpoint, request: Request) -> Response:
         start = time.perf_counter()
         rid = http.request_id(request)
-        name = who = "-"  # the metrics' model label: only served names, never what a client made up
+        seen = Seen(time.time(), start, rid, endpoint)
+        if self.tracing.enabled:
+            seen.trace(RequestSpans(self.tracing, request.headers.get("traceparent"), f"POST {request.url.path}",
+                                    endpoint, start))
         try:
-            tenant = self.access.caller(request.headers).tenant
-            who = tenant.name
+            caller = self.access.caller(request.headers)
+            seen.tenant, seen.key_id = caller.tenant.name, caller.key_id
+            seen.phase("auth")
             body = await http.json_body(request, self.config.max_request_bytes, self.config.http.body_timeout_s)
             model, adapter = await self._model(endpoint, body)
-            name = adapter.name if adapter is not None else model.name
+            seen.model, seen.adapter = model.name, adapter.name if adapter is not None else ""
+            seen.phase("read body")
+            await self._admit(seen, body)
             if self.salt is not None and endpoint in SALTED:
-                body["cache_salt"] = self.salt.of(tenant.name, body.get("cache_salt"))
-            head = await self._open(model, Call(endpoint, body, rid, tenant, adapter))
+                body["cache_salt"] = self.salt.of(caller.tenant.name, body.get("cache_salt"))
+            head = await self._open(model, Call(endpoint, body, rid, caller.tenant, adapter, caller.key_id), seen)
         except Exception as exc:
             head = Reply.of(_as_api_error(exc), rid)
         if isinstance(head, Reply):
-            self.metrics.answered(name, endpoint, head.status, start, head.code, who)
-            return http.json_response(head, rid)
-        return http.sse_response(self._relay(head, name, endpoint, start, rid, who), rid)
+            self.metrics.answered(seen.label, endpoint, head.status, start, head.code, seen.tenant)
+            self._record(seen, head.status, head.code, head.usage, None, time.perf_counter())
+            return http.json_response(head, rid, seen.headers)
+        chunks, replies = head
+        return http.sse_response(self._relay(chunks, replies, seen), rid, seen.headers)
+
+    async def _admit(self, seen: Seen, body: dict) -> None:
+        """A tenant with quotas asks the Ledger (one for the service) before its request goes anywhere."""
+        if seen.tenant not in self.limited:
+            return
+        try:
+            decision = await asyncio.wait_for(self.ledger.admit.remote(seen.tenant, reserve_tokens(body)),
+                                              QUOTA_TIMEOUT_S)
+        except Exception as exc:  # fail closed: a quota that cannot be checked is not a free pass
+            logger.warning("quota check for a request failed: %r", exc)
+            raise errors.UnavailableError("quotas cannot be checked right now; retry later",
+                                          code="quota_unavailable", retry_after=1.0) from None
+        seen.headers.update(decision.headers)
+        seen.phase("quota")
+        if not decision.allowed:
+            kind = errors.QuotaExceededError if decision.code == "insufficient_quota" else errors.RateLimitError
+            raise kind(decision.message, code=decision.code, retry_after=decision.retry_after_s)
+        seen.ticket = decision.ticket
+
+    def _record(self, seen: Seen, status: int, code: str | None, usage: Usage | None, ttft_s: float | None,
+                end: float, stream: bool = False) -> None:
+        """The request ended at `end` (perf_counter): its usage record, its trace's last spans."""
+        if seen.spans is not None:
+            seen.spans.end(status, usage, stream, code, end, seen.tenant)
+        if self.usage is None:
+            return
+        u = usage or Usage()
+        self.usage.add(UsageRecord(
+            seen.time, seen.request_id, seen.tenant, seen.key_id, seen.model, seen.adapter, seen.endpoint, status,
+            code or "", u.prompt_tokens, u.cached_tokens, u.completion_tokens, ttft_s, end - seen.start,
+            replica=u.replica, trace_id=seen.trace_id), seen.ticket)
 
     async def _model(self, endpoint: Endpoint, body: dict) -> tuple[ModelConfig, Adapter | None]:
         """The model a request names, and the adapter of it when the name is an adapter's."""
@@ -135,17 +219,25 @@ class Ingress:
                                              param="model", code="unsupported_endpoint")
         return model, adapter
 
-    async def _open(self, model: ModelConfig, call: Call) -> Reply | AsyncIterator[bytes]:
-        """Send the request; if its replica dies before the first reply, send it once more."""
+    async def _open(self, model: ModelConfig, call: Call, seen: Seen) -> Reply | tuple[AsyncIterator[bytes], Any]:
+        """Send the request; if its replica dies before the first reply, send it once more. A stream: its bytes,
+        and the call, whose last item (its Usage) comes when the stream has ended."""
+        spans = seen.spans
         for attempt in (1, 2):
+            if spans is not None:
+                call = dataclasses.replace(call, trace=spans.forward(model.name))
             replies = self.callers[model.name].reply.remote(call)
             try:
                 await self._assigned(replies, model)
+                if spans is not None:
+                    spans.routed()
                 head = await replies.__anext__()
                 if isinstance(head, Reply):
                     return head
-                return stream.receive(*await stream.connect(head, CONNECT_TIMEOUT_S))
+                return stream.receive(*await stream.connect(head, CONNECT_TIMEOUT_S)), replies
             except _REPLICA_GONE as exc:
+                if spans is not None:
+                    spans.forwarded(error="the replica died")
                 replies.cancel()
                 if attempt == 2:
                     raise errors.UnavailableError(
@@ -153,6 +245,9 @@ class Ingress:
                         retry_after=model.admission.retry_after_s) from exc
                 logger.warning("request %s: replica of %s died before answering; retrying once",
                                call.request_id, model.name)
+            finally:
+                if spans is not None:
+                    spans.forwarded()  # (once: a span ended above stays so)
         raise AssertionError("unreachable")
 
     async def _assigned(self, replies: Any, model: ModelConfig) -> None:
@@ -168,26 +263,38 @@ class Ingress:
                 f"no replica of model {model.name} took the request within {timeout_s:.0f}s",
                 code="no_replica", retry_after=model.admission.retry_after_s) from None
 
-    async def _relay(self, chunks: AsyncIterator[bytes], name: str, endpoint: Endpoint, start: float,
-                     rid: str, tenant: str) -> AsyncIterator[bytes]:
+    async def _relay(self, chunks: AsyncIterator[bytes], replies: Any, seen: Seen) -> AsyncIterator[bytes]:
         """A stream's bytes to the client as they come; a stream cut short ends with one error event."""
-        timer = self.metrics.stream(name, endpoint, start, tenant)
+        start = seen.start
+        timer = self.metrics.stream(seen.label, seen.endpoint, start, seen.tenant)
+        status, code = 499, "client_gone"  # unless it ends otherwise: the client went away
         try:
             async for chunk in chunks:
                 timer.chunk()
                 yield chunk
+            status, code = 200, None
         except stream.StreamCut:
-            timer.end(500)
-            model = self.models[name]
+            status, code = 500, "replica_lost"
+            model = self.models[seen.model]
             yield error_event(errors.UnavailableError(
-                f"the replica of model {name} serving this stream stopped before the stream ended",
-                code="replica_lost", retry_after=model.admission.retry_after_s), rid,
-                endpoint in NAMED_EVENTS).encode()
-            return
-        except BaseException:  # the client went away: closing the connection aborts the engine request
-            timer.end(499)
-            raise
-        timer.end(200)
+                f"the replica of model {seen.label} serving this stream stopped before the stream ended",
+                code="replica_lost", retry_after=model.admission.retry_after_s), seen.request_id,
+                seen.endpoint in NAMED_EVENTS).encode()
+        finally:  # closing the connection (the client went away) aborts the engine request
+            timer.end(status)
+            ttft = timer.first - start if timer.chunks else None
+            # The call's last item, the stream's Usage, comes once the replica has ended it: not awaited here.
+            asyncio.get_running_loop().create_task(
+                self._stream_usage(replies, seen, status, code, ttft, time.perf_counter()))
+
+    async def _stream_usage(self, replies: Any, seen: Seen, status: int, code: str | None, ttft_s: float | None,
+                            end: float) -> None:
+        usage = None
+        try:
+            usage = await asyncio.wait_for(replies.__anext__(), USAGE_WAIT_S)
+        except Exception as exc:  # the replica died with the stream: its tokens are not known
+            logger.debug("request %s: no usage from its replica: %r", seen.request_id, exc)
+        self._record(seen, status, code, usage if isinstance(usage, Usage) else None, ttft_s, end, stream=True)
 
     async def list_models(self, request: Request, model_id: str | None = None) -> Response:
         """GET /v1/models, or one model's card (GET /v1/models/{id}: the OpenAI SDK's models.retrieve)."""
@@ -245,7 +352,31 @@ class Ingress:
         app_name = serve.get_replica_context().app_name
         tenant = None if caller.admin else caller.tenant.name
         adapters = {name: base for name, (base, _) in (await self.adapters.current()).items()}
-        return JSONResponse(await status.collect(app_name, deployments, self.metrics.window, tenant, adapters))
+        body = await status.collect(app_name, deployments, self.metrics.window, tenant, adapters)
+        if self.ledger is not None:
+            try:
+                quotas = (await asyncio.wait_for(self.ledger.quota_status.remote(), QUOTA_TIMEOUT_S))["quotas"]
+            except Exception as exc:  # the page without quotas beats no page
+                logger.warning("quota use not in /status: %r", exc)
+                quotas = {}
+            body["quotas"] = {t: q for t, q in quotas.items() if tenant is None or t == tenant}
+        return JSONResponse(body)
+
+    async def usage_page(self, request: Request, kind: str) -> Response:
+        """GET /v1/organization/usage/{completions,embeddings}: OpenAI's usage API, every tenant's for an admin
+        key (group_by=project_id: by tenant), the caller's own tenant's otherwise."""
+        rid = http.request_id(request)
+        try:
+            caller = self.access.caller(request.headers)
+            if self.ledger is None:
+                raise errors.NotFoundError("usage is not kept on this server (serve.usage.enabled: false)",
+                                           code="usage_disabled")
+            params = {k: request.query_params.getlist(k) for k in request.query_params}
+            query = parse_query(kind, params, None if caller.admin else caller.tenant.name)
+            await self.usage.flush()  # this replica's last second too
+            return JSONResponse(await self.ledger.usage.remote(query))
+        except Exception as exc:
+            return http.error_response(exc, rid)
 
     async def ready(self) -> JSONResponse:
         """Ready when every model that keeps replicas answers a ping; a model scaled to zero counts as ready."""
@@ -275,6 +406,10 @@ class Ingress:
         if server is not None:
             server.should_exit = True
             await asyncio.wait({server.task}, timeout=5)
+        if getattr(self, "usage", None) is not None:
+            await self.usage.close()
+        if hasattr(self, "tracing"):
+            self.tracing.shutdown()
 
 
 def _no_model(name: str, models: dict[str, ModelConfig]) -> errors.APIError:

@@ -4,7 +4,7 @@ in their own shape (unknown route, wrong method, a failure nobody caught) comes 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -88,6 +88,10 @@ def build_api(ingress: Any) -> FastAPI:
         if not path.is_relative_to(PLAYGROUND.resolve()) or not path.is_file():
             raise StarletteHTTPException(404)
         return _static(path)
+
+    @api.get("/v1/organization/usage/{kind}")
+    async def usage(request: Request, kind: Literal["completions", "embeddings"]) -> Response:
+        return await ingress.usage_page(request, kind)
 
     @api.get("/status")
     async def service_status(request: Request) -> Response:

@@ -108,6 +108,19 @@ class Admission:
                 self._batch_from = self._clock() + self.limits.batch_quiet_s
             self._finished(tenant.name, sequences)
 
+    def refuse_early(self, tenant: Tenant) -> None:
+        """Raise now the OverloadedError `slot` is sure to raise for this tenant's next request, whatever its
+        size: before the request is parsed and counted, so a refusal costs no tokenizing. Sure: the queue is
+        full by count and the request would be served last, or what waits ahead of it already passes
+        max_queue_wait_s. (Batch work is refused by `slot` at once, without waiting, anyway.)"""
+        self._weights[tenant.name] = tenant.weight
+        if tenant.batch or (self._fits(1) and not self._waiting) or self._may_burst(tenant, 1):
+            return
+        key = (tenant.priority, self._start_tag(tenant), float("inf"))  # after every waiter of its tag
+        if len(self._waiting) >= self.limits.max_queued and key > self._waiting[-1].key:
+            raise self._overloaded("queue_full")
+        self._refuse_long_waits(_Waiter(key, tenant, 0, 1, asyncio.get_running_loop().create_future()))
+
     def _start_batch(self, tenant: Tenant, sequences: int) -> None:
         interactive = self.limits.batch_quiet_s > 0 and (
             self.running > self.batch_running or self._clock() < self._batch_from)

@@ -9,6 +9,7 @@ watches engine steps, so an engine that is alive but stalled is replaced like a 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -21,14 +22,16 @@ from ray import serve
 
 from raylm import _ray, errors, hardware
 from raylm.config import ModelConfig
-from raylm.contract import NAMED_EVENTS, Call, Direct, Reply, sse_frames
-from raylm.engine.protocol import Engine
+from raylm.contract import NAMED_EVENTS, Call, Direct, Reply, Usage, sse_frames
+from raylm.engine.protocol import Engine, Meter
 from raylm.models import resolve_source
 from raylm.serve import status
 from raylm.serve.logs import log_to_stderr
 from raylm.serve.metrics import ReplicaMetrics
 from raylm.serve.replica.admission import Admission, Turns
+from raylm.serve.replica.spans import ReplicaSpans
 from raylm.serve.stream import StreamHub
+from raylm.serve.tracing import Tracing
 
 logger = logging.getLogger("raylm.serve")
 
@@ -75,10 +78,19 @@ class HeldAdapters:
 class ModelServer:
     """Hosts one engine; the ingress reaches it through `reply` on a Serve handle."""
 
-    async def __init__(self, model: ModelConfig, cache_dir: str, engine_factory=_make_engine) -> None:
+    async def __init__(self, model: ModelConfig, cache_dir: str, engine_factory=_make_engine,
+                       otlp_endpoint: str | None = None) -> None:
         log_to_stderr("vllm", "raylm")
         self.name = model.name
         self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.tracing = Tracing(otlp_endpoint, f"raylm-{model.name}", {"raylm.replica": self.replica_id})
+        if otlp_endpoint and model.task == "generate" and "otlp_traces_endpoint" not in model.engine_args:
+            # vLLM's own request span (queue, prefill, decode times as attributes) joins the trace as a child of
+            # this replica's span (the traceparent goes to the engine with each request: engine/vllm.py).
+            os.environ.update(OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="http/protobuf",
+                              OTEL_SERVICE_NAME=f"vllm-{model.name}")
+            model = model.model_copy(update={"engine_args": {**model.engine_args,
+                                                             "otlp_traces_endpoint": f"{otlp_endpoint}/v1/traces"}})
         self.held = HeldAdapters(model.lora_limits.held)  # the adapters the engine holds, in every report
         await self._report("loading weights")  # for the start-up's live status (runner.py)
         self.admission = Admission(model.admission)
@@ -115,14 +127,20 @@ class ModelServer:
         except Exception as exc:  # the status page is not worth a replica: GCS may be busy or restarting
             logger.debug("status report of %s not published: %r", self.name, exc)
 
-    async def reply(self, call: Call) -> AsyncIterator[Reply | Direct]:
-        """One request, one item: a Reply (a whole body, or an error), or a Direct for a stream; the call
-        then lasts until the stream has ended, so Serve and admission count it while it runs."""
+    async def reply(self, call: Call) -> AsyncIterator[Reply | Direct | Usage]:
+        """One request: a Reply (a whole body and its usage, or an error); or a Direct for a stream, then its
+        Usage once it has ended: the call lasts until then, so Serve and admission count it while it runs."""
         rid = call.request_id
+        meter = Meter()
+        spans = ReplicaSpans(self.tracing, call, self.replica_id) if self.tracing.enabled else None
         try:
-            # Refuse early: a bad request, or a prompt too long for the context, never takes a queue place.
+            # Refuse early: a request the queue is sure to refuse costs no counting; a bad request, or a prompt
+            # too long for the context, never takes a queue place.
+            self.admission.refuse_early(call.tenant)
             async with self.turns.turn(call.tenant.name):
                 prepared = await self.engine.prepare(call.endpoint, call.body)
+            if spans is not None:
+                spans.phase("prepare", prompt_tokens=prepared.size.total)
             if prepared.sequences > self.max_n:
                 raise errors.InvalidRequestError(
                     f"n is {prepared.sequences}; this model takes at most {self.max_n} (admission.max_n)",
@@ -132,9 +150,13 @@ class ModelServer:
                 if self.held.use(call.adapter.name):
                     self.metrics.adapter_loaded(call.adapter.name)
             async with self.admission.slot(call.tenant, prepared.size.total, prepared.sequences):
-                result = await self.engine.create(prepared, rid)
+                if spans is not None:
+                    spans.phase("admission wait", tenant=call.tenant.name)
+                result = await self.engine.create(prepared, rid, meter, spans and spans.traceparent)
                 if isinstance(result, bytes):
-                    yield Reply(body=result)
+                    if spans is not None:
+                        spans.end(meter, 200)
+                    yield Reply(body=result, usage=meter.usage(self.replica_id))
                     return
                 direct, out = self.streams.open(sse_frames(result, rid, call.endpoint in NAMED_EVENTS))
                 try:
@@ -143,7 +165,14 @@ class ModelServer:
                 finally:  # also when Serve cancels this call (the client went away)
                     out.abort()
         except Exception as exc:  # refused by admission (429), or the engine failed before answering
-            yield Reply.of(exc, rid)
+            reply = Reply.of(exc, rid)
+            if spans is not None:
+                spans.end(meter, reply.status, reply.code)
+            yield dataclasses.replace(reply, usage=meter.usage(self.replica_id))  # (its tokens: none, or those made)
+            return
+        if spans is not None:
+            spans.end(meter, 200)
+        yield meter.usage(self.replica_id)
 
     async def check_health(self) -> None:
         """Serve calls this every period: the engine must be alive and, while it holds requests, finish a
@@ -184,6 +213,8 @@ class ModelServer:
         engine = getattr(self, "engine", None)
         if engine is not None:
             await engine.shutdown()
+        if hasattr(self, "tracing"):
+            self.tracing.shutdown()
 
 
 ModelDeployment = serve.deployment(ModelServer)

@@ -98,6 +98,10 @@ def test_usage_totals_equal_what_clients_received(service, tmp_path):
                             "--bucket", "1h", "--group-by", "project_id"], capture_output=True, text=True, timeout=120,
                            env={**os.environ, "OPENAI_API_KEY": LEDGER_KEY, "COLUMNS": "200"})
     assert table.returncode == 0, table.stderr
+    print(f"\nUSAGE clients received: {requests} answers with usage, prompt {prompt}, completion {completion}; "
+          f"cut stream: prompt {cut_line['prompt_tokens']}, completion {cut_line['completion_tokens']} "
+          f"(client saw {received} data lines); batch line: prompt {batch_prompt}, completion {batch_completion}; "
+          f"embeddings: {embedded.usage.prompt_tokens}\n{table.stdout}")
     total = next(line for line in table.stdout.splitlines() if line.strip("│ ").startswith("total"))
     cells = [c.strip().replace(",", "") for c in total.split("│") if c.strip()]  # total, requests, in, cached, out
     assert (cells[1], cells[2], cells[4]) == (str(requests + 2), str(prompt + cut_line["prompt_tokens"] + batch_prompt),

@@ -69,6 +69,8 @@ def serve_command(
     def on_ready(service) -> None:
         from rich.table import Table
 
+        from raylm.serve.usage.ledger import access_log_path
+
         for name, notes in service.choices.items():
             console.print(f"[dim]{name}: " + "; ".join(notes) + "[/dim]", highlight=False)
         table = Table(show_header=False, box=None, padding=(0, 2))
@@ -82,14 +84,14 @@ def serve_command(
         if usage.enabled:
             table.add_row("usage", f"{_redacted(cfg.serve.usage_database)}  (raylm usage)")
             if cfg.serve.access_log.enabled:
-                table.add_row("access log", str(Path(service.log_dir) / "raylm" / "access.log"))
+                table.add_row("access log", str(access_log_path()))
         if cfg.serve.otlp_endpoint:
             table.add_row("traces", f"{cfg.serve.otlp_endpoint}/v1/traces")
         console.print(table, highlight=False)
         if usage.enabled and cfg.serve.access_log.enabled and cfg.serve.access_log.stdout:
             from raylm.serve.usage.report import follow
 
-            follow(Path(service.log_dir) / "raylm" / "access.log", lambda line: print(line, flush=True))
+            follow(access_log_path(), lambda line: print(line, flush=True))
         console.print("[green]raylm is ready[/green]  (Ctrl-C stops)")
         print(f"{service.url}/v1", flush=True)
 

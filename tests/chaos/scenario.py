@@ -7,6 +7,9 @@
                                                 admission bounded by time at 2× capacity
 """
 
+import gc
+import time
+
 import httpx
 
 from helpers import TINY_ENGINE_ARGS, free_port
@@ -51,12 +54,56 @@ def report(name: str, **figures) -> None:
                                          for k, v in figures.items()), flush=True)
 
 
+class Steal:
+    """The share of CPU time the hypervisor gave to other machines (/proc/stat's steal) since the last call:
+    a phase measured while a neighbour took the cores measures the neighbour (seen: 15-23% for a minute)."""
+
+    def __init__(self) -> None:
+        self.last = self._read()
+
+    @staticmethod
+    def _read() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(t) for t in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        return ticks[7], sum(ticks)
+
+    def share(self) -> float:
+        now = self._read()
+        steal, total = now[0] - self.last[0], now[1] - self.last[1]
+        self.last = now
+        return steal / total if total else 0.0
+
+
 def auth(tenant: str) -> dict[str, str]:
     return {"authorization": f"Bearer {KEYS[tenant]}"}
 
 
+class ClientPauses:
+    """The test process's own garbage-collection pauses (ms, by generation) while it measures: it imported
+    torch, transformers and Ray (the tiny model, the service), and a full collection of its ~500k objects
+    took 380-410 ms, which the client would have counted in whichever first tokens it was reading."""
+
+    def __init__(self) -> None:
+        self.ms: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        self._t = 0.0
+        gc.callbacks.append(self._on)
+
+    def _on(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t = time.perf_counter()
+        else:
+            self.ms[info["generation"]].append((time.perf_counter() - self._t) * 1e3)
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._on)
+
+
 async def load(url: str, fn):
-    """Run `fn(client, completions_url)` with a client sized for floods."""
+    """Run `fn(client, completions_url)` with a client sized for floods. The process's heap so far (torch,
+    Ray, the service's objects) is frozen first, as the servers' are (`_ray.freeze_heap`): the collector
+    never walks it again, and the client's pauses stay its own young objects' (ClientPauses)."""
+    gc.collect()
+    gc.freeze()
     async with httpx.AsyncClient(timeout=httpx.Timeout(60, connect=10),
                                  limits=httpx.Limits(max_connections=400)) as client:
         return await fn(client, f"{url}/v1/completions")

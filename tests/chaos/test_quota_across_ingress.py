@@ -1,4 +1,6 @@
-"""A quota holds across ingress replicas: 4 of them, one tenant at twice its requests per minute for a minute."""
+"""A quota holds across ingress replicas: 4 of them, one tenant at twice its requests per minute for a minute.
+
+Not in `make test` (its own service and a minute of traffic, ~2.5 min): run with `make test-slow`."""
 
 import asyncio
 import time
@@ -38,6 +40,7 @@ async def _flood(url: str) -> list[tuple[float, int]]:
         return await asyncio.gather(*(one(t0 + i / RATE) for i in range(int(RATE * WINDOW_S))))
 
 
+@pytest.mark.slow
 def test_requests_per_minute_hold_across_four_ingress_replicas(quota_service):
     answers = asyncio.run(_flood(quota_service.url))
     statuses = [s for _, s in answers]

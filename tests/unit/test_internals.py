@@ -2,6 +2,9 @@
 
 import importlib
 import inspect
+import os
+import sys
+import time
 
 import pytest
 import ray
@@ -35,3 +38,24 @@ def test_parser_names_read_without_importing_vllm_are_its_registry(kind):
 
     manager = {"tool": ToolParserManager, "reasoning": ReasoningParserManager}[kind]
     assert _vllm.parser_names(kind) == set(manager.list_registered()) and "hf" in _vllm.parser_names(kind)
+
+
+def test_ray_agents_are_reniced_to_the_workers_niceness_every_thread():
+    import subprocess
+
+    import psutil
+
+    child = "import threading, time; threading.Thread(target=time.sleep, args=(30,)).start(); time.sleep(30)"
+    agent = subprocess.Popen(["bash", "-c", f'exec -a "{_ray.load("AGENT_DASHBOARD")}" {sys.executable} -c "{child}"'])
+    other = subprocess.Popen([sys.executable, "-c", child])
+    try:
+        procs = [psutil.Process(agent.pid), psutil.Process(other.pid)]
+        deadline = time.monotonic() + 10
+        while any(p.num_threads() < 2 for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _ray.renice_agents(procs) == [agent.pid]
+        niceness = [{os.getpriority(os.PRIO_PROCESS, t.id) for t in p.threads()} for p in procs]
+        assert niceness == [{15}, {os.getpriority(os.PRIO_PROCESS, 0)}]  # every thread of the agent, no other
+    finally:
+        agent.kill()
+        other.kill()

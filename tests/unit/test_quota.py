@@ -115,4 +115,4 @@ def test_the_usage_sink_keeps_what_it_could_not_send_and_drops_the_oldest_past_i
         return ledger.got, [r.request_id for r in sink.records]
 
     got, left = asyncio.run(main())
-    assert got == [(3, [(t, 5) for t in range(1, 6)], 2)] and left == []
+    assert got == [(3, [(3, 5), (4, 5), (5, 5)], 2)] and left == []  # settles bounded too: 1 and 2 stay reserved

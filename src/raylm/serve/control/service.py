@@ -88,16 +88,17 @@ def end_processes(processes: list[psutil.Process], grace_s: float = 10.0, term_s
 # console (`log_to_driver`, unless `verbose`; it stays in the session's log files): on 2 cores, with the
 # engine's OpenMP threads on both, that background stalled the engine. SmolLM2 at c=16, two rounds: 168 →
 # 190 tok/s, TTFT p50 at c=1 147 → 124 ms.
-# Metrics are reported every 2 s, not Ray's 10 s: Ray's agent replays every histogram observation one by
-# one (vLLM's inter-token histogram has one per token), so under a 1,900 tok/s flood on 2 cores each 10 s
-# report was a 270 ms burst of a core, stalling first tokens by 100-200 ms; every 2 s the bursts are at
-# most 60 ms, for the same total CPU (3% of a core).
+# Metrics are reported every 0.5 s, not Ray's 10 s: Ray's agent replays every histogram observation one by
+# one (vLLM's inter-token histogram has one per token; open_telemetry_metric_recorder.py), so under a
+# 1,900 tok/s flood on 2 cores each 10 s report was a 270 ms burst of a core, stalling first tokens by
+# 100-200 ms. At 2 s the bursts were still 30-70 ms, and they were the fairness test's light-tenant tail:
+# every event-loop stall over 25 ms in the ingress and the replica came at the same phase of the 2 s period.
 # Workers stay at Ray's nice 15. Tried at nice 0 (as raylm data's stage actors): benchmarks/dataplane.py, one
 # round, tiny Llama with the engine on core 1, c=64: 1,129 tok/s against 1,501 at nice 15 (0.75×), serving
 # path 0.756 against 0.549 ms of CPU per token.
 # A joined cluster keeps its own settings. The user's values win.
 SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
-             "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1", "RAY_metrics_report_interval_ms": "2000",
+             "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1", "RAY_metrics_report_interval_ms": "500",
              "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}
 
 
@@ -115,6 +116,7 @@ def connect_ray(config: AppConfig, verbose: bool = False) -> bool:
         os.environ.setdefault(key, value)
     _ray.init_local(config.serve.num_cpus, config.serve.metrics_port, _ray.LOCAL_RAY_CONFIG, verbose)
     _reassert_signal_handlers()
+    _ray.renice_agents()  # their metrics bursts below the serving path, not above it
     return True
 
 

@@ -138,6 +138,7 @@ class Ingress:
         self.limited = frozenset(n for n, t in config.tenants.items() if t.limited) if ledger else frozenset()
         self.usage = UsageSink(ledger, config.usage.flush_interval_s, config.usage.max_buffered) if ledger else None
         self.http_server = await http.serve_http(build_api(self), config.host, config.port, config.http)
+        _ray.freeze_heap()
 
     async def serve(self, endpoint: Endpoint, request: Request) -> Response:
         start = time.perf_counter()

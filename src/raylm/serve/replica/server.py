@@ -108,6 +108,7 @@ class ModelServer:
         await self.streams.start(stream_host())
         self.metrics = ReplicaMetrics(model.name, self.replica_id)
         self._sampler = asyncio.create_task(self._sample())
+        _ray.freeze_heap()
 
     async def _sample(self) -> None:
         """Every second: admission's state to the metrics, and this replica's report for `raylm status`."""

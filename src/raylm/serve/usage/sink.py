@@ -53,6 +53,9 @@ class UsageSink:
             drop = len(self.records) - self.max_buffered
             del self.records[:drop]
             self.dropped += drop
+        # The same bound for settles: a dropped one leaves its reservation counted (an upper bound of what the
+        # request took) until the quota's window passes it.
+        del self.settles[:max(0, len(self.settles) - self.max_buffered)]
 
     async def flush(self) -> None:
         async with self._lock:  # one send at a time: records keep their order

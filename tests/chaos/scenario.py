@@ -14,6 +14,7 @@ import httpx
 
 from helpers import TINY_ENGINE_ARGS, free_port
 
+from raylm import _ray
 from raylm.bench.load import completion_body, send
 from raylm.config import AppConfig, ModelConfig
 
@@ -102,8 +103,7 @@ async def load(url: str, fn):
     """Run `fn(client, completions_url)` with a client sized for floods. The process's heap so far (torch,
     Ray, the service's objects) is frozen first, as the servers' are (`_ray.freeze_heap`): the collector
     never walks it again, and the client's pauses stay its own young objects' (ClientPauses)."""
-    gc.collect()
-    gc.freeze()
+    _ray.freeze_heap()
     async with httpx.AsyncClient(timeout=httpx.Timeout(60, connect=10),
                                  limits=httpx.Limits(max_connections=400)) as client:
         return await fn(client, f"{url}/v1/completions")

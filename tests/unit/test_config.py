@@ -127,6 +127,9 @@ def test_autoscaling_goes_to_serve_and_excludes_fixed_replicas():
     scaling = serve_options(model)["autoscaling_config"]
     assert "num_replicas" not in serve_options(model)
     assert (scaling["min_replicas"], scaling["max_replicas"], scaling["target_ongoing_requests"]) == (0, 3, 32)
+    from ray.serve.config import AutoscalingConfig
+
+    assert AutoscalingConfig(**scaling).metrics_interval_s == 1.0  # Serve takes it: reports every second
     with pytest.raises(ValidationError, match="either `replicas` or `autoscaling`"):
         ModelConfig(name="m", source="/m", replicas=2, autoscaling={"max_replicas": 3})
     with pytest.raises(ValidationError, match="min_replicas"):

@@ -27,3 +27,38 @@ def test_a_mapping_is_parsed_as_vllm_serve_parses_it():
     assert isinstance(args.structured_outputs_config, StructuredOutputsConfig)
     assert args.structured_outputs_config.enable_in_reasoning is True
     assert args.override_generation_config == {"temperature": 0.0}
+
+
+def _child_saw(path: str) -> None:
+    """In place of EngineCore's entry point: what the forked process starts with."""
+    import json
+    import os
+    from pathlib import Path
+
+    import torch
+
+    Path(path).write_text(json.dumps({"cores": sorted(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
+                                      "name": Path("/proc/self/comm").read_text().strip()}))
+
+
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_engine_core_is_forked_onto_its_cores_with_its_name_and_vllm_is_left_as_it_was(start, tmp_path, monkeypatch):
+    """The forked EngineCore takes the OpenMP layout a spawned one reads from its environment (one thread per
+    bound core, on them) and vLLM's process name; RAYLM_ENGINE_CORE_START=spawn leaves vLLM's start alone."""
+    import json
+
+    from raylm import _vllm
+    from raylm.engine.vllm import engine_core_by_fork
+
+    monkeypatch.setenv("RAYLM_ENGINE_CORE_START", start)
+    utils = _vllm.module("get_mp_context")
+    original, out = utils.get_mp_context, tmp_path / "child.json"
+    with engine_core_by_fork([0]):
+        if start == "spawn":
+            assert utils.get_mp_context is original
+            return
+        proc = utils.get_mp_context().Process(target=_child_saw, name="EngineCore", kwargs={"path": str(out)})
+        proc.start()
+        proc.join(60)
+    assert utils.get_mp_context is original and proc.exitcode == 0
+    assert json.loads(out.read_text()) == {"cores": [0], "threads": 1, "name": "VLLM::EngineCor"}

@@ -2,6 +2,7 @@
 
 import json
 
+from raylm import hardware
 from raylm.hardware import BIND_ENV, GIB, KV_ENV, Hardware, cpu_list, detect, fit, parse_cpu_list
 
 AVX2 = Hardware(gpus=0, cpu_flags=frozenset({"avx2", "fma"}), cores=(0, 1), numa_nodes=1)
@@ -16,10 +17,26 @@ def test_float32_without_bf16_units_and_bfloat16_with_them():
 
 
 def test_the_users_choices_win():
-    chosen = fit({"dtype": "float16", "max_model_len": 64}, {BIND_ENV: "1", KV_ENV: "2"}, AVX512_BF16)
-    assert chosen.engine_args == {"dtype": "float16", "max_model_len": 64}
+    chosen = fit({"dtype": "float16", "max_model_len": 64, "enforce_eager": False}, {BIND_ENV: "1", KV_ENV: "2"},
+                 AVX512_BF16)
+    assert chosen.engine_args == {"dtype": "float16", "max_model_len": 64, "enforce_eager": False}
     assert chosen.env == {BIND_ENV: "1", KV_ENV: "2"}
     assert all("set in the config" in note for note in chosen.notes)
+
+
+def test_a_cpu_engine_runs_eager_unless_the_config_sets_its_compilation():
+    assert fit({}, {}, AVX2).engine_args["enforce_eager"] is True
+    assert "enforce_eager" not in fit({"compilation_config": {"mode": 3}}, {}, AVX2).engine_args
+    gpu = Hardware(gpus=1, cpu_flags=frozenset(), cores=(0,), numa_nodes=1)
+    assert "enforce_eager" not in fit({}, {}, gpu).engine_args
+
+
+def test_the_console_says_which_of_vllms_cpu_libraries_a_replica_preloads(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_libraries", lambda: {"iomp": "/v/lib/libiomp5.so"})
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    assert not any("preloaded" in note for note in fit({}, {}, AVX2).notes)  # the default: cpu_tips.py
+    monkeypatch.setenv("LD_PRELOAD", "/v/lib/libiomp5.so")  # a model's env sets it
+    assert "Intel OpenMP preloaded" in fit({}, {}, AVX2).notes
 
 
 def test_threads_bind_every_core_on_one_numa_node_and_are_left_to_vllm_on_several():
@@ -73,5 +90,6 @@ def test_a_kv_cache_the_config_does_not_size_is_fitted_to_the_model_and_the_free
     assert "KV cache 4.00 GiB (40 sequences x 8192 tokens x 45 KiB" in "; ".join(
         fit({"max_num_seqs": 40}, {}, machine, str(tmp_path)).notes)
     for sized in ({"kv_cache_memory_bytes": GIB}, {"gpu_memory_utilization": 0.5}):
-        assert fit(sized, {}, machine, str(tmp_path)).engine_args == {**sized, "dtype": "float32"}
+        assert fit(sized, {}, machine, str(tmp_path)).engine_args == {**sized, "dtype": "float32",
+                                                                      "enforce_eager": True}
     assert "kv_cache_memory_bytes" not in fit({}, {KV_ENV: "1"}, machine, str(tmp_path)).engine_args

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from typing import Any
 
-from raylm import _vllm, errors
+from raylm import _ray, _vllm, errors
 from raylm.contract import PATHS, TASK_ENDPOINTS, Adapter, Endpoint, sse_payload
 from raylm.engine import counting, media
 from raylm.engine.protocol import Meter, Prepared, PromptSize, Result
@@ -59,6 +59,7 @@ class VLLMEngine:
         self.max_model_len = 0
         self._multimodal = False
         self._adapter_locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
+        self.startup: dict[str, float] = {}  # seconds per phase of `start` (the replica logs its timeline)
 
     def build_args(self) -> Any:
         """vLLM's own serve arguments (defaults from its parser), with ours and the user's on top."""
@@ -86,7 +87,7 @@ class VLLMEngine:
         from starlette.datastructures import State
         from vllm import AsyncEngineArgs
 
-        marks = [("imports", time.monotonic())]
+        marks = [("vLLM imports", time.monotonic())]
         args = self.build_args()
         engine_args = AsyncEngineArgs.from_cli_args(args)
         context = _vllm.load("UsageContext").OPENAI_API_SERVER
@@ -99,7 +100,7 @@ class VLLMEngine:
         marks.append(("engine config", time.monotonic()))
         stderr_at = _stderr_size()
         try:
-            with cpu_layout(config, self.engine_args):  # the EngineCore process is spawned in here
+            with cpu_layout(config, self.engine_args) as cores, engine_core_by_fork(cores):  # EngineCore starts here
                 self.client = _vllm.load("AsyncLLM").from_vllm_config(
                     config, usage_context=context, stat_loggers=loggers,
                     enable_log_requests=engine_args.enable_log_requests,
@@ -112,7 +113,7 @@ class VLLMEngine:
         self._stack.callback(self.client.shutdown)
         self.client.generate = _metered(self.client.generate)  # before the serving classes take the client
         self.client.encode = _metered(self.client.encode)
-        marks.append(("engine core (spawn, weights, KV cache, warm-up)", time.monotonic()))
+        marks.append(("engine core (process, weights, KV cache, warm-up)", time.monotonic()))
         # Counting for admission uses a copy on one thread: vLLM's renderer uses its own from its threads.
         self._tokenizer = copy.deepcopy(self.client.get_tokenizer())
         self._max_token_bytes = counting.max_token_bytes(self._tokenizer)
@@ -124,8 +125,7 @@ class VLLMEngine:
         self._state = State()
         await _vllm.load("init_app_state")(self.client, self._state, args, tasks)
         marks.append(("serving classes", time.monotonic()))
-        logger.info("engine of %s started in %.1fs: %s", self.served_name, marks[-1][1] - started, ", ".join(
-            f"{name} {t - before:.1f}s" for (name, t), (_, before) in zip(marks, [("", started), *marks])))
+        self.startup = {name: t - before for (name, t), (_, before) in zip(marks, [("", started), *marks])}
         self._handlers = {e: h for e, h in _handlers(self._state).items() if h[1] is not None and e in self.endpoints}
         self.endpoints = frozenset(self._handlers)
 
@@ -287,7 +287,7 @@ class VLLMEngine:
 
 
 @contextlib.contextmanager
-def cpu_layout(config: Any, user_args: dict[str, Any]) -> Iterator[None]:
+def cpu_layout(config: Any, user_args: dict[str, Any]) -> Iterator[list[int] | None]:
     """On a CPU with one worker, run the worker inside the EngineCore process (vLLM's `uni` executor).
 
     vLLM's CPU platform always gives the worker a process of its own (`mp`); EngineCore and worker then hand
@@ -312,19 +312,71 @@ def cpu_layout(config: Any, user_args: dict[str, Any]) -> Iterator[None]:
     chosen = user_args.get("distributed_executor_backend")
     if not (current_platform.is_cpu() and chosen in (None, "uni") and parallel.world_size == 1
             and parallel.data_parallel_size == 1 and parallel.distributed_executor_backend == "mp"):
-        yield
+        yield None
         return
     omp, cores = OMPProcessManager(config), os.sched_getaffinity(0)
     covers_all = omp.skip_setup or set(omp.cpu_lists[0]) >= cores  # `nobind`: as it is
     if chosen is None and not covers_all:
         logger.info("engine layout: vLLM's (worker process apart); OpenMP binds cores %s of %s",
                     omp.cpu_lists[0], sorted(cores))
-        yield
+        yield None
         return
     logger.info("engine layout: the model runs inside EngineCore (uni executor)")
     parallel.distributed_executor_backend = "uni"
     with omp.configure_omp_envs(rank=0, local_rank=0):
+        yield None if omp.skip_setup else list(omp.cpu_lists[0])
+
+
+@contextlib.contextmanager
+def engine_core_by_fork(cores: list[int] | None) -> Iterator[None]:
+    """Start the EngineCore process by fork from this replica, which has imported torch and vLLM already.
+
+    vLLM spawns it inside a Ray actor (`_maybe_force_spawn`) and on every CPU (`platforms/cpu.py`), and a spawned
+    EngineCore imports torch and vLLM again before its first line: ~11 s alone on 2 cores, ~22 s with a second
+    replica starting beside it (benchmarks/cold_start.py). Spawn guards what a fork cannot carry: an initialised
+    CUDA context (so only on the CPU platform here), and OpenMP settings, which libgomp reads from the
+    environment once, when torch is loaded: the child sets them itself (`_engine_core_child`). The child never
+    calls Ray (its threads are not in a fork) and ends with os._exit, as multiprocessing's fork does.
+    `RAYLM_ENGINE_CORE_START=spawn` keeps vLLM's way."""
+    if os.environ.get("RAYLM_ENGINE_CORE_START", "fork") != "fork" or not _vllm.load("current_platform").is_cpu():
         yield
+        return
+    import multiprocessing
+
+    fork, prefix = multiprocessing.get_context("fork"), _vllm.load("VLLM_PROCESS_NAME_PREFIX")
+
+    class ForkContext:
+        def Process(self, target: Any, name: str, kwargs: dict[str, Any]) -> Any:  # noqa: N802 - multiprocessing's
+            return fork.Process(target=_engine_core_child, name=name, args=(target, cores, f"{prefix}::{name}"),
+                                kwargs=kwargs)
+
+        def __getattr__(self, attr: str) -> Any:
+            return getattr(fork, attr)
+
+    utils = _vllm.module("get_mp_context")
+    original = utils.get_mp_context
+    utils.get_mp_context = ForkContext
+    try:
+        yield
+    finally:
+        utils.get_mp_context = original
+
+
+def _engine_core_child(target: Any, cores: list[int] | None, title: str, **kwargs: Any) -> None:
+    """The forked EngineCore's first steps. Its title, as a spawned one names itself (VLLM::EngineCore): vLLM's
+    setproctitle cannot rewrite a command line that Ray's own (in the replica) has moved, so Ray's does it, and
+    the kernel's name too (the first 15 bytes). Then the OpenMP layout a spawned one would read from
+    OMP_NUM_THREADS and OMP_PLACES (vLLM's OMPProcessManager, set in cpu_layout): one thread per bound core."""
+    import ctypes
+
+    _ray.load("setproctitle")(title)
+    ctypes.CDLL(None).prctl(15, title.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    if cores:
+        import torch
+
+        os.sched_setaffinity(0, cores)  # the threads OpenMP starts from here on inherit it
+        torch.set_num_threads(len(cores))
+    target(**kwargs)
 
 
 def _metered(call: Any) -> Any:

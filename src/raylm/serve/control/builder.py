@@ -25,6 +25,7 @@ from raylm.serve.usage.ledger import LedgerDeployment
 HEALTH_CHECK_TIMEOUT_MARGIN_S = 20.0
 INGRESS_MAX_ONGOING = 4096  # the ingress only forwards: the model replicas bound the work
 LEDGER_MAX_ONGOING = 4096  # quota checks: each a dict lookup, never waits
+AUTOSCALING_METRICS_INTERVAL_S = 1.0
 REFUSAL_HEADROOM = 64  # calls a model replica takes beyond its queue, to refuse them itself (serve_options)
 ROUTERS = {"default": "raylm.serve.edge.routing:SpreadRouter",  # Serve's power of two, bursts spread
            "prefix": "raylm.serve.edge.routing:PrefixAffinityRouter"}
@@ -99,6 +100,12 @@ def serve_options(model: ModelConfig) -> dict[str, Any]:
             "initial_replicas": scaling.initial_replicas,
             "target_ongoing_requests": scaling.target_ongoing_requests or limits.max_running,
             "upscale_delay_s": scaling.upscale_delay_s, "downscale_delay_s": scaling.downscale_delay_s,
+            # Each handle and replica reports to the autoscaler every second, not every 10 s: a model at zero
+            # replicas scales up on a report that has seen its queue. Serve's push when a request finds no
+            # replica sends the points recorded so far, all zero, so the decision came 9-10 s after the first
+            # request in 7 of 10 cycles (benchmarks/scale_from_zero.py). Serve reads only this (deprecated)
+            # field in 2.60; RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S, its named successor, not yet.
+            "metrics_interval_s": AUTOSCALING_METRICS_INTERVAL_S,
         }
     return options
 

@@ -17,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import psutil
 import ray
 from ray import serve
 
@@ -75,11 +76,24 @@ class HeldAdapters:
         return loaded
 
 
+def log_startup(name: str, entered: float, steps: dict[str, float]) -> None:
+    """The replica's start-up timeline, one line (benchmarks/cold_start.py reads it): from Ray starting this
+    worker process to the replica's `__init__` (the process, Ray's imports, the deployment's), then `steps`
+    (the hardware fit, the engine's steps), then the rest of `__init__` (status report, streams, metrics, the
+    heap's freeze)."""
+    born = psutil.Process().create_time()
+    phases = {"worker process and imports": entered - born, **steps}
+    phases["replica"] = time.time() - born - sum(phases.values())
+    logger.info("start-up of %s: %.1fs from its process: %s", name, time.time() - born,
+                ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()))
+
+
 class ModelServer:
     """Hosts one engine; the ingress reaches it through `reply` on a Serve handle."""
 
     async def __init__(self, model: ModelConfig, cache_dir: str, engine_factory=_make_engine,
                        otlp_endpoint: str | None = None) -> None:
+        entered = time.time()
         log_to_stderr("vllm", "raylm")
         self.name = model.name
         self.replica_id = serve.get_replica_context().replica_id.unique_id
@@ -98,7 +112,9 @@ class ModelServer:
         self.max_n = model.admission.max_n or (128 if model.num_gpus else 16)
         self.probe_timeout_s = model.health.probe_timeout_s
         model_dir = resolve_source(model.source, Path(cache_dir))
+        fitting = time.time()
         self.fit = hardware.fit(model.engine_args, model.env, model_dir=model_dir)
+        fitted = time.time() - fitting
         os.environ.update(self.fit.env)  # read by vLLM here and in the EngineCore process it spawns
         logger.info("%s: %s", model.name, "; ".join(self.fit.notes))
         self.engine: Engine = engine_factory(model.model_copy(update={"engine_args": self.fit.engine_args}),
@@ -109,6 +125,8 @@ class ModelServer:
         self.metrics = ReplicaMetrics(model.name, self.replica_id)
         self._sampler = asyncio.create_task(self._sample())
         _ray.freeze_heap()
+        log_startup(model.name, entered, {"hardware fit (imports torch)": fitted,
+                                          **getattr(self.engine, "startup", {})})
 
     async def _sample(self) -> None:
         """Every second: admission's state to the metrics, and this replica's report for `raylm status`."""

@@ -1,0 +1,185 @@
+"""How long a model takes from nothing to its first answer, phase by phase, beside bare `vllm serve` and Ray
+Serve LLM started the same way; then default `raylm serve` (both bundled models) to `/ready`.
+
+    python benchmarks/cold_start.py [--rounds 2] [--systems raylm,raylm-spawn,vllm,ray-serve-llm] [--no-default]
+
+Systems (harness.py; each started as its own process tree, SmolLM2-135M, bf16, eager, KV cache 2 GiB, OpenMP
+threads on every core; rounds alternate the order, A B C D then D C B A):
+    raylm           `raylm serve` of the one model: EngineCore forked from the replica (engine/vllm.py)
+    raylm-spawn     the same with RAYLM_ENGINE_CORE_START=spawn: vLLM's own start (the "before")
+    vllm            bare `vllm serve`
+    ray-serve-llm   Ray Serve LLM (build_openai_app)
+"up" is from the command to the first completion answered (harness.running polls every second). For raylm
+the phases come from the console (Ray, Serve, placement) and the replica's `start-up of ...` line (its worker
+process, the engine's steps); for every system the EngineCore's own lines give weights and KV cache/warm-up.
+Then `raylm serve` with no config (SmolLM2 and MiniLM at once) to `/ready`, forked and spawned, each round.
+Results: benchmarks/results/cold_start.{json,md}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from harness import Setup, arguments, cpu_flags, free_port, running
+
+from raylm.models import SMOLLM2, default_cache_dir, resolve_source
+from raylm.serve.control.service import end_processes
+
+ENGINE_ARGS = {"dtype": "bfloat16", "max_model_len": 4096, "enforce_eager": True}
+ENGINE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 2) - 1}", "VLLM_CPU_KVCACHE_SPACE": "2"}
+SPAWN = {"RAYLM_ENGINE_CORE_START": "spawn"}
+# vLLM's own lines, in every system's logs: (phase, pattern with the seconds)
+VLLM_LINES = {"weights": r"Loading weights took ([\d.]+) seconds",
+              "KV cache and warm-up": r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s"}
+CONSOLE = re.compile(r"^\s*([\d.]+)s\s+(.+?)\s*$")
+
+
+def session_logs(console: str) -> Path | None:
+    """The Ray session's log folder a `raylm serve` console printed (its `logs` line)."""
+    found = re.search(r"(\S+/session_[^/\s]+/logs)", console)
+    return Path(found.group(1)) if found else None
+
+
+def _log_text(folder: Path | None, fallback: str) -> str:
+    if folder is None or not folder.is_dir():
+        return fallback
+    parts = [fallback]
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.suffix in (".log", ".err", ".out"):
+            parts.append(path.read_text(errors="replace"))
+    return "\n".join(parts)
+
+
+def phases(console: str) -> dict[str, float]:
+    """Phase → seconds, from a system's console and (for raylm) the Ray session's logs."""
+    text = _log_text(session_logs(console), console)
+    out: dict[str, float] = {}
+    for line in console.splitlines():  # each phase's time from the command (absolute: models overlap)
+        if m := CONSOLE.match(line):
+            out[f"console: {m.group(2)} at"] = float(m.group(1))
+    startup = re.search(r"start-up of \S+: ([\d.]+)s from its process: (.+)", text)
+    if startup:
+        out["replica: total"] = float(startup.group(1))
+        for name, seconds in re.findall(r"(?:^|, )(.+?) ([\d.]+)s(?=, |$)", startup.group(2)):
+            out[f"replica: {name}"] = float(seconds)
+    for name, pattern in VLLM_LINES.items():
+        found = re.findall(pattern, text)
+        if found:
+            out[f"EngineCore: {name}"] = float(found[0])
+    return out
+
+
+def default_serve(spawn: bool, work: Path, timeout_s: float = 600) -> tuple[float, dict[str, float]]:
+    """`raylm serve` with no config (the two bundled models) from the command to `/ready` answering 200."""
+    port, log_path = free_port(), work / f"default-{'spawn' if spawn else 'fork'}.log"
+    log = open(log_path, "wb")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(SPAWN if spawn else {})}
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "raylm.cli", "serve", "--port", str(port)], env=env,
+                            stdout=log, stderr=log, start_new_session=True)
+    try:
+        while time.monotonic() - started < timeout_s:
+            if proc.poll() is not None:
+                raise RuntimeError(f"raylm serve exited {proc.returncode}; see {log_path}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        else:
+            raise TimeoutError(f"not ready after {timeout_s}s; see {log_path}")
+        ready_s = time.monotonic() - started
+        time.sleep(1)  # the console's last lines
+        return ready_s, phases(log_path.read_text(errors="replace"))
+    finally:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)] \
+            if proc.poll() is None else []
+        if tree:
+            proc.terminate()
+        end_processes(tree, grace_s=60)
+        log.close()
+
+
+def main() -> None:
+    parser = arguments(__doc__)
+    parser.add_argument("--systems", default="raylm,raylm-spawn,vllm,ray-serve-llm")
+    parser.add_argument("--no-default", action="store_true", help="skip default `raylm serve` to /ready")
+    args = parser.parse_args()
+    systems = args.systems.split(",")
+    setup = Setup(resolve_source(f"bundled:{SMOLLM2}", default_cache_dir()), SMOLLM2, ENGINE_ARGS, ENGINE_ENV)
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="raylm-cold-") as tmp:
+        work = Path(tmp)
+        for r in range(args.rounds):
+            for system in (systems if r % 2 == 0 else systems[::-1]):
+                log = work / f"{system}.log"
+                log.unlink(missing_ok=True)
+                started = time.monotonic()
+                try:
+                    with running(system, setup, work):
+                        up_s = time.monotonic() - started
+                        time.sleep(1)
+                except Exception as exc:
+                    print(f"round {r + 1} {system}: FAILED {exc}", flush=True)
+                    continue
+                row = {"round": r + 1, "system": system, "up_s": up_s,
+                       "phases": phases(log.read_text(errors="replace"))}
+                rows.append(row)
+                print(f"round {r + 1} {system:14s} up {up_s:5.1f}s  " + ", ".join(
+                    f"{k} {v:.1f}" for k, v in row["phases"].items()), flush=True)
+            if not args.no_default:
+                for spawn in ((False, True) if r % 2 == 0 else (True, False)):
+                    name = "default raylm serve" + (" (spawn)" if spawn else "")
+                    try:
+                        ready_s, found = default_serve(spawn, work)
+                    except Exception as exc:
+                        print(f"round {r + 1} {name}: FAILED {exc}", flush=True)
+                        continue
+                    rows.append({"round": r + 1, "system": name, "up_s": ready_s, "phases": found})
+                    print(f"round {r + 1} {name} /ready {ready_s:5.1f}s  " + ", ".join(
+                        f"{k} {v:.1f}" for k, v in found.items()), flush=True)
+    report(rows, args.out)
+
+
+def report(rows: list[dict], out: Path) -> None:
+    import ray
+    import vllm
+
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"date": time.strftime("%Y-%m-%d"), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
+            "ray": ray.__version__, "vllm": vllm.__version__}
+    (out / "cold_start.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    systems = list(dict.fromkeys(row["system"] for row in rows))
+    lines = [f"# Cold start ({meta['date']}, CPU flags: {meta['cpu_flags']}, {meta['cores']} cores, "
+             f"ray {meta['ray']}, vllm {meta['vllm']})", "",
+             "Median over rounds, seconds. `up`: command → first completion answered (default serve: `/ready`).",
+             "", "| system | up | runs |", "|---|---|---|"]
+    for system in systems:
+        ups = [row["up_s"] for row in rows if row["system"] == system]
+        lines.append(f"| {system} | {statistics.median(ups):.1f} | {', '.join(f'{u:.1f}' for u in ups)} |")
+    for system in systems:
+        names = list(dict.fromkeys(k for row in rows if row["system"] == system for k in row["phases"]))
+        if not names:
+            continue
+        lines += ["", f"## {system}", "", "| phase | s |", "|---|---|"]
+        for name in names:
+            values = [row["phases"][name] for row in rows if row["system"] == system and name in row["phases"]]
+            lines.append(f"| {name} | {statistics.median(values):.1f} |")
+    (out / "cold_start.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

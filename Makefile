@@ -47,7 +47,8 @@ serve: setup
 test: setup chromium
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider -m "not slow" --durations=15
 
-# Too long for CI: fairness (its own service, ~5 min), autoscaling (~3 min), a cold start from zero (~100 s),
+# Too long for CI, or not yet reliable inside the whole suite (the 3,000-idle-sockets attack's stream gaps):
+# fairness (its own service, ~5 min), autoscaling (~3 min), a cold start from zero (~100 s),
 # a node lost under traffic (~150 s), a quota across 4 ingress replicas (~2.5 min),
 # soak (RAYLM_SOAK_S, 30 min), raylm build → serve deploy on a second Ray cluster (~80 s), joining a cluster
 # with --address auto (~65 s), the GPU extra's resolution (~55 s), batch restart and priority (~5 min).

@@ -1,12 +1,13 @@
 """How long a model takes from nothing to its first answer, phase by phase, beside bare `vllm serve` and Ray
 Serve LLM started the same way; then default `raylm serve` (both bundled models) to `/ready`.
 
-    python benchmarks/cold_start.py [--rounds 2] [--systems raylm,raylm-spawn,vllm,ray-serve-llm] [--no-default]
+    python benchmarks/cold_start.py [--rounds 2] [--systems raylm-fork,raylm-spawn,vllm,ray-serve-llm] [--no-default]
 
 Systems (harness.py; each started as its own process tree, SmolLM2-135M, bf16, eager, KV cache 2 GiB, OpenMP
 threads on every core; rounds alternate the order, A B C D then D C B A):
-    raylm           `raylm serve` of the one model: EngineCore forked from the replica (engine/vllm.py)
-    raylm-spawn     the same with RAYLM_ENGINE_CORE_START=spawn: vLLM's own start (the "before")
+    raylm-fork      `raylm serve` of the one model, EngineCore forked from the replica (RAYLM_ENGINE_CORE_START=fork,
+                    opt-in: engine/vllm.py engine_core_by_fork)
+    raylm-spawn     the same with vLLM's own start (raylm's default)
     vllm            bare `vllm serve`
     ray-serve-llm   Ray Serve LLM (build_openai_app)
 "up" is from the command to the first completion answered (harness.running polls every second). For raylm
@@ -39,6 +40,7 @@ from raylm.serve.control.service import end_processes
 ENGINE_ARGS = {"dtype": "bfloat16", "max_model_len": 4096, "enforce_eager": True}
 ENGINE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 2) - 1}", "VLLM_CPU_KVCACHE_SPACE": "2"}
 SPAWN = {"RAYLM_ENGINE_CORE_START": "spawn"}
+FORK = {"RAYLM_ENGINE_CORE_START": "fork"}
 # vLLM's own lines, in every system's logs: (phase, pattern with the seconds)
 VLLM_LINES = {"weights": r"Loading weights took ([\d.]+) seconds",
               "KV cache and warm-up": r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s"}
@@ -84,7 +86,7 @@ def default_serve(spawn: bool, work: Path, timeout_s: float = 600) -> tuple[floa
     """`raylm serve` with no config (the two bundled models) from the command to `/ready` answering 200."""
     port, log_path = free_port(), work / f"default-{'spawn' if spawn else 'fork'}.log"
     log = open(log_path, "wb")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(SPAWN if spawn else {})}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(SPAWN if spawn else FORK)}
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "raylm.cli", "serve", "--port", str(port)], env=env,
                             stdout=log, stderr=log, start_new_session=True)
@@ -114,7 +116,7 @@ def default_serve(spawn: bool, work: Path, timeout_s: float = 600) -> tuple[floa
 
 def main() -> None:
     parser = arguments(__doc__)
-    parser.add_argument("--systems", default="raylm,raylm-spawn,vllm,ray-serve-llm")
+    parser.add_argument("--systems", default="raylm-fork,raylm-spawn,vllm,ray-serve-llm")
     parser.add_argument("--no-default", action="store_true", help="skip default `raylm serve` to /ready")
     args = parser.parse_args()
     systems = args.systems.split(",")

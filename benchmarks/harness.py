@@ -9,7 +9,8 @@ Systems (each its own process tree, stopped by PID afterwards; only what this ha
     raylm-nice15    raylm with its workers at Ray's default nice 15 (raylm's own cluster runs them at 0)
     raylm-pow2      raylm with Serve's own PowerOfTwoChoicesRequestRouter for its models (no burst spread,
                     no adapter affinity): what raylm's routing is measured against
-    raylm-spawn     raylm with its EngineCore spawned, as vLLM does, instead of forked (benchmarks/cold_start.py)
+    raylm-spawn     raylm with its EngineCore spawned, as vLLM does (the default)
+    raylm-fork      raylm with its EngineCore forked from the replica (opt-in; benchmarks/cold_start.py)
     raylm-off       raylm with usage off (no Ledger, no records, no access log, no traces: docs/usage.md)
     raylm-on        raylm with everything on: usage and the access log, a quota on the (one) tenant, and traces
                     (its own and vLLM's) to an OTLP receiver in this process (tests/otlp.py)
@@ -107,7 +108,8 @@ def command(system: str, setup: Setup, port: int, work: Path) -> tuple[list[str]
         path.write_text(yaml.safe_dump(config))
         extra = {"raylm-base": {"PYTHONPATH": os.environ.get("RAYLM_BASE_SRC", "")},
                  "raylm-nice15": {"RAY_worker_niceness": "15"},
-                 "raylm-spawn": {"RAYLM_ENGINE_CORE_START": "spawn"}}.get(base, {})
+                 "raylm-spawn": {"RAYLM_ENGINE_CORE_START": "spawn"},
+                 "raylm-fork": {"RAYLM_ENGINE_CORE_START": "fork"}}.get(base, {})
         if base == "raylm-pow2":
             return [py, "-c", _SERVE_ROUTER, "serve", str(path)], extra
         return [py, "-m", "raylm.cli", "serve", str(path)], extra

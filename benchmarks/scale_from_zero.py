@@ -2,7 +2,7 @@
 
     python benchmarks/scale_from_zero.py [--cycles 10] [--burst 4] [--systems raylm,raylm-spawn]
 
-Each system (harness.py: raylm, raylm-spawn = EngineCore spawned as vLLM does) serves SmolLM2 (bf16, eager,
+Each system (harness.py: raylm = EngineCore spawned as vLLM does, the default; raylm-fork = forked) serves SmolLM2 (bf16, eager,
 KV cache 2 GiB) with autoscaling 0..1 and a 5 s downscale delay. A cycle waits (≤ 180 s) until `/status`
 shows no replica, then sends `--burst` streaming completions at once (16 output tokens) and records each one's
 status and time to its first token. Printed per system: the first token of each cycle's first request, p50 and
@@ -61,7 +61,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cycles", type=int, default=10)
     parser.add_argument("--burst", type=int, default=4)
-    parser.add_argument("--systems", default="raylm")
+    parser.add_argument("--systems", default="raylm-fork,raylm")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     setup = Setup(resolve_source(f"bundled:{SMOLLM2}", default_cache_dir()), SMOLLM2, ENGINE_ARGS, ENGINE_ENV,

@@ -337,8 +337,10 @@ def engine_core_by_fork(cores: list[int] | None) -> Iterator[None]:
     CUDA context (so only on the CPU platform here), and OpenMP settings, which libgomp reads from the
     environment once, when torch is loaded: the child sets them itself (`_engine_core_child`). The child never
     calls Ray (its threads are not in a fork) and ends with os._exit, as multiprocessing's fork does.
-    `RAYLM_ENGINE_CORE_START=spawn` keeps vLLM's way."""
-    if os.environ.get("RAYLM_ENGINE_CORE_START", "fork") != "fork" or not _vllm.load("current_platform").is_cpu():
+    Opt-in (`RAYLM_ENGINE_CORE_START=fork` in a model's env) until a latency cost is understood: with it the
+    two tests that measure a live stream's gaps beside an attack failed inside the full suite (p99 ratios 3.81
+    and 3.55, bound 1.5), and SmolLM2's TTFT at c=1 was 6-20 ms behind in both rounds of serving_compare."""
+    if os.environ.get("RAYLM_ENGINE_CORE_START", "spawn") != "fork" or not _vllm.load("current_platform").is_cpu():
         yield
         return
     import multiprocessing

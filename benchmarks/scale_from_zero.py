@@ -2,7 +2,8 @@
 
     python benchmarks/scale_from_zero.py [--cycles 10] [--burst 4] [--systems raylm,raylm-spawn]
 
-Each system (harness.py: raylm = EngineCore spawned as vLLM does, the default; raylm-fork = forked) serves SmolLM2 (bf16, eager,
+Each system (harness.py: raylm = EngineCore spawned as vLLM does, the default;
+raylm-fork = forked) serves SmolLM2 (bf16, eager,
 KV cache 2 GiB) with autoscaling 0..1 and a 5 s downscale delay. A cycle waits (≤ 180 s) until `/status`
 shows no replica, then sends `--burst` streaming completions at once (16 output tokens) and records each one's
 status and time to its first token. Printed per system: the first token of each cycle's first request, p50 and

@@ -37,10 +37,7 @@ def test_the_worker_runs_inside_enginecore_with_a_thread_per_bound_core(service)
     assert sum("EngineCore" in c for c in children) == 1
     assert not any("Worker" in c for c in children), children
     engine = next(p for p in replica.children(recursive=True) if "EngineCore" in " ".join(p.cmdline()) + p.name())
-    # CPU_ENV binds cores 0-1. EngineCore is forked from the replica (engine/vllm.py engine_core_by_fork), so
-    # its /proc environ is the replica's; it takes the layout itself: these cores, one OpenMP thread on each
-    # (the thread count in a real fork: tests/unit/test_engine_args.py). Ray's OMP_NUM_THREADS=1 would halve it.
-    assert sorted(engine.cpu_affinity()) == [0, 1] and engine.num_threads() >= 2
+    assert engine.environ().get("OMP_NUM_THREADS") == "2"  # CPU_ENV binds cores 0-1; Ray's 1 would halve it
 
 
 def test_each_replica_says_what_it_fitted_to_the_machine(service):

@@ -166,5 +166,9 @@ class ClientPauses:
         else:
             self.ms[info["generation"]].append((time.perf_counter() - self._t) * 1e3)
 
+    @property
+    def longest_ms(self) -> float:
+        return max(max(ms, default=0.0) for ms in self.ms.values())
+
     def close(self) -> None:
         gc.callbacks.remove(self._on)

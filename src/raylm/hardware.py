@@ -103,8 +103,8 @@ def fit(engine_args: dict[str, Any], env: dict[str, str], hw: Hardware | None = 
     if "enforce_eager" not in args and "compilation_config" not in args:
         args["enforce_eager"] = True
         notes.append("eager (torch.compile would take minutes at each start)")
-    preloaded = os.environ.get("LD_PRELOAD", "")
-    if names := [LIBRARY_NAMES[name] for name, path in cpu_libraries().items() if path in preloaded]:
+    preloaded = os.environ.get("LD_PRELOAD", "")  # empty by default: no folders looked at
+    if preloaded and (names := [LIBRARY_NAMES[n] for n, path in cpu_libraries().items() if path in preloaded]):
         notes.append(f"{' and '.join(names)} preloaded")
     if KV_ENV in env or any(key in args for key in KV_ARGS):
         notes.append("KV cache set in the config")

@@ -7,7 +7,6 @@
                                                 admission bounded by time at 2× capacity
 """
 
-
 import httpx
 
 from helpers import TINY_ENGINE_ARGS, free_port

@@ -81,10 +81,10 @@ def log_startup(name: str, entered: float, steps: dict[str, float]) -> None:
     worker process to the replica's `__init__` (the process, Ray's imports, the deployment's), then `steps`
     (the hardware fit, the engine's steps), then the rest of `__init__` (status report, streams, metrics, the
     heap's freeze)."""
-    born = psutil.Process().create_time()
+    born, now = psutil.Process().create_time(), time.time()
     phases = {"worker process and imports": entered - born, **steps}
-    phases["replica"] = time.time() - born - sum(phases.values())
-    logger.info("start-up of %s: %.1fs from its process: %s", name, time.time() - born,
+    phases["replica"] = now - born - sum(phases.values())
+    logger.info("start-up of %s: %.1fs from its process: %s", name, now - born,
                 ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()))
 
 

@@ -51,7 +51,8 @@ test: setup chromium
 # fairness (its own service, ~5 min), autoscaling (~3 min), a cold start from zero (~100 s),
 # a node lost under traffic (~150 s), a quota across 4 ingress replicas (~2.5 min),
 # soak (RAYLM_SOAK_S, 30 min), raylm build → serve deploy on a second Ray cluster (~80 s), joining a cluster
-# with --address auto (~65 s), the GPU extra's resolution (~55 s), batch restart and priority (~5 min).
+# with --address auto (~65 s), the GPU extra's resolution (~55 s), batch restart and priority (~5 min), a
+# changed config and a scale-down under load (~4 min).
 test-slow: setup chromium
 	$(BIN)/python -m pytest tests -s -q -p no:cacheprovider -m slow
 

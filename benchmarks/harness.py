@@ -12,6 +12,7 @@ Systems (each its own process tree, stopped by PID afterwards; only what this ha
     raylm-spawn     raylm with its EngineCore spawned, as vLLM does (the default)
     raylm-fork      raylm with its EngineCore forked from the replica (opt-in; benchmarks/cold_start.py)
     raylm-off       raylm with usage off (no Ledger, no records, no access log, no traces: docs/usage.md)
+    raylm-noresume  raylm without mid-stream resume (serve.resume_streams: false): no token ids marked
     raylm-on        raylm with everything on: usage and the access log, a quota on the (one) tenant, and traces
                     (its own and vLLM's) to an OTLP receiver in this process (tests/otlp.py)
     vllm            bare `vllm serve` (python -m vllm.entrypoints.openai.api_server), same engine arguments
@@ -77,9 +78,11 @@ _SERVE_ROUTER = ("from raylm.serve.control import builder; builder.ROUTERS['defa
                  "from raylm.cli import app; app(prog_name='raylm')")
 
 
-# What raylm-off and raylm-on change in the service (raylm: the defaults, usage on, no quota, no traces).
+# What raylm-off, raylm-noresume and raylm-on change in the service (raylm: the defaults, usage on, no quota,
+# no traces, streams resumable).
 _SERVICE: dict[str, dict[str, Any]] = {
     "raylm-off": {"usage": {"enabled": False}},
+    "raylm-noresume": {"resume_streams": False},
     "raylm-on": {"tenants": {"default": {"requests_per_minute": 10**7, "tokens_per_minute": 10**10}},
                  "access_log": {"enabled": True}}}
 _RECEIVER: list[Any] = []

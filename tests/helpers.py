@@ -150,6 +150,29 @@ class Steal:
         return steal / total if total else 0.0
 
 
+class CpuTop:
+    """Which processes of the machine took the cores between its start and `top()` (share of one core each):
+    the service's own, the attacker's, or a neighbour left over from an earlier test."""
+
+    def __init__(self) -> None:
+        self.before, self.start = self._read(), time.monotonic()
+
+    @staticmethod
+    def _read() -> dict[tuple[int, str], float]:
+        out = {}
+        for proc in psutil.process_iter(["name", "cmdline", "cpu_times"]):
+            times, cmdline = proc.info["cpu_times"], proc.info["cmdline"] or []
+            if times is not None:
+                name = cmdline[0] if cmdline and cmdline[0].startswith("ray::") else proc.info["name"]
+                out[(proc.pid, name[:48])] = times.user + times.system
+        return out
+
+    def top(self, n: int = 5) -> str:
+        now, span = self._read(), time.monotonic() - self.start
+        used = sorted(((v - self.before.get(k, 0.0), k) for k, v in now.items()), reverse=True)[:n]
+        return " ".join(f"{name}[{pid}]:{100 * s / span:.0f}%" for s, (pid, name) in used)
+
+
 class ClientPauses:
     """The test process's own garbage-collection pauses (ms, by generation) while it measures: it imported
     torch, transformers and Ray (the tiny model, the service), and a full collection of its ~500k objects
@@ -172,3 +195,18 @@ class ClientPauses:
 
     def close(self) -> None:
         gc.callbacks.remove(self._on)
+
+
+def metric_samples(url: str) -> dict[tuple[str, frozenset], float]:
+    """A Prometheus endpoint's samples: {(name, labels): value}."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url, timeout=10).text
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def metric_value(samples, name: str, **labels) -> float:
+    """Sum of the samples called `name` whose labels include `labels`."""
+    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= ls)

@@ -121,6 +121,14 @@ def renice_agents(among: list[Any] | None = None) -> list[int]:
     return found
 
 
+def versioned(deployment: Any, version: str) -> Any:
+    """`deployment` with a version of raylm's choosing. Serve removed `version` from `Deployment.options()`
+    ("Serve manages deployment versions internally") and gives a deployment run from Python a random one at
+    each `serve.run`, so every redeploy replaced every replica, a changed replica count too. With the same
+    version Serve applies a changed replica count (and its other options) in place; another rolls them."""
+    return deployment.options(version=version, _internal=True)
+
+
 def freeze_heap() -> None:
     """Move everything a worker made while starting out of the garbage collector's reach, as `vllm serve` does
     once it is up (vllm.utils.gc_utils.freeze_gc_heap). Otherwise each full collection walks the whole heap:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -92,14 +93,27 @@ def serve_command(
             from raylm.serve.usage.report import follow
 
             follow(access_log_path(), lambda line: print(line, flush=True))
-        console.print("[green]raylm is ready[/green]  (Ctrl-C stops)")
+        console.print(f"[green]raylm is ready[/green]  (Ctrl-C stops; kill -HUP {os.getpid()} applies an edited "
+                      "config)", highlight=False)
         print(f"{service.url}/v1", flush=True)
 
     from raylm.serve.control.service import DeployError
 
+    def on_reload(service) -> None:
+        """SIGHUP: the config file read again (with this command's options) and applied in place."""
+        console.print("config: reading it again and applying it (replicas replaced one by one)")
+        try:
+            new = load_config(config, model=model, replicas=replicas, host=host, port=port, address=address)
+            load_access(new.serve)
+            took = service.apply(new, report=lambda line: console.print(f"[yellow]{line}[/yellow]"))
+        except (ValidationError, ValueError, OSError, DeployError, TimeoutError) as exc:
+            console.print(f"[red]config not applied:[/red] {exc}", highlight=False)
+            return
+        console.print(f"[green]config applied[/green] in {took:.1f}s", highlight=False)
+
     try:
         run_forever(cfg, on_ready, verbose, report=lambda line: console.print(f"[yellow]{line}[/yellow]"),
-                    progress=lambda line: console.print(line, highlight=False))
+                    progress=lambda line: console.print(line, highlight=False), on_reload=on_reload)
     except DeployError as exc:
         console.print(f"[red]raylm could not start:[/red] {exc}")
         raise typer.Exit(1) from None

@@ -368,6 +368,16 @@ class ServeConfig(_Frozen):
     cold_start_timeout_s: float = Field(
         120.0, gt=0, description="How long a request waits for a replica to take it (e.g. a model scaled "
                                  "to zero starting up) before 503.")
+    drain_s: float = Field(
+        30.0, gt=0, description="A replica leaving (a changed config, a scale-down, a node drained) takes no new "
+                                "requests and finishes its running ones for up to this long; what is left then "
+                                "goes on on another replica (streams resumed, whole requests sent again). An "
+                                "ingress replica leaving also waits, as long again at most, for its successor "
+                                "to serve the port first.")
+    resume_streams: bool = Field(
+        True, description="A stream cut by its replica's end (killed, its engine failed) goes on on another "
+                          "replica from where its client is, when its request allows (docs/serve.md); off: it "
+                          "ends with an error event.")
     max_request_bytes: int = Field(16 * 2**20, ge=1024, description="Largest request body accepted; larger "
                                                                     "ones get 413.")
     ingress_replicas: int = Field(1, ge=1, description="Replicas of the HTTP ingress (auth, routing, retry).")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -86,6 +86,20 @@ class Call:
     adapter: Adapter | None = None  # the body's `model` names this adapter of the deployment's model
     key_id: str = ""  # which API key (an id derived from its hash, never the key); "" without keys
     trace: str | None = None  # W3C `traceparent` of the caller's span, when tracing is on
+    resumable: bool = False  # the ingress can resume this stream elsewhere: mark its frames (RESUME_MARK)
+    resume: Resume | None = None  # continue a cut stream from where its client is
+
+
+@dataclass(frozen=True)
+class Resume:
+    """A stream cut mid-way (its replica died), to continue on another replica: the prompt as the engine saw
+    it and the tokens the client has, as token ids (nothing is tokenized again), and the ids the client's
+    chunks carry."""
+
+    prompt_ids: tuple[int, ...]
+    output_ids: tuple[int, ...]
+    id: str  # the stream's `id` and `created`, kept in every chunk after the seam
+    created: int
 
 
 @dataclass(frozen=True)
@@ -158,6 +172,11 @@ class Direct:
 # --- SSE ---------------------------------------------------------------------------------------------------
 
 DONE = "data: [DONE]\n\n"
+# A resumable stream's events, replica → ingress, carry SSE comment lines before their data (clients ignore
+# comments; the ingress strips them): the first `:r {"prompt": [ids], "id": .., "created": ..}`, then each
+# `:t <ids>`, the token ids its data's text was made of (serve/resume.py).
+RESUME_MARK = ":r "
+TOKENS_MARK = ":t "
 
 
 def sse_event(payload: str, named: bool = False) -> str:
@@ -172,18 +191,27 @@ def error_event(exc: Exception, request_id: str, named: bool = False) -> str:
     return ("event: error\n" if named else "") + f"data: {body}\n\n"
 
 
-async def sse_frames(payloads: AsyncIterator[str], request_id: str, named: bool = False) -> AsyncIterator[str]:
+async def sse_frames(payloads: AsyncIterator[str], request_id: str, named: bool = False,
+                     marks: Callable[[str], str] | None = None) -> AsyncIterator[str]:
     """Chunk payloads as SSE events, then `[DONE]` (not on named streams, whose SDKs read the names); an
-    error becomes one error event and ends the stream. Closing this closes `payloads` (an engine abort)."""
+    error becomes one error event and ends the stream. Closing this closes `payloads` (an engine abort).
+    `marks(payload)`: comment lines to put before the payload's event (a resumable stream's token ids); such
+    a stream whose engine fails (not a 4xx) ends cut, without a last event, so the ingress resumes it."""
     async with contextlib.aclosing(payloads):
         try:
             async for payload in payloads:
-                yield sse_event(payload, named)
+                yield sse_event(payload, named) if marks is None else marks(payload) + sse_event(payload, named)
         except Exception as exc:  # the engine failed mid-stream
+            if marks is not None and not (isinstance(exc, errors.APIError) and exc.status < 500):
+                raise StreamAborted from exc
             yield error_event(exc, request_id, named)
             return
     if not named:
         yield DONE
+
+
+class StreamAborted(Exception):
+    """A resumable stream's engine failed: end its connection without a last event (resumed elsewhere)."""
 
 
 def sse_payload(frame: str) -> str | None:

@@ -5,14 +5,16 @@ import pytest
 from scenario import chaos_config
 
 
-# The slow autoscaling test's model: started only when that test runs (an engine on 2 cores costs every test).
-_AUTOSCALING_TEST = "test_load_scales_a_model_up_and_idleness_down"
+# Models started only when their test runs (an engine on 2 cores costs every test): the slow autoscaling
+# test's, and the two replicas of the mid-stream resume test.
+_ONLY_FOR = {"auto": "test_load_scales_a_model_up_and_idleness_down",
+             "relay": "test_streams_go_on_token_for_token_when_their_replica_is_killed"}
 
 
 @pytest.fixture(scope="module")
 def chaos_service(tiny_model, request):
     collected = {item.name for item in request.session.items}
-    models = ("tiny", "pair", "cold") + (("auto",) if _AUTOSCALING_TEST in collected else ())
+    models = ("tiny", "pair", "cold") + tuple(m for m, test in _ONLY_FOR.items() if test in collected)
     yield from _service(chaos_config(tiny_model, only=models))
 
 
@@ -42,3 +44,12 @@ def fair_service(tiny_model):
         for svc in _service(type(config).model_validate(tree)):
             svc.receiver = receiver
             yield svc
+
+
+@pytest.fixture(scope="module")
+def rolling_service(tiny_model):
+    """Only `relay` (2 replicas), with a short drain: each step of the rolling test replaces every replica."""
+    config = chaos_config(tiny_model, only=("relay",))
+    tree = config.model_dump()
+    tree["serve"]["drain_s"] = 20
+    yield from _service(type(config).model_validate(tree))

@@ -5,6 +5,7 @@
     auto   autoscaling 1..2                     scale up with load, down when idle
     cold   autoscaling 0..1, a 50 ms wait bound a request at zero replicas waits for the cold start; then
                                                 admission bounded by time at 2× capacity
+    relay  2 replicas, room for 70 streams      SIGKILL of a replica under 70 streams: each goes on elsewhere
 """
 
 import httpx
@@ -38,6 +39,9 @@ def chaos_config(tiny_model, only: tuple[str, ...] = ()) -> AppConfig:
                                               "upscale_delay_s": 1, "downscale_delay_s": 90}),
         tiny("cold", tiny_model, autoscaling={"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 5},
              admission={**LIMITS, "max_queue_wait_s": 0.05}),
+        # 70 streams at once on two replicas, one of them killed: room for all of them on the survivor too.
+        tiny("relay", tiny_model, replicas=2, health={"period_s": 2, "probe_timeout_s": 3},
+             admission={"max_running": 72, "max_queued": 16, "burst": 0, "retry_after_s": 1}),
     )
     return AppConfig(
         models=tuple(m for m in models if not only or m.name in only),

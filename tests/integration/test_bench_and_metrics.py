@@ -4,10 +4,9 @@ import json
 import time
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
-from helpers import API_KEY, AUTH
+from helpers import API_KEY, AUTH, metric_samples, metric_value
 
 from raylm.cli import app
 
@@ -36,19 +35,8 @@ def test_bench_names_a_wrong_model():
     assert result.exit_code == 2 and "cannot reach" in result.output
 
 
-def _samples(url: str) -> dict[tuple[str, frozenset], float]:
-    text = httpx.get(url, timeout=10).text
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def _value(samples, name: str, **labels) -> float:
-    """Sum of the samples called `name` whose labels include `labels`."""
-    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= ls)
-
-
 def test_metrics_move_with_traffic(service):
-    before = _samples(service.metrics_url)
+    before = metric_samples(service.metrics_url)
     for stream in (False, True):
         body = {"model": "tiny", "prompt": "hello", "max_tokens": 5, "ignore_eos": True, "stream": stream}
         assert httpx.post(f"{service.url}/v1/completions", json=body, headers=AUTH, timeout=60).status_code == 200
@@ -56,21 +44,21 @@ def test_metrics_move_with_traffic(service):
 
     def moved(samples) -> dict[str, bool]:
         def grew(name, **labels):
-            return _value(samples, name, **labels) > _value(before, name, **labels)
+            return metric_value(samples, name, **labels) > metric_value(before, name, **labels)
 
         return {
-            "answers": _value(samples, "ray_raylm_requests_total", model="tiny", status="200")
-            >= _value(before, "ray_raylm_requests_total", model="tiny", status="200") + 2,
+            "answers": metric_value(samples, "ray_raylm_requests_total", model="tiny", status="200")
+            >= metric_value(before, "ray_raylm_requests_total", model="tiny", status="200") + 2,
             "404": grew("ray_raylm_requests_total", model="-", status="404"),
             "ttft": grew("ray_raylm_time_to_first_token_seconds_count", model="tiny"),
             "itl": grew("ray_raylm_inter_token_latency_seconds_count", model="tiny"),
             "e2e": grew("ray_raylm_request_latency_seconds_count", model="tiny"),
-            "engine tokens": _value(samples, "ray_vllm_generation_tokens_total", model_name="tiny")
-            >= _value(before, "ray_vllm_generation_tokens_total", model_name="tiny") + 10,
+            "engine tokens": metric_value(samples, "ray_vllm_generation_tokens_total", model_name="tiny")
+            >= metric_value(before, "ray_vllm_generation_tokens_total", model_name="tiny") + 10,
             "running gauge": any(n == "ray_raylm_requests_running" and ("model", "tiny") in ls for n, ls in samples),
         }
 
     deadline = time.monotonic() + 60  # Ray exports metrics every few seconds
-    while not all((state := moved(_samples(service.metrics_url))).values()) and time.monotonic() < deadline:
+    while not all((state := moved(metric_samples(service.metrics_url))).values()) and time.monotonic() < deadline:
         time.sleep(2)
     assert all(state.values()), state

@@ -21,7 +21,7 @@ import ray
 from ray import serve
 
 from attackers import Running, big_file, chunked_upload, endless_header, idle_sockets, stalled_stream
-from helpers import API_KEY, AUTH, OTHER_KEY, SERVICE_MAX_FILE_BYTES, ClientPauses, Steal
+from helpers import API_KEY, AUTH, OTHER_KEY, SERVICE_MAX_FILE_BYTES, ClientPauses, CpuTop, Steal
 
 from raylm import _ray
 from raylm.bench.load import completion_body, send
@@ -142,8 +142,9 @@ def test_an_endless_header_and_3000_idle_sockets_leave_streams_and_health_alone(
     header = Running(endless_header, port, "127.0.0.3", 512 * 2**20, 30, start_at).start()
     watch = Watch(lambda: connections_from(port, "127.0.0.2")).start()  # server-side, every 0.5 s
     time.sleep(max(0.0, start_at - 1.0 - time.monotonic()))
+    cpu = CpuTop()
     during = stream_gaps(url)
-    steal_during = steal.share()
+    steal_during, cpu_during = steal.share(), cpu.top()
     health = health_times(url, 2)
     rss_peak = ingress.memory_info().rss
     idle_result, header_result = idle.result(), header.result()
@@ -160,7 +161,7 @@ def test_an_endless_header_and_3000_idle_sockets_leave_streams_and_health_alone(
            refused_503=idle_result["refused_503"], connect_failed=idle_result["connect_failed"],
            last_held_after_last_connect_s=closed_after, header_bytes_taken=header_result["sent"],
            header_cut_after_s=header_result["cut_after_s"], cpu_steal_alone=steal_alone,
-           cpu_steal_during=steal_during, client_gc_max_ms=pauses.longest_ms)
+           cpu_steal_during=steal_during, client_gc_max_ms=pauses.longest_ms, cpu_during=cpu_during)
     assert header_result["sent"] < 8 * 2**20  # cut near the 64 KiB limit, not after 512 MiB
     # The default cap per address. While the attacker still connects, a sample may also count a connection the
     # server has accepted and is refusing that instant (503 written, close under way): judge the samples taken
@@ -263,12 +264,14 @@ def test_a_200_mib_upload_and_download_leave_a_live_stream_alone(service):
     start_at = time.monotonic() + 3.0  # under way once the streams below are
     traffic = Running(big_file, port_of(service), AUTH, 2**20, 200, 120, start_at).start()  # 200 lines of 1 MiB
     time.sleep(max(0.0, start_at - 1.0 - time.monotonic()))
+    cpu = CpuTop()
     during = stream_gaps(service.url)
+    cpu_during = cpu.top()
     moved = traffic.result()
     unloaded = unloaded_p99(service.url, alone)
     ratio = p99(during) / unloaded
     report("200 MiB upload + download", itl_p99_alone_ms=1000 * unloaded, itl_p99_during_ms=1000 * p99(during),
-           ratio=ratio, upload_s=moved.get("upload_s"), download_s=moved.get("download_s"))
+           ratio=ratio, upload_s=moved.get("upload_s"), download_s=moved.get("download_s"), cpu_during=cpu_during)
     assert moved["status"] == 200 and moved["downloaded"] == moved["uploaded"] >= 200 * 2**20 - 20_000, moved
     assert ratio <= 1.5
 

@@ -167,3 +167,26 @@ def test_a_client_that_stops_reading_is_cut_and_its_answer_stops_being_made():
     events, waited = _run(scenario)
     assert events == ["closed"]  # aborted, not run to its end into buffers
     assert waited < LIMITS.write_timeout_s + 3.0
+
+
+def test_a_server_shutting_down_answers_a_request_on_its_way_and_closes_an_idle_connection():
+    async def run():
+        server, port = await _served([])
+        idle_reader, idle_writer = await _open(port)
+        idle_writer.write(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        await idle_writer.drain()
+        await asyncio.wait_for(idle_reader.readuntil(b'{"status":"ok"}'), 5)  # answered, kept alive, now idle
+        fresh_reader, fresh_writer = await _open(port)
+        fresh_writer.write(b"GET /health HTTP/1.1\r\n")  # its head begun, not finished
+        await fresh_writer.drain()
+        await asyncio.sleep(0.05)
+        server.should_exit = True  # as the ingress's __del__ does
+        await asyncio.sleep(0.3)
+        fresh_writer.write(b"Host: 127.0.0.1\r\n\r\n")
+        answer = await asyncio.wait_for(fresh_reader.read(), 5)  # to EOF: closed after its answer
+        idle_closed = await asyncio.wait_for(idle_reader.read(), 5) == b""
+        await asyncio.wait_for(server.task, 5)
+        return answer, idle_closed
+    answer, idle_closed = asyncio.run(run())
+    assert answer.startswith(b"HTTP/1.1 200") and b"connection: close" in answer.lower()
+    assert idle_closed

@@ -38,11 +38,15 @@ class Meter:
     """One request's tokens as its engine makes them, counted as they come (a stream its client cuts off
     keeps what was made before the abort): the engine writes, the replica reads when the request ends."""
 
-    __slots__ = ("prompt_tokens", "cached_tokens", "completion_tokens", "first_token_ns", "last_token_ns")
+    __slots__ = ("prompt_tokens", "cached_tokens", "completion_tokens", "first_token_ns", "last_token_ns", "ids",
+                 "prompt_ids")
 
-    def __init__(self) -> None:
+    def __init__(self, keep_ids: bool = False) -> None:
         self.prompt_tokens = self.cached_tokens = self.completion_tokens = 0
         self.first_token_ns = self.last_token_ns = 0  # when the engine handed over the first, last token (epoch ns)
+        # keep_ids (a resumable stream, serve/resume.py): the prompt's and the first choice's token ids
+        self.ids: list[int] | None = [] if keep_ids else None
+        self.prompt_ids: list[int] = []
 
     def generated(self, tokens: int) -> None:
         if tokens:

@@ -408,6 +408,8 @@ async def _counted(outputs: AsyncIterator[Any], meter: Meter, delta: bool) -> As
             if not prompted and output.prompt_token_ids is not None:
                 prompted = len(output.prompt_token_ids)
                 meter.prompt_tokens += prompted
+                if meter.ids is not None:
+                    meter.prompt_ids = list(output.prompt_token_ids)
             if output.num_cached_tokens and output.num_cached_tokens != cached:
                 meter.cached_tokens += output.num_cached_tokens - cached
                 cached = output.num_cached_tokens
@@ -420,6 +422,8 @@ async def _counted(outputs: AsyncIterator[Any], meter: Meter, delta: bool) -> As
                 now = before + len(token_ids) if delta else len(token_ids)
                 counted[choice.index] = now
                 meter.generated(now - before)
+                if meter.ids is not None and choice.index == 0:
+                    meter.ids.extend(token_ids if delta else token_ids[before:])
             yield output
 
 

@@ -7,6 +7,8 @@
     raylm_time_to_first_token_seconds{model, endpoint}     at the ingress: queueing and hops included
     raylm_inter_token_latency_seconds{model, endpoint}     at the ingress: a stream's mean gap between chunks
     raylm_request_latency_seconds{model, endpoint}         at the ingress, to the last byte
+    raylm_stream_resumes_total{model, outcome}             streams cut mid-way by their replica's end (serve/resume.py):
+                                                           resumed on another replica, or failed (an error event)
     raylm_requests_running{model, replica}                 sequences in the engine, by admission (a request
                                                            with n > 1 counts n)
     raylm_requests_queued{model, replica}                  waiting in the replica's fair queue
@@ -50,6 +52,8 @@ class IngressMetrics:
                                       boundaries=LATENCY_BUCKETS, tag_keys=keys)
         self.itl = metrics.Histogram("raylm_inter_token_latency_seconds", "A stream's mean gap between chunks.",
                                      boundaries=TOKEN_BUCKETS, tag_keys=keys)
+        self.resumes = metrics.Counter("raylm_stream_resumes_total", "Streams cut by their replica's end, by whether "
+                                       "they went on on another replica.", tag_keys=("model", "outcome"))
         self.latency = metrics.Histogram("raylm_request_latency_seconds", "Request in to last byte out, at the ingress.",
                                          boundaries=LATENCY_BUCKETS, tag_keys=keys)
 
@@ -62,6 +66,9 @@ class IngressMetrics:
         elif status == 200:
             self.latency.observe(time.perf_counter() - start, tags=tags)
             self.window.answered(model, tenant)
+
+    def resumed(self, model: str, ok: bool) -> None:
+        self.resumes.inc(tags={"model": model, "outcome": "resumed" if ok else "failed"})
 
     def stream(self, model: str, endpoint: str, start: float, tenant: str = "-") -> StreamTimer:
         return StreamTimer(self, {"model": model, "endpoint": endpoint}, start, tenant)

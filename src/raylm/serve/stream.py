@@ -27,7 +27,7 @@ import secrets
 import socket
 from collections.abc import AsyncIterator
 
-from raylm.contract import Direct, LastEvent
+from raylm.contract import Direct, LastEvent, StreamAborted
 
 logger = logging.getLogger("raylm.serve")
 
@@ -87,6 +87,8 @@ class Outgoing:
             await self._drained()
         except ConnectionError as exc:  # the ingress went away mid-write
             logger.debug("stream connection lost: %r", exc)
+        except StreamAborted as exc:  # a resumable stream's engine failed: cut, so the ingress resumes it
+            logger.warning("engine failed mid-stream (%r): stream cut for its ingress to resume", exc.__cause__)
         except TimeoutError:
             logger.warning("the ingress took none of a stream for %.0fs: aborted", STALL_S)
         finally:

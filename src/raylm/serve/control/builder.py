@@ -7,12 +7,16 @@ Serve route: the ingress replicas serve HTTP themselves, on the head node (the a
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
 from ray.serve import Application
 
-from raylm import hardware
+from raylm import _ray, hardware
 from raylm._ray import HEAD_NODE_RESOURCE
 from raylm.config import AppConfig, ModelConfig, load_config
 from raylm.contract import APP_NAME, BATCH_NAME, INGRESS_NAME, LEDGER_NAME, deployment_name
@@ -68,10 +72,13 @@ def placement(model: ModelConfig) -> dict[str, Any]:
             "placement_group_strategy": strategy}
 
 
-def serve_options(model: ModelConfig) -> dict[str, Any]:
-    """Serve deployment options for one model, from its config."""
+def serve_options(model: ModelConfig, drain_s: float = 30.0) -> dict[str, Any]:
+    """Serve deployment options for one model, from its config; `drain_s`: serve.drain_s."""
     limits = model.admission
     options: dict[str, Any] = {
+        # A replica leaving finishes its running requests this long (Serve's drain), then its streams are cut
+        # and the ingress resumes them on another replica (resume.py).
+        "graceful_shutdown_timeout_s": drain_s,
         # A replica takes its batch, its queue, as many again so that it (not Serve's FIFO) decides whom a
         # full queue refuses, and REFUSAL_HEADROOM calls it answers at once (bad input, a full queue).
         # Beyond that Serve queues at the caller, then refuses with 429. That caller queue also holds every
@@ -122,30 +129,55 @@ def build_app(args: AppConfig | dict[str, Any] | None = None) -> Application:
         config = load_config(Path(args["config"]))
     else:
         config = AppConfig.model_validate(args or {})
-    handles = {
-        m.name: ModelDeployment.options(name=deployment_name(m.name), **serve_options(m)).bind(
-            m.model_copy(update={"engine_args": engine_args(m)}), str(config.serve.cache_dir),
-            otlp_endpoint=config.serve.otlp_endpoint)
-        for m in config.models}
+    handles = {}
+    for m in config.models:
+        served = m.model_copy(update={"engine_args": engine_args(m)})
+        deployment = ModelDeployment.options(name=deployment_name(m.name), **serve_options(m, config.serve.drain_s))
+        version = _version(served, config.serve.cache_dir, config.serve.otlp_endpoint,
+                           scaling=("replicas", "autoscaling"))
+        handles[m.name] = _ray.versioned(deployment, version).bind(
+            served, str(config.serve.cache_dir), otlp_endpoint=config.serve.otlp_endpoint)
     serve_config = config.serve
     access = load_access(serve_config)
     # The ingress and BatchJobs get serve.* without the keys: those reach the ingress hashed, in `access`.
     edge = serve_config.model_copy(update={"api_keys": (),
                                            "batch_dir": serve_config.batch_dir or serve_config.cache_dir / "batches"})
     # One BatchJobs replica, on the head node with the ingress: both read and write batch_dir there.
-    batches = BatchDeployment.options(
+    batches = _ray.versioned(BatchDeployment.options(
         name=BATCH_NAME, num_replicas=1, ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}},
-    ).bind(config.models, dict(access.tenants), edge)
+    ), _version(config.models, access.tenants, edge)).bind(config.models, dict(access.tenants), edge)
     # One Ledger, on the head node: its quotas hold for every ingress replica; its SQLite file and access log
     # are there (usage/ledger.py).
-    ledger = LedgerDeployment.options(
+    key_tenants = tuple(sorted(set(access.key_hashes.values())))
+    ledger = _ray.versioned(LedgerDeployment.options(
         name=LEDGER_NAME, num_replicas=1, max_ongoing_requests=LEDGER_MAX_ONGOING,
         ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}},
-    ).bind(edge, tuple(sorted(set(access.key_hashes.values())))) if serve_config.usage.enabled else None
-    return IngressDeployment.options(
+    ), _version(edge, key_tenants)).bind(edge, key_tenants) if serve_config.usage.enabled else None
+    return _ray.versioned(IngressDeployment.options(
         name=INGRESS_NAME, num_replicas=serve_config.ingress_replicas, max_ongoing_requests=INGRESS_MAX_ONGOING,
+        # Its successor first takes the port, then its own requests finish (ingress.py's __del__), the ones
+        # waiting for a model's cold start among them.
+        graceful_shutdown_timeout_s=2 * serve_config.drain_s + serve_config.cold_start_timeout_s + 5,
         ray_actor_options={"num_cpus": serve_config.ingress_num_cpus, "resources": {HEAD_NODE_RESOURCE: 0.001}},
-    ).bind(config.models, handles, access, edge, batches, ledger)
+    ), _version(config.models, access, edge, scaling=("replicas",))).bind(config.models, handles, access, edge,
+                                                                          batches, ledger)
+
+
+def _version(*parts: Any, scaling: tuple[str, ...] = ()) -> str:
+    """A deployment's version (`_ray.versioned`): a digest of what its replicas are built from, so that a
+    redeploy replaces only the deployments whose config changed and scales the others in place. `scaling`:
+    the ModelConfig fields its replicas never read (a model's own replicas: replicas and autoscaling; the
+    ingress: replicas), left out. (The salt secret in `access` is not in its repr.)"""
+    def plain(part: Any) -> Any:
+        if isinstance(part, BaseModel):
+            return part.model_dump(mode="json", exclude=set(scaling) if isinstance(part, ModelConfig) else None)
+        if isinstance(part, (tuple, list)):
+            return [plain(p) for p in part]
+        if isinstance(part, Mapping):
+            return {str(k): plain(v) for k, v in part.items()}
+        return repr(part)
+
+    return hashlib.sha256(json.dumps(plain(parts), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def serve_config_file(config: AppConfig) -> dict[str, Any]:

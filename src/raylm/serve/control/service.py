@@ -50,6 +50,30 @@ class Service:
         node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
         return f"http://127.0.0.1:{node['MetricsExportPort']}/metrics"
 
+    def apply(self, config: AppConfig, report: Callable[[str], None] = logger.warning) -> float:
+        """Deploy an edited config in place: Serve replaces the deployments in rolling fashion, each leaving
+        replica finishing its requests for serve.drain_s and its streams then resumed elsewhere (docs/
+        serve.md). Returns the seconds until every deployment ran the new config only. Raises ValueError
+        for a change that needs a restart, DeployError if Serve refuses it, TimeoutError after
+        serve.ready_timeout_s."""
+        fixed = [k for k in RESTART_ONLY if getattr(config.serve, k) != getattr(self.config.serve, k)]
+        if fixed:
+            raise ValueError(f"serve.{', serve.'.join(fixed)} changed: restart raylm serve to apply that")
+        began = time.monotonic()
+        check_capacity(config, strict=self.started_ray, report=report)
+        try:
+            serve.run_many([serve.RunTarget(build_app(config), name=APP_NAME, route_prefix=None)],
+                           wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+        except RuntimeError as exc:
+            raise DeployError(f"{exc}\n{_describe_deployments()}") from None
+        self.config = config
+        while not _rolled_out():
+            if time.monotonic() - began > config.serve.ready_timeout_s:
+                raise TimeoutError(f"the new config was not running after {config.serve.ready_timeout_s:.0f}s:\n"
+                                   f"{_describe_deployments()}")
+            time.sleep(0.5)
+        return time.monotonic() - began
+
     def stop(self) -> None:
         # Our descendants (GCS, raylet, its agents, workers, EngineCores) are listed before Ray goes
         # down, so that whatever outlives ray.shutdown() can be ended by PID afterwards.
@@ -65,6 +89,18 @@ class Service:
                     ray.shutdown()
                 finally:  # Ray's agents outlive ray.shutdown() and ignore SIGTERM for a while: not long
                     end_processes(ours, grace_s=2.0, term_s=3.0)
+
+
+# What `Service.apply` cannot change in a running service: the address it serves and the cluster it is on.
+RESTART_ONLY = ("host", "port", "address", "metrics_port", "num_cpus")
+
+
+def _rolled_out() -> bool:
+    """Every deployment of the app at its target, each replica running (none starting or leaving)."""
+    app = serve.status().applications.get(APP_NAME)
+    if app is None or app.status != "RUNNING":
+        return False
+    return all(set(d.replica_states) <= {"RUNNING"} and d.status == "HEALTHY" for d in app.deployments.values())
 
 
 def end_processes(processes: list[psutil.Process], grace_s: float = 10.0, term_s: float = 5.0) -> None:
@@ -301,18 +337,24 @@ def wait_ready(url: str, timeout_s: float, report: Callable[[str], None] = logge
 
 
 def run_forever(config: AppConfig, on_ready=print, verbose: bool = False,
-                report: Callable[[str], None] = logger.warning, progress: Callable[[str], None] = logger.info) -> None:
-    """Serve until Ctrl-C or SIGTERM, then stop cleanly (also when interrupted while starting)."""
+                report: Callable[[str], None] = logger.warning, progress: Callable[[str], None] = logger.info,
+                on_reload: Callable[[Service], None] | None = None) -> None:
+    """Serve until Ctrl-C or SIGTERM, then stop cleanly (also when interrupted while starting). SIGHUP calls
+    `on_reload(service)` (the CLI reads its config file again and applies it: Service.apply)."""
     # Explicit handlers: a process started in the background inherits SIGINT ignored.
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
+    reload = threading.Event()
+    signal.signal(signal.SIGHUP, lambda *_: reload.set())
     service = start(config, verbose, report, progress)
     signal.signal(signal.SIGINT, _interrupt)  # ours again: ray.init put Ray's in place (sys.exit(15))
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         on_ready(service)
         while True:
-            time.sleep(3600)
+            if reload.wait(3600) and on_reload is not None:
+                reload.clear()
+                on_reload(service)
     except KeyboardInterrupt:
         pass
     finally:

@@ -32,9 +32,9 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 
 from raylm import _ray, errors
 from raylm.config import ModelConfig, ServeConfig
-from raylm.contract import (NAMED_EVENTS, PATHS, TASK_ENDPOINTS, Adapter, Call, Endpoint, Reply, Usage, UsageRecord,
-                            deployment_name, error_event)
-from raylm.serve import status, stream
+from raylm.contract import (INGRESS_NAME, NAMED_EVENTS, PATHS, TASK_ENDPOINTS, Adapter, Call, Endpoint, Reply, Usage,
+                            UsageRecord, deployment_name, error_event)
+from raylm.serve import resume, status, stream
 from raylm.serve.batch.store import Store
 from raylm.serve.edge import http
 from raylm.serve.edge.access import Access
@@ -158,15 +158,17 @@ class Ingress:
             await self._admit(seen, body)
             if self.salt is not None and endpoint in SALTED:
                 body["cache_salt"] = self.salt.of(caller.tenant.name, body.get("cache_salt"))
-            head = await self._open(model, Call(endpoint, body, rid, caller.tenant, adapter, caller.key_id), seen)
+            call = Call(endpoint, body, rid, caller.tenant, adapter, caller.key_id,
+                        resumable=self.config.resume_streams and resume.why_not(
+                            endpoint, body, model.reasoning_parser) is None)
+            head = await self._open(model, call, seen)
         except Exception as exc:
             head = Reply.of(_as_api_error(exc), rid)
         if isinstance(head, Reply):
             self.metrics.answered(seen.label, endpoint, head.status, start, head.code, seen.tenant)
             self._record(seen, head.status, head.code, head.usage, None, time.perf_counter())
             return http.json_response(head, rid, seen.headers)
-        chunks, replies = head
-        return http.sse_response(self._relay(chunks, replies, seen), rid, seen.headers)
+        return http.sse_response(self._relay(head, seen, call), rid, seen.headers)
 
     async def _admit(self, seen: Seen, body: dict) -> None:
         """A tenant with quotas asks the Ledger (one for the service) before its request goes anywhere."""
@@ -220,10 +222,11 @@ class Ingress:
                                              param="model", code="unsupported_endpoint")
         return model, adapter
 
-    async def _open(self, model: ModelConfig, call: Call, seen: Seen) -> Reply | tuple[AsyncIterator[bytes], Any]:
+    async def _open(self, model: ModelConfig, call: Call, seen: Seen,
+                    traced: bool = True) -> Reply | tuple[AsyncIterator[bytes], Any]:
         """Send the request; if its replica dies before the first reply, send it once more. A stream: its bytes,
         and the call, whose last item (its Usage) comes when the stream has ended."""
-        spans = seen.spans
+        spans = seen.spans if traced else None
         for attempt in (1, 2):
             if spans is not None:
                 call = dataclasses.replace(call, trace=spans.forward(model.name))
@@ -264,29 +267,67 @@ class Ingress:
                 f"no replica of model {model.name} took the request within {timeout_s:.0f}s",
                 code="no_replica", retry_after=model.admission.retry_after_s) from None
 
-    async def _relay(self, chunks: AsyncIterator[bytes], replies: Any, seen: Seen) -> AsyncIterator[bytes]:
-        """A stream's bytes to the client as they come; a stream cut short ends with one error event."""
+    async def _relay(self, head: tuple[AsyncIterator[bytes], Any], seen: Seen, call: Call) -> AsyncIterator[bytes]:
+        """A stream's bytes to the client as they come. One cut short (its replica died) goes on from where the
+        client is on another replica when it can (resume.py), and else ends with one error event."""
+        chunks, replies = head
         start = seen.start
         timer = self.metrics.stream(seen.label, seen.endpoint, start, seen.tenant)
         status, code = 499, "client_gone"  # unless it ends otherwise: the client went away
+        relayed = resume.Relayed() if call.resumable else None
+        resumes = 0
         try:
-            async for chunk in chunks:
-                timer.chunk()
-                yield chunk
-            status, code = 200, None
-        except stream.StreamCut:
-            status, code = 500, "replica_lost"
-            model = self.models[seen.model]
-            yield error_event(errors.UnavailableError(
-                f"the replica of model {seen.label} serving this stream stopped before the stream ended",
-                code="replica_lost", retry_after=model.admission.retry_after_s), seen.request_id,
-                seen.endpoint in NAMED_EVENTS).encode()
+            while True:
+                try:
+                    async for chunk in chunks:
+                        if relayed is not None and not (chunk := relayed.feed(chunk)):
+                            continue
+                        timer.chunk()
+                        yield chunk
+                    status, code = 200, None
+                    break
+                except stream.StreamCut:
+                    failed: Exception = errors.UnavailableError(
+                        f"the replica of model {seen.label} serving this stream stopped before the stream ended",
+                        code="replica_lost", retry_after=self.models[seen.model].admission.retry_after_s)
+                    if relayed is not None and resumes < resume.MAX_RESUMES:
+                        resumes += 1
+                        replies.cancel()
+                        head = await self._resume(call, relayed, seen)
+                        if not isinstance(head, Exception):
+                            chunks, replies = head
+                            continue
+                        failed = head
+                    status, code = 500, getattr(failed, "code", None) or "replica_lost"
+                    yield error_event(failed, seen.request_id, seen.endpoint in NAMED_EVENTS).encode()
+                    break
         finally:  # closing the connection (the client went away) aborts the engine request
             timer.end(status)
             ttft = timer.first - start if timer.chunks else None
             # The call's last item, the stream's Usage, comes once the replica has ended it: not awaited here.
             asyncio.get_running_loop().create_task(
                 self._stream_usage(replies, seen, status, code, ttft, time.perf_counter()))
+
+    async def _resume(self, call: Call, relayed: resume.Relayed,
+                      seen: Seen) -> tuple[AsyncIterator[bytes], Any] | Exception:
+        """Continue a cut stream on another replica: its new bytes and call, or the error to end it with."""
+        model = self.models[seen.model]
+        at = relayed.resume()  # None: the client has no event yet, so the request goes again as it was
+        try:
+            head = await self._open(model, dataclasses.replace(call, resume=at), seen, traced=False)
+        except Exception as exc:
+            head = Reply.of(_as_api_error(exc), call.request_id)
+        if isinstance(head, Reply):
+            logger.warning("request %s: its stream was cut and could not be resumed: %s", call.request_id, head.code)
+            self.metrics.resumed(seen.label, ok=False)
+            return errors.UnavailableError(
+                f"the replica of model {seen.label} serving this stream stopped, and the stream could not go on "
+                f"elsewhere ({head.message or head.code})", code="replica_lost",
+                retry_after=model.admission.retry_after_s)
+        logger.warning("request %s: its stream was cut after %d tokens; resumed on another replica",
+                       call.request_id, len(at.output_ids) if at else 0)
+        self.metrics.resumed(seen.label, ok=True)
+        return head
 
     async def _stream_usage(self, replies: Any, seen: Seen, status: int, code: str | None, ttft_s: float | None,
                             end: float) -> None:
@@ -405,12 +446,36 @@ class Ingress:
     async def __del__(self) -> None:
         server = getattr(self, "http_server", None)
         if server is not None:
+            # Serve stops this replica before its successor (a rolling update) serves the port: keep taking
+            # connections until another ingress replica runs (or the app is being deleted), drain_s at most,
+            # then stop taking them and let the requests in flight finish: drain_s more at most, and a cold
+            # start's wait (a one-replica model is replaced stop-first by Serve: its requests wait meanwhile).
+            app_name, drain_s = serve.get_replica_context().app_name, self.config.drain_s
+            deadline = time.monotonic() + drain_s
+            while time.monotonic() < deadline and not await _successor_or_leaving(app_name):
+                await asyncio.sleep(0.5)
             server.should_exit = True
-            await asyncio.wait({server.task}, timeout=5)
+            await asyncio.wait({server.task}, timeout=drain_s + self.config.cold_start_timeout_s)
         if getattr(self, "usage", None) is not None:
             await self.usage.close()
         if hasattr(self, "tracing"):
             self.tracing.shutdown()
+
+
+async def _successor_or_leaving(app_name: str) -> bool:
+    """Whether another ingress replica serves the port, or the whole application is going (or Serve's
+    controller cannot say): then an ingress replica that is stopping has nobody to wait for."""
+    def look() -> bool:
+        app = serve.status().applications.get(app_name)
+        if app is None or app.status == "DELETING":
+            return True
+        ingress = app.deployments.get(INGRESS_NAME)
+        return ingress is None or ingress.replica_states.get("RUNNING", 0) > 0
+
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(look), 2.0)
+    except Exception:
+        return True
 
 
 def _no_model(name: str, models: dict[str, ModelConfig]) -> errors.APIError:

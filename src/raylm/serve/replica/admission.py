@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import itertools
+import math
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
@@ -50,7 +51,7 @@ RATE_MIN_SAMPLES = 8
 
 @dataclass(order=True)
 class _Waiter:
-    key: tuple[int, float, int]
+    key: tuple[float, float, int]  # (priority: -inf for a resumed stream, start tag, arrival)
     tenant: Tenant = field(compare=False)
     tokens: int = field(compare=False)
     sequences: int = field(compare=False)
@@ -82,9 +83,11 @@ class Admission:
         return len(self._waiting)
 
     @asynccontextmanager
-    async def slot(self, tenant: Tenant, tokens: int, sequences: int = 1) -> AsyncIterator[None]:
+    async def slot(self, tenant: Tenant, tokens: int, sequences: int = 1, first: bool = False) -> AsyncIterator[None]:
         """Hold engine slots for a request's sequences during the block; may wait in the queue, or raise
-        OverloadedError. `tokens`: its prompt tokens (they bound the queue)."""
+        OverloadedError. `tokens`: its prompt tokens (they bound the queue). `first`: a stream resumed from
+        another replica (resume.py), admitted there already: it takes an extra slot if one is free, else
+        waits ahead of every other waiter, and is never refused for the wait."""
         self._weights[tenant.name] = tenant.weight
         if tenant.batch:
             self._start_batch(tenant, sequences)
@@ -92,13 +95,14 @@ class Admission:
             self._vtime = self._start_tag(tenant)
             self._finish[tenant.name] = self._vtime + 1 / tenant.weight
             self._started(tenant.name, sequences)
-        elif self._may_burst(tenant, sequences):
+        elif self._may_burst(tenant, sequences) or (
+                first and self.running + sequences <= self.limits.max_running + self.limits.burst):
             # Served out of the queue's order: the tenant's tags advance, virtual time does not, or the
             # requests waiting in the queue would fall behind it.
             self._finish[tenant.name] = self._start_tag(tenant) + 1 / tenant.weight
             self._started(tenant.name, sequences)
         else:
-            await self._wait(tenant, tokens, sequences)
+            await self._wait(tenant, tokens, sequences, first)
         try:
             yield
         finally:
@@ -179,11 +183,12 @@ class Admission:
     def _start_tag(self, tenant: Tenant) -> float:
         return max(self._vtime, self._finish.get(tenant.name, self._vtime))
 
-    async def _wait(self, tenant: Tenant, tokens: int, sequences: int) -> None:
+    async def _wait(self, tenant: Tenant, tokens: int, sequences: int, first: bool = False) -> None:
         start = self._start_tag(tenant)
-        waiter = _Waiter((tenant.priority, start, next(self._seq)), tenant, tokens, sequences,
+        waiter = _Waiter((-math.inf if first else tenant.priority, start, next(self._seq)), tenant, tokens, sequences,
                          asyncio.get_running_loop().create_future())
-        self._refuse_long_waits(waiter)
+        if not first:
+            self._refuse_long_waits(waiter)
         self._make_room(waiter)
         bisect.insort(self._waiting, waiter)
         self.queued_tokens += tokens

@@ -26,7 +26,7 @@ from raylm.config import ModelConfig
 from raylm.contract import NAMED_EVENTS, Call, Direct, Reply, Usage, sse_frames
 from raylm.engine.protocol import Engine, Meter
 from raylm.models import resolve_source
-from raylm.serve import status
+from raylm.serve import resume, status
 from raylm.serve.logs import log_to_stderr
 from raylm.serve.metrics import ReplicaMetrics
 from raylm.serve.replica.admission import Admission, Turns
@@ -150,14 +150,18 @@ class ModelServer:
         """One request: a Reply (a whole body and its usage, or an error); or a Direct for a stream, then its
         Usage once it has ended: the call lasts until then, so Serve and admission count it while it runs."""
         rid = call.request_id
-        meter = Meter()
+        meter = Meter(keep_ids=call.resumable)
         spans = ReplicaSpans(self.tracing, call, self.replica_id) if self.tracing.enabled else None
         try:
-            # Refuse early: a request the queue is sure to refuse costs no counting; a bad request, or a prompt
-            # too long for the context, never takes a queue place.
-            self.admission.refuse_early(call.tenant)
+            if call.resume is None:
+                # Refuse early: a request the queue is sure to refuse costs no counting; a bad request, or a
+                # prompt too long for the context, never takes a queue place.
+                self.admission.refuse_early(call.tenant)
+                endpoint, body = call.endpoint, call.body
+            else:  # a stream cut on another replica (resume.py): it goes on from its client's tokens
+                endpoint, body = "completions", resume.continuation(call.endpoint, call.body, call.resume)
             async with self.turns.turn(call.tenant.name):
-                prepared = await self.engine.prepare(call.endpoint, call.body)
+                prepared = await self.engine.prepare(endpoint, body)
             if spans is not None:
                 spans.phase("prepare", prompt_tokens=prepared.size.total)
             if prepared.sequences > self.max_n:
@@ -168,7 +172,8 @@ class ModelServer:
                 await self.engine.use_adapter(call.adapter)
                 if self.held.use(call.adapter.name):
                     self.metrics.adapter_loaded(call.adapter.name)
-            async with self.admission.slot(call.tenant, prepared.size.total, prepared.sequences):
+            async with self.admission.slot(call.tenant, prepared.size.total, prepared.sequences,
+                                           first=call.resume is not None):
                 if spans is not None:
                     spans.phase("admission wait", tenant=call.tenant.name)
                 result = await self.engine.create(prepared, rid, meter, spans and spans.traceparent)
@@ -177,7 +182,10 @@ class ModelServer:
                         spans.end(meter, 200)
                     yield Reply(body=result, usage=meter.usage(self.replica_id))
                     return
-                direct, out = self.streams.open(sse_frames(result, rid, call.endpoint in NAMED_EVENTS))
+                if call.resume is not None:
+                    result = resume.rewritten(result, call)
+                marks = resume.Marks(meter, call) if call.resumable else None
+                direct, out = self.streams.open(sse_frames(result, rid, call.endpoint in NAMED_EVENTS, marks))
                 try:
                     yield direct
                     await asyncio.wait({out.task})
@@ -187,11 +195,12 @@ class ModelServer:
             reply = Reply.of(exc, rid)
             if spans is not None:
                 spans.end(meter, reply.status, reply.code)
-            yield dataclasses.replace(reply, usage=meter.usage(self.replica_id))  # (its tokens: none, or those made)
+            # (its tokens: none, or those made)
+            yield dataclasses.replace(reply, usage=resume.whole_usage(meter.usage(self.replica_id), call.resume))
             return
         if spans is not None:
             spans.end(meter, 200)
-        yield meter.usage(self.replica_id)
+        yield resume.whole_usage(meter.usage(self.replica_id), call.resume)
 
     async def check_health(self) -> None:
         """Serve calls this every period: the engine must be alive and, while it holds requests, finish a

@@ -1,0 +1,65 @@
+"""Updates and scale-down drop nothing (issue 25): under steady load, streamed and not, a changed config
+replaces every replica (Serve's rolling update; the ingress too), then the model goes from 2 replicas to 1,
+both applied in place as `raylm serve` does on SIGHUP (`Service.apply`).
+
+Not in `make test` (about 4 min: each step starts new engines on 2 cores): run with `make test-slow`.
+Loopback only; bounded in time.
+"""
+
+import asyncio
+import threading
+import time
+
+import httpx
+import pytest
+
+from scenario import auth, report
+
+from raylm.bench.load import completion_body, send
+from raylm.config import AppConfig
+
+
+def _steady_load(url: str, stop: threading.Event, results: list) -> None:
+    """4 streams and 2 whole requests back to back until `stop`, each on a new connection (a kept-alive one
+    that the server closes while a request is on its way is the client's to retry, as HTTP has it)."""
+    async def run():
+        limits = httpx.Limits(max_keepalive_connections=0)
+        async with httpx.AsyncClient(timeout=180, limits=limits) as client:
+            async def worker(stream: bool):
+                body = completion_body("relay", "hello world " * 5, 64)
+                if not stream:
+                    body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+                while not stop.is_set():
+                    results.append((time.monotonic(), await send(client, f"{url}/v1/completions", body,
+                                                                 auth("light"))))
+            await asyncio.gather(*(worker(i < 4) for i in range(6)))
+    asyncio.run(run())
+
+
+@pytest.mark.slow
+def test_a_changed_config_and_a_scale_down_drop_nothing(rolling_service):
+    svc = rolling_service
+    tree = svc.config.model_dump()
+    stop, results = threading.Event(), []
+    loader = threading.Thread(target=_steady_load, args=(svc.url, stop, results), daemon=True)
+    loader.start()
+    try:
+        time.sleep(5)
+        (relay,) = tree["models"]
+        relay["engine_args"] = {**relay["engine_args"], "max_model_len": 512}  # every replica replaced
+        began = time.monotonic()
+        changed_s = svc.apply(AppConfig.model_validate(tree))
+        relay["replicas"] = 1
+        scaled_s = svc.apply(AppConfig.model_validate(tree))
+        time.sleep(5)
+    finally:
+        stop.set()
+        loader.join(240)
+    failed = [r for _, r in results if not r.ok]
+    streams = [r for _, r in results if r.itl_s or r.ttft_s]
+    report("rolling", requests=len(results), streams=len(streams), failed=len(failed),
+           config_applied_s=changed_s, scaled_down_s=scaled_s,
+           failures=";".join(sorted({f"{r.status}:{r.error}" for r in failed}))[:200],
+           failed_at_s=",".join(f"{t - began:.1f}" for t, r in results if not r.ok))
+    assert len(results) > 50
+    assert not failed, failed[:3]

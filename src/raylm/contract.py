@@ -136,6 +136,7 @@ class UsageRecord:
     batch: bool = False  # a Batch API line
     replica: str = ""
     trace_id: str = ""
+    resumes: int = 0  # a stream's continuations on another replica after its replica's end (serve/resume.py)
 
 
 @dataclass(frozen=True)

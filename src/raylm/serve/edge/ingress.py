@@ -96,6 +96,7 @@ class Seen:
     adapter: str = ""
     ticket: int = 0  # its quota reservation
     trace_id: str = ""
+    resumes: int = 0  # its stream went on on another replica (resume.py)
     headers: dict[str, str] = field(default_factory=dict)
     spans: RequestSpans | None = None  # tracing on
 
@@ -199,7 +200,7 @@ class Ingress:
         self.usage.add(UsageRecord(
             seen.time, seen.request_id, seen.tenant, seen.key_id, seen.model, seen.adapter, seen.endpoint, status,
             code or "", u.prompt_tokens, u.cached_tokens, u.completion_tokens, ttft_s, end - seen.start,
-            replica=u.replica, trace_id=seen.trace_id), seen.ticket)
+            replica=u.replica, trace_id=seen.trace_id, resumes=seen.resumes), seen.ticket)
 
     async def _model(self, endpoint: Endpoint, body: dict) -> tuple[ModelConfig, Adapter | None]:
         """The model a request names, and the adapter of it when the name is an adapter's."""
@@ -275,7 +276,6 @@ class Ingress:
         timer = self.metrics.stream(seen.label, seen.endpoint, start, seen.tenant)
         status, code = 499, "client_gone"  # unless it ends otherwise: the client went away
         relayed = resume.Relayed() if call.resumable else None
-        resumes = 0
         try:
             while True:
                 try:
@@ -290,8 +290,8 @@ class Ingress:
                     failed: Exception = errors.UnavailableError(
                         f"the replica of model {seen.label} serving this stream stopped before the stream ended",
                         code="replica_lost", retry_after=self.models[seen.model].admission.retry_after_s)
-                    if relayed is not None and resumes < resume.MAX_RESUMES:
-                        resumes += 1
+                    if relayed is not None and seen.resumes < resume.MAX_RESUMES:
+                        seen.resumes += 1
                         replies.cancel()
                         head = await self._resume(call, relayed, seen)
                         if not isinstance(head, Exception):

@@ -55,7 +55,7 @@ def access_line(record: UsageRecord) -> str:
         "cached_tokens": record.cached_tokens, "completion_tokens": record.completion_tokens,
         "ttft_ms": None if record.ttft_s is None else round(record.ttft_s * 1000, 1),
         "duration_ms": round(record.duration_s * 1000, 1), "replica": record.replica or None,
-        "batch": record.batch}, separators=(",", ":"))
+        "batch": record.batch, "resumes": record.resumes}, separators=(",", ":"))
 
 
 class Ledger:

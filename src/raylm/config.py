@@ -557,7 +557,10 @@ def load_config(path: str | Path | None = None, *, model: str | None = None,
     """
     tree: dict[str, Any] = {}
     if path is not None:
-        tree = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as exc:  # a typo in the file: the same clear refusal as a bad value
+            raise ValueError(f"{path} is not valid YAML: {exc}") from None
         if not isinstance(tree, dict):
             raise ValueError(f"{path}: the top level must be a mapping")
     for section, values in (("serve", serve), ("data", data or {})):

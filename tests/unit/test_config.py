@@ -217,3 +217,10 @@ def test_a_data_job_named_by_adapter_runs_its_base_model_with_lora_on(adapters):
     app = AppConfig(models=[ModelConfig(name="m", source="x", adapters={"a": str(adapters["r8"])})])
     model = app.data_model("a", "generate")
     assert model.name == "m" and model.engine_args["enable_lora"] and model.engine_args["max_lora_rank"] == 16
+
+
+def test_a_config_file_that_is_not_yaml_is_a_clear_config_error(tmp_path):
+    path = tmp_path / "raylm.yaml"
+    path.write_text("models: [\n")
+    with pytest.raises(ValueError, match="is not valid YAML"):
+        load_config(path)

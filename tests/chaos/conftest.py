@@ -7,14 +7,15 @@ from scenario import chaos_config
 
 # Models started only when their test runs (an engine on 2 cores costs every test): the slow autoscaling
 # test's, and the two replicas of the mid-stream resume test.
-_ONLY_FOR = {"auto": "test_load_scales_a_model_up_and_idleness_down",
-             "relay": "test_streams_go_on_token_for_token_when_their_replica_is_killed"}
+_ONLY_FOR = {"auto": ("test_load_scales_a_model_up_and_idleness_down",),
+             "relay": ("test_streams_go_on_token_for_token_when_their_replica_is_killed",
+                       "test_a_batch_loses_no_line_when_its_replica_is_killed")}
 
 
 @pytest.fixture(scope="module")
 def chaos_service(tiny_model, request):
     collected = {item.name for item in request.session.items}
-    models = ("tiny", "pair", "cold") + tuple(m for m, test in _ONLY_FOR.items() if test in collected)
+    models = ("tiny", "pair", "cold") + tuple(m for m, tests in _ONLY_FOR.items() if collected & set(tests))
     yield from _service(chaos_config(tiny_model, only=models))
 
 

@@ -481,3 +481,38 @@ def test_streams_go_on_token_for_token_when_their_replica_is_killed(chaos_servic
     assert not wrong, [(i, faulted[i].ids, references[key(i)].ids) for i in wrong[:2]]
     assert not text_differs, [(faulted[i].text, calm[i].text) for i in text_differs[:2]]
     wait_for(lambda: running_replicas("relay") == 2, 240)  # back, before the next test
+
+
+def test_a_batch_loses_no_line_when_its_replica_is_killed(chaos_service):
+    """The Batch API on `relay`: one of its replicas SIGKILLed while the batch's lines run. The batch stage
+    sends a line whose replica died again: every line is answered once, with its whole answer."""
+    from openai import OpenAI
+
+    wait_for(lambda: running_replicas("relay") == 2, 240)
+    client = OpenAI(base_url=f"{chaos_service.url}/v1", api_key=KEYS["light"], max_retries=0, timeout=60)
+    lines = [json.dumps({"custom_id": f"line-{i}", "method": "POST", "url": "/v1/completions",
+                         "body": {"model": "relay", "prompt": RELAY_PROMPTS[i % len(RELAY_PROMPTS)],
+                                  "max_tokens": RELAY_TOKENS, "temperature": 0, "ignore_eos": True}})
+             for i in range(80)]
+    upload = client.files.create(file=("lines.jsonl", ("\n".join(lines) + "\n").encode()), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h")
+    victim = replica_processes("relay")[0]
+    engine = next(p for p in victim.children(recursive=True) if "EngineCore" in " ".join(_cmdline(p)) + p.name())
+    busy_s, deadline = 0.0, time.monotonic() + 120
+    while busy_s < 0.05 and time.monotonic() < deadline:  # until its engine generates the lines it was sent
+        cpu = sum(engine.cpu_times()[:2])
+        time.sleep(0.25)
+        busy_s = sum(engine.cpu_times()[:2]) - cpu
+    before = client.batches.retrieve(batch.id).request_counts
+    os.kill(victim.pid, signal.SIGKILL)
+    wait_for(lambda: client.batches.retrieve(batch.id).status in ("completed", "failed", "expired"), 240)
+    batch = client.batches.retrieve(batch.id)
+    answers = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
+    report("batch sigkill", lines=len(lines), victim_engine_cpu_s_in_last_quarter_s=busy_s,
+           completed=batch.request_counts.completed, failed=batch.request_counts.failed, answers=len(answers))
+    assert batch.status == "completed" and batch.request_counts.failed == 0
+    assert busy_s > 0.05 and before.completed < len(lines)  # the kill hit lines in generation
+    assert sorted(a["custom_id"] for a in answers) == sorted(f"line-{i}" for i in range(len(lines)))
+    assert all(a["response"]["status_code"] == 200 for a in answers)
+    assert all(a["response"]["body"]["usage"]["completion_tokens"] == RELAY_TOKENS for a in answers)
+    wait_for(lambda: running_replicas("relay") == 2, 240)  # back, before the next test

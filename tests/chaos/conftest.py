@@ -5,11 +5,8 @@ import pytest
 from scenario import chaos_config
 
 
-# Models started only when their test runs (an engine on 2 cores costs every test): the slow autoscaling
-# test's, and the two replicas of the mid-stream resume test.
-_ONLY_FOR = {"auto": ("test_load_scales_a_model_up_and_idleness_down",),
-             "relay": ("test_streams_go_on_token_for_token_when_their_replica_is_killed",
-                       "test_a_batch_loses_no_line_when_its_replica_is_killed")}
+# Models started only when their test runs (an engine on 2 cores costs every test): the slow autoscaling test's.
+_ONLY_FOR = {"auto": ("test_load_scales_a_model_up_and_idleness_down",)}
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +42,12 @@ def fair_service(tiny_model):
         for svc in _service(type(config).model_validate(tree)):
             svc.receiver = receiver
             yield svc
+
+
+@pytest.fixture(scope="module")
+def relay_service(tiny_model):
+    """Only `relay` (2 replicas, room for 70 streams): tests/chaos/test_resume.py."""
+    yield from _service(chaos_config(tiny_model, only=("relay",)))
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,8 @@
     auto   autoscaling 1..2                     scale up with load, down when idle
     cold   autoscaling 0..1, a 50 ms wait bound a request at zero replicas waits for the cold start; then
                                                 admission bounded by time at 2× capacity
-    relay  2 replicas, room for 70 streams      SIGKILL of a replica under 70 streams: each goes on elsewhere
+    relay  2 replicas, room for 70 streams      SIGKILL of a replica under 70 streams: each goes on elsewhere;
+                                                under a batch; a changed config and a scale-down (services of their own)
 """
 
 import httpx

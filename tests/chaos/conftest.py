@@ -46,7 +46,7 @@ def fair_service(tiny_model):
 
 @pytest.fixture(scope="module")
 def relay_service(tiny_model):
-    """Only `relay` (2 replicas, room for 70 streams): tests/chaos/test_resume.py."""
+    """Only `relay` (2 replicas, room for 70 streams): tests/chaos/test_failover.py."""
     yield from _service(chaos_config(tiny_model, only=("relay",)))
 
 

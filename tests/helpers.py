@@ -197,6 +197,19 @@ class ClientPauses:
         gc.callbacks.remove(self._on)
 
 
+def cmdline(proc: psutil.Process) -> list[str]:
+    """A process's command line, [] if it is gone or unreadable."""
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return []
+
+
+def engine_core(replica: psutil.Process) -> psutil.Process:
+    """A model replica's vLLM EngineCore process."""
+    return next(p for p in replica.children(recursive=True) if "EngineCore" in " ".join(cmdline(p)) + p.name())
+
+
 def metric_samples(url: str) -> dict[tuple[str, frozenset], float]:
     """A Prometheus endpoint's samples: {(name, labels): value}."""
     import httpx

@@ -9,13 +9,18 @@
                                                 under a batch; a changed config and a scale-down (services of their own)
 """
 
+import time
+
 import httpx
+import pytest
+from ray import serve
 
 from helpers import TINY_ENGINE_ARGS, free_port
 
 from raylm import _ray
 from raylm.bench.load import completion_body, send
 from raylm.config import AppConfig, ModelConfig
+from raylm.contract import APP_NAME
 
 KEYS = {"light": "sk-light-test", "heavy": "sk-heavy-test", "gold": "sk-gold-test", "free": "sk-free-test"}
 # One OpenMP thread per tiny engine, left to the OS scheduler: two threads spin on both cores (120% CPU
@@ -50,6 +55,25 @@ def chaos_config(tiny_model, only: tuple[str, ...] = ()) -> AppConfig:
                "api_keys": [{"tenant": t, "key": k} for t, k in KEYS.items()],
                "tenants": {"gold": {"weight": 2}, "free": {"weight": 1}}},
     )
+
+
+def replicas(model: str) -> dict[str, int]:
+    deployment = serve.status().applications[APP_NAME].deployments[f"model-{model}"]
+    return {str(state): n for state, n in deployment.replica_states.items()}
+
+
+def running_replicas(model: str) -> int:
+    return replicas(model).get("RUNNING", 0)
+
+
+def wait_for(predicate, timeout_s: float, every_s: float = 0.5) -> float:
+    """Seconds until `predicate()` holds; fails the test after `timeout_s`."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout_s:
+            pytest.fail(f"not true after {timeout_s}s: {predicate.__doc__ or predicate}")
+        time.sleep(every_s)
+    return time.monotonic() - start
 
 
 def report(name: str, **figures) -> None:

@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from helpers import metric_samples, metric_value, replica_processes
-from scenario import KEYS, auth, report
-from test_service import _cmdline, running_replicas, wait_for
+from helpers import engine_core, metric_samples, metric_value, replica_processes
+from scenario import KEYS, auth, report, running_replicas, wait_for
 
 
 RELAY_STREAMS, RELAY_TOKENS = 70, 48
@@ -155,7 +154,7 @@ def test_a_batch_loses_no_line_when_its_replica_is_killed(relay_service):
     upload = client.files.create(file=("lines.jsonl", ("\n".join(lines) + "\n").encode()), purpose="batch")
     batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h")
     victim = replica_processes("relay")[0]
-    engine = next(p for p in victim.children(recursive=True) if "EngineCore" in " ".join(_cmdline(p)) + p.name())
+    engine = engine_core(victim)
     busy_s, deadline = 0.0, time.monotonic() + 120
     while busy_s < 0.05 and time.monotonic() < deadline:  # until its engine generates the lines it was sent
         cpu = sum(engine.cpu_times()[:2])

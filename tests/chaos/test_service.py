@@ -16,8 +16,8 @@ import psutil
 import pytest
 from ray import serve
 
-from helpers import replica_processes
-from scenario import KEYS, LIMITS, auth, load, report, sender
+from helpers import engine_core, replica_processes
+from scenario import KEYS, LIMITS, auth, load, replicas, report, running_replicas, sender, wait_for
 
 from raylm.bench.load import RequestResult, closed_loop, completion_body, open_loop, percentile, send
 from raylm.contract import APP_NAME
@@ -25,32 +25,6 @@ from raylm.serve import status as service_status
 
 def stats(model: str) -> dict:
     return serve.get_deployment_handle(f"model-{model}", APP_NAME).stats.remote().result(timeout_s=30)
-
-
-def replicas(model: str) -> dict[str, int]:
-    deployment = serve.status().applications[APP_NAME].deployments[f"model-{model}"]
-    return {str(state): n for state, n in deployment.replica_states.items()}
-
-
-def running_replicas(model: str) -> int:
-    return replicas(model).get("RUNNING", 0)
-
-
-def wait_for(predicate, timeout_s: float, every_s: float = 0.5) -> float:
-    """Seconds until `predicate()` holds; fails the test after `timeout_s`."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout_s:
-            pytest.fail(f"not true after {timeout_s}s: {predicate.__doc__ or predicate}")
-        time.sleep(every_s)
-    return time.monotonic() - start
-
-
-def _cmdline(proc: psutil.Process) -> list[str]:
-    try:
-        return proc.cmdline()
-    except psutil.Error:
-        return []
 
 
 def tree_rss() -> int:
@@ -313,7 +287,7 @@ def test_a_killed_replica_is_restarted_and_its_requests_retried(chaos_service):
 def test_a_stalled_engine_is_detected_and_replaced(chaos_service):
     wait_for(lambda: running_replicas("pair") == 2, 120)
     replica = replica_processes("pair")[0]
-    engine = next(p for p in replica.children(recursive=True) if "EngineCore" in " ".join(_cmdline(p)) + p.name())
+    engine = engine_core(replica)
     stalled = {}
 
     def stall():

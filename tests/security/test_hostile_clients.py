@@ -21,7 +21,7 @@ import ray
 from ray import serve
 
 from attackers import Running, big_file, chunked_upload, endless_header, idle_sockets, stalled_stream
-from helpers import API_KEY, AUTH, OTHER_KEY, SERVICE_MAX_FILE_BYTES, ClientPauses, CpuTop, Steal
+from helpers import API_KEY, AUTH, OTHER_KEY, SERVICE_MAX_FILE_BYTES, ClientPauses, CpuTop, Steal, cmdline
 
 from raylm import _ray
 from raylm.bench.load import completion_body, send
@@ -42,15 +42,8 @@ def port_of(service) -> int:
 
 def ingress_process() -> psutil.Process:
     (proc,) = [p for p in psutil.Process().children(recursive=True)
-               if any(f"ServeReplica:{APP_NAME}:ingress" in part for part in _cmdline(p))]
+               if any(f"ServeReplica:{APP_NAME}:ingress" in part for part in cmdline(p))]
     return proc
-
-
-def _cmdline(proc: psutil.Process) -> list[str]:
-    try:
-        return proc.cmdline()
-    except psutil.Error:
-        return []
 
 
 def p99(values: list[float]) -> float:

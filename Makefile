@@ -52,7 +52,9 @@ test: setup chromium
 # a node lost under traffic (~150 s), a quota across 4 ingress replicas (~2.5 min),
 # soak (RAYLM_SOAK_S, 30 min), raylm build → serve deploy on a second Ray cluster (~80 s), joining a cluster
 # with --address auto (~65 s), the GPU extra's resolution (~55 s), batch restart and priority (~5 min), a
-# changed config and a scale-down under load (~4 min).
+# changed config and a scale-down under load (~4 min), streams and a batch whose replica is SIGKILLed (~3 min), a
+# 200 MiB upload beside a live stream, a data job resumed after kill -9, KV-event routing (~90 s), a drained
+# node (~3 min). Out of `make test` to keep CI under 30 minutes on the AVX2-only machines (23 min there).
 test-slow: setup chromium
 	$(BIN)/python -m pytest tests -s -q -p no:cacheprovider -m slow
 

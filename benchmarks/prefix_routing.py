@@ -1,12 +1,15 @@
 """Prefix-aware routing against Serve's default routing: vLLM's prefix-cache hit rate and TTFT, same load.
 
     python benchmarks/prefix_routing.py [--systems default,prefix] [--requests 256] [--concurrency 8]
-                                        [--cache-tokens 6144] [--out benchmarks/results]
+                                        [--cache-tokens 6144] [--prompts 8] [--ingress-replicas 1]
+                                        [--out benchmarks/results]
 
 Each system is a fresh `raylm` service (its own Ray, in a child process of its own, ended by PID after at
 most --system-timeout-s), one after the other, on the same workload in the same order:
     default          Serve's power of two choices (routing: default)
     prefix           raylm's PrefixAffinityRouter (routing: prefix; src/raylm/serve/edge/routing.py)
+    kv               raylm's KVEventRouter (routing: kv): the same choice, matched against the block hashes
+                     each replica's engine reports it holds (vLLM's KV cache events; serve/edge/kv_events.py)
     ray-llm-prefix   opt-in: Ray Serve LLM's PrefixCacheAffinityRouter (its policy, its prefix-tree actor) in
                      the same deployment. As shipped it cannot route raylm's calls: it reads the prompt from
                      an argument with a `.messages`/`.prompt` attribute, raylm's ingress passes a
@@ -29,7 +32,7 @@ the two cores. Prefix caching on (vLLM's default for this model; set explicitly)
 vLLM's CPU default of 128 a ~1,010-token shared start caches 896 tokens at most, a ceiling of ~0.87 on the
 hit rate whatever the routing.
 
-Workload (seeded, the same for every system): 8 system prompts of 1,000 tokens (raylm.bench.prompts'
+Workload (seeded, the same for every system): --prompts system prompts (8) of 1,000 tokens (raylm.bench.prompts'
 synthetic text, distinct from their first tokens), 256 streaming chat requests, each one of them (drawn at
 random) + a distinct 12-token question, 16 output tokens (ignore_eos), a closed loop at concurrency 8, after
 4 warmup requests that share nothing with the workload.
@@ -65,21 +68,21 @@ from helpers import free_port  # noqa: E402  (one free_port, the tests')
 from raylm.models import SMOLLM2  # noqa: E402
 
 RESULTS = HERE / "results"
-SYSTEMS = ("default", "prefix", "ray-llm-prefix", "prefix-tenants", "prefix-salted")
+SYSTEMS = ("default", "prefix", "kv", "ray-llm-prefix", "prefix-tenants", "prefix-salted")
 TENANTS = 4  # prefix-tenants, prefix-salted: keys sk-bench-0 .. sk-bench-3
-PROMPTS, PROMPT_TOKENS, QUESTION_TOKENS, OUTPUT_TOKENS, WARMUP = 8, 1000, 12, 16, 4
+PROMPT_TOKENS, QUESTION_TOKENS, OUTPUT_TOKENS, WARMUP = 1000, 12, 16, 4
 BLOCK_TOKENS = 32
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
 READY_TIMEOUT_S, LOAD_TIMEOUT_S, METRICS_SETTLE_S = 180.0, 240.0, 30.0  # + stop: < --system-timeout-s
 HITS, QUERIES = "ray_vllm_prefix_cache_hits", "ray_vllm_prefix_cache_queries"
 
 
-def workload(requests: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+def workload(requests: int, prompts: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """(warmup bodies, measured bodies): chat requests, each a system prompt + a distinct question."""
     from raylm.bench.prompts import load_tokenizer, synthetic
 
     tokenizer = load_tokenizer(None, SMOLLM2)
-    systems = synthetic(tokenizer, PROMPTS, PROMPT_TOKENS, seed=seed)
+    systems = synthetic(tokenizer, prompts, PROMPT_TOKENS, seed=seed)
     questions = synthetic(tokenizer, requests + WARMUP, QUESTION_TOKENS, seed=seed + 1)
     rng = random.Random(seed)
 
@@ -89,10 +92,10 @@ def workload(requests: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
                 "stream": True, "stream_options": {"include_usage": True}}
 
     warmup = [body(None, q) for q in questions[requests:]]
-    return warmup, [body(systems[rng.randrange(PROMPTS)], q) for q in questions[:requests]]
+    return warmup, [body(systems[rng.randrange(prompts)], q) for q in questions[:requests]]
 
 
-def config(system: str, cache_tokens: int):
+def config(system: str, cache_tokens: int, ingress_replicas: int = 1):
     from raylm.config import AppConfig, ModelConfig, default_models
 
     smollm2 = default_models()[0]
@@ -102,11 +105,13 @@ def config(system: str, cache_tokens: int):
     if cache_tokens:
         engine_args["num_gpu_blocks_override"] = cache_tokens // BLOCK_TOKENS
     model = ModelConfig(**{**smollm2.model_dump(), "replicas": 2, "num_cpus": 1.0, "engine_args": engine_args,
-                           "env": ENV, "routing": "prefix" if system.startswith("prefix") else "default"})
+                           "env": ENV, "routing": "prefix" if system.startswith("prefix") else
+                           "kv" if system == "kv" else "default"})
     keys = {"api_keys": [{"tenant": f"t{i}", "key": f"sk-bench-{i}"} for i in range(TENANTS)],
             "cache_salt": system == "prefix-salted"} if system in ("prefix-tenants", "prefix-salted") else {}
     return AppConfig(models=(model,), serve={"port": free_port(), "metrics_port": free_port(), "num_cpus": 4,
-                                             "ready_timeout_s": READY_TIMEOUT_S, **keys})
+                                             "ready_timeout_s": READY_TIMEOUT_S,
+                                             "ingress_replicas": ingress_replicas, **keys})
 
 
 def use_ray_llm_router() -> None:
@@ -164,7 +169,8 @@ def settled(metrics_url: str, deadline_s: float) -> dict[str, dict[frozenset, fl
     return last
 
 
-def measure(system: str, requests: int, concurrency: int, cache_tokens: int) -> dict:
+def measure(system: str, requests: int, concurrency: int, cache_tokens: int, prompts: int,
+            ingress_replicas: int) -> dict:
     """One system, start to stop, in this (child) process."""
     import httpx
 
@@ -173,9 +179,9 @@ def measure(system: str, requests: int, concurrency: int, cache_tokens: int) -> 
 
     if system == "ray-llm-prefix":
         use_ray_llm_router()
-    warmup, bodies = workload(requests)
+    warmup, bodies = workload(requests, prompts)
     began = time.monotonic()
-    service = start(config(system, cache_tokens))
+    service = start(config(system, cache_tokens, ingress_replicas))
     startup_s = time.monotonic() - began
     try:
         url = f"{service.url}/v1/chat/completions"
@@ -222,7 +228,8 @@ def run_child(system: str, args: argparse.Namespace) -> dict | None:
     from raylm.serve.control.service import end_processes
 
     cmd = [sys.executable, __file__, "--child", system, "--requests", str(args.requests),
-           "--concurrency", str(args.concurrency), "--cache-tokens", str(args.cache_tokens)]
+           "--concurrency", str(args.concurrency), "--cache-tokens", str(args.cache_tokens),
+           "--prompts", str(args.prompts), "--ingress-replicas", str(args.ingress_replicas)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
@@ -243,7 +250,8 @@ def run_child(system: str, args: argparse.Namespace) -> dict | None:
 
 def report(rows: list[dict], args: argparse.Namespace) -> str:
     cache = f"{args.cache_tokens} tokens" if args.cache_tokens else "1 GiB"
-    setup = (f"SmolLM2-135M, 2 replicas × 1 core, {PROMPTS} system prompts × {PROMPT_TOKENS} tokens, "
+    setup = (f"SmolLM2-135M, 2 replicas × 1 core, {args.ingress_replicas} ingress replica(s), "
+             f"{args.prompts} system prompts × {PROMPT_TOKENS} tokens, "
              f"{args.requests} chat requests at c={args.concurrency}, {OUTPUT_TOKENS} output tokens, KV cache "
              f"{cache} per replica, {BLOCK_TOKENS}-token blocks; {time.strftime('%Y-%m-%d')}")
     header = ("| routing | ok/sent | prefix-cache hit rate | TTFT p50 | TTFT p99 | E2E p50 | wall | prompt tokens | "
@@ -264,6 +272,13 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
                     f"(target ≥ 0.9); TTFT p50 {r['ttft_p50_ms'] / base['ttft_p50_ms']:.2f}× "
                     f"({100 * (1 - r['ttft_p50_ms'] / base['ttft_p50_ms']):+.0f}% lower; target ≥ 30%), "
                     f"p99 {r['ttft_p99_ms'] / base['ttft_p99_ms']:.2f}×")
+    by_system = {r["system"]: r for r in rows}
+    text, kv = by_system.get("prefix"), by_system.get("kv")
+    if text and kv:
+        lines.append(f"- kv vs prefix (text hash): hit rate {kv['hit_rate']:.3f} vs {text['hit_rate']:.3f} "
+                     f"({100 * (kv['hit_rate'] / text['hit_rate'] - 1):+.1f}%), TTFT p50 "
+                     f"{kv['ttft_p50_ms'] / text['ttft_p50_ms']:.2f}×, "
+                     f"p99 {kv['ttft_p99_ms'] / text['ttft_p99_ms']:.2f}×")
     return "\n".join(lines) + "\n"
 
 
@@ -273,13 +288,16 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--cache-tokens", type=int, default=6144, help="KV cache per replica; 0: 1 GiB")
+    parser.add_argument("--prompts", type=int, default=8, help="distinct system prompts (more: evictions)")
+    parser.add_argument("--ingress-replicas", type=int, default=1)
     parser.add_argument("--system-timeout-s", type=float, default=540.0, help="per system, start to stop")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--tag", default="", help="results as prefix_routing-<tag>.{md,json}")
     parser.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(measure(args.child, args.requests, args.concurrency, args.cache_tokens)),
-              flush=True)
+        print("RESULT " + json.dumps(measure(args.child, args.requests, args.concurrency, args.cache_tokens,
+                                             args.prompts, args.ingress_replicas)), flush=True)
         return
     systems = args.systems.split(",")
     if unknown := set(systems) - set(SYSTEMS):
@@ -295,8 +313,9 @@ def main() -> None:
     text = report(rows, args)
     print("\n" + text)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "prefix_routing.md").write_text(text)
-    (args.out / "prefix_routing.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+    name = f"prefix_routing-{args.tag}" if args.tag else "prefix_routing"
+    (args.out / f"{name}.md").write_text(text)
+    (args.out / f"{name}.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                               "rows": rows}, indent=2))
 
 

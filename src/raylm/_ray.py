@@ -8,6 +8,7 @@ Imported lazily (`load`): importing raylm never imports more of Ray than its cal
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -106,19 +107,31 @@ def renice_agents(among: list[Any] | None = None) -> list[int]:
     Returns the agents' pids."""
     import psutil
 
-    niceness = int(os.environ.get("RAY_worker_niceness", "15"))
     titles = ([load("AGENT_DASHBOARD")], [load("AGENT_RUNTIME_ENV")])
     found = []
     for proc in psutil.Process().children(recursive=True) if among is None else among:
         try:
-            if proc.cmdline()[:1] not in titles:
-                continue
-            for thread in proc.threads():
-                os.setpriority(os.PRIO_PROCESS, thread.id, max(niceness, os.getpriority(os.PRIO_PROCESS, thread.id)))
-            found.append(proc.pid)
-        except (psutil.Error, OSError):
+            if proc.cmdline()[:1] in titles:
+                found.append(proc.pid)
+        except psutil.Error:
             pass
-    return found
+    return [pid for pid in found if renice(pid, worker_niceness())]
+
+
+def worker_niceness() -> int:
+    return int(os.environ.get("RAY_worker_niceness", "15"))
+
+
+def renice(pid: int, niceness: int) -> bool:
+    """Every thread of process `pid` at `niceness` at least (Linux's nice is per thread, and inherited by the
+    threads made later); never raised above its own, which needs a right a worker lacks. False if it is gone."""
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(ProcessLookupError):
+                os.setpriority(os.PRIO_PROCESS, int(tid), max(niceness, os.getpriority(os.PRIO_PROCESS, int(tid))))
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 def versioned(deployment: Any, version: str) -> Any:

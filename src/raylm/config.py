@@ -215,13 +215,15 @@ class ModelConfig(_Frozen):
         None, description="Scale with traffic between min and max replicas (replaces `replicas`).")
     health: HealthConfig = Field(default_factory=HealthConfig,
                                  description="How a stalled or dead engine is detected.")
-    routing: Literal["default", "prefix"] = Field(
+    routing: Literal["default", "prefix", "kv"] = Field(
         "default", description="How the ingress picks a replica. `default`: Serve's power of two choices (the "
                                "shorter queue of two random replicas), counting the requests it has chosen a "
                                "replica for and not yet sent, so a burst spreads. `prefix`: requests sharing a "
                                "prompt start (a system prompt, a chat's earlier turns) go to the replica that "
                                "already holds it in vLLM's prefix cache, unless its queue is much longer "
-                               "(serve/edge/routing.py). "
+                               "(serve/edge/routing.py). `kv`: the same, matched against what each "
+                               "replica's engine reports it holds (vLLM's KV cache events: evictions "
+                               "included; serve/edge/kv_events.py). "
                                "Matters with more than one replica.")
 
     tool_call_parser: str | None = Field(

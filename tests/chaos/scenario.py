@@ -9,6 +9,7 @@
                                                 under a batch; a changed config and a scale-down (services of their own)
 """
 
+import asyncio
 import time
 
 import httpx
@@ -83,6 +84,24 @@ def report(name: str, **figures) -> None:
 
 def auth(tenant: str) -> dict[str, str]:
     return {"authorization": f"Bearer {KEYS[tenant]}"}
+
+
+def steady_load(url: str, stop, results: list, model: str = "relay", headers: dict | None = None) -> None:
+    """4 streams and 2 whole requests back to back until `stop` (a threading.Event), each on a new connection
+    (a kept-alive one that the server closes while a request is on its way is the client's to retry, as HTTP
+    has it); `results` gets (time, result) of each."""
+    async def run():
+        limits = httpx.Limits(max_keepalive_connections=0)
+        async with httpx.AsyncClient(timeout=180, limits=limits) as client:
+            async def worker(stream: bool):
+                body = completion_body(model, "hello world " * 5, 64)
+                if not stream:
+                    body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+                while not stop.is_set():
+                    results.append((time.monotonic(), await send(client, f"{url}/v1/completions", body,
+                                                                 auth("light") if headers is None else headers)))
+            await asyncio.gather(*(worker(i < 4) for i in range(6)))
+    asyncio.run(run())
 
 
 async def load(url: str, fn):

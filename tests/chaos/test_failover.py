@@ -3,7 +3,8 @@ SIGKILLed under 70 greedy streams, then under a Batch API batch. A service of it
 engines beside the other scenarios' took the cores from their timing-sensitive tests.
 
 Each test is bounded in requests and seconds, sends traffic to 127.0.0.1 only, and prints one `CHAOS` line
-with its figures (run with `-s` to see them).
+with its figures (run with `-s` to see them). Not in `make test` (~3 min with the service's start on 2 cores;
+CI's time on the slower, AVX2-only machines): `make test-slow`. The resume logic itself is in tests/unit.
 """
 
 import asyncio
@@ -14,9 +15,12 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+import pytest
 
 from helpers import engine_core, metric_samples, metric_value, replica_processes
 from scenario import KEYS, auth, report, running_replicas, wait_for
+
+pytestmark = pytest.mark.slow
 
 
 RELAY_STREAMS, RELAY_TOKENS = 70, 48

@@ -113,3 +113,52 @@ def test_losing_a_node_reschedules_its_replica_while_the_other_serves(two_nodes,
     assert status().get("RUNNING", 0) == 2 and back_s <= 60
     assert len(survivors) == 2 and not on_worker & {p.pid for p in survivors}
     service.stop()
+
+
+@pytest.mark.slow  # ~3 min (two `ray start` nodes, a 2-replica service, a migration): `make test-slow`
+def test_draining_a_node_moves_its_replica_and_drops_nothing(two_nodes, tiny_model):
+    """`ray drain-node` (a preemption notice with a deadline) under steady load, streamed and not: Serve starts
+    a replacement on the head, then stops the drained node's replica through the graceful path (it finishes
+    its requests for serve.drain_s, then its streams go on elsewhere): no request fails, no stream is cut."""
+    import threading
+
+    from scenario import report, steady_load
+
+    from raylm.serve.control.service import start
+
+    port, worker = two_nodes
+    config = AppConfig(
+        models=(ModelConfig(name="tiny", source=str(tiny_model), replicas=2, num_cpus=1,
+                            engine_args=TINY_ENGINE_ARGS, env=ENV),),
+        serve={"port": free_port(), "address": f"127.0.0.1:{port}", "drain_s": 20},
+    )
+    service = start(config)
+    (node,) = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU") == 1]
+    on_worker = {p.pid for p in worker.children(recursive=True)}
+    assert len([p for p in _replicas() if p.pid in on_worker]) == 1
+    status = lambda: serve.status().applications[APP_NAME].deployments["model-tiny"].replica_states  # noqa: E731
+    stop, results = threading.Event(), []
+    loader = threading.Thread(target=steady_load, args=(service.url, stop, results, "tiny", {}), daemon=True)
+    loader.start()
+    try:
+        time.sleep(5)
+        began = time.monotonic()
+        subprocess.run([str(Path(sys.executable).with_name("ray")), "drain-node", f"--address=127.0.0.1:{port}",
+                        f"--node-id={node}", "--reason=DRAIN_NODE_REASON_PREEMPTION", "--reason-message=test",
+                        "--deadline-remaining-seconds=120"], check=True, timeout=60, capture_output=True)
+        deadline = began + 150
+        while time.monotonic() < deadline and (status().get("RUNNING", 0) < 2 or
+                                               any(p.pid in on_worker for p in _replicas())):
+            time.sleep(1)
+        moved_s = time.monotonic() - began
+        time.sleep(5)
+    finally:
+        stop.set()
+        loader.join(240)
+    failed = [r for _, r in results if not r.ok]
+    streams = [r for _, r in results if r.itl_s or r.ttft_s]
+    report("drain-node", requests=len(results), streams=len(streams), failed=len(failed), moved_s=moved_s,
+           failures=";".join(sorted({f"{r.status}:{r.error}" for r in failed}))[:200])
+    assert len(results) > 50 and not failed, failed[:3]
+    assert status().get("RUNNING", 0) == 2 and not any(p.pid in on_worker for p in _replicas())
+    service.stop()

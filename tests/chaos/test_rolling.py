@@ -6,34 +6,14 @@ Not in `make test` (about 4 min: each step starts new engines on 2 cores): run w
 Loopback only; bounded in time.
 """
 
-import asyncio
 import threading
 import time
 
-import httpx
 import pytest
 
-from scenario import auth, report
+from scenario import report, steady_load
 
-from raylm.bench.load import completion_body, send
 from raylm.config import AppConfig
-
-
-def _steady_load(url: str, stop: threading.Event, results: list) -> None:
-    """4 streams and 2 whole requests back to back until `stop`, each on a new connection (a kept-alive one
-    that the server closes while a request is on its way is the client's to retry, as HTTP has it)."""
-    async def run():
-        limits = httpx.Limits(max_keepalive_connections=0)
-        async with httpx.AsyncClient(timeout=180, limits=limits) as client:
-            async def worker(stream: bool):
-                body = completion_body("relay", "hello world " * 5, 64)
-                if not stream:
-                    body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
-                while not stop.is_set():
-                    results.append((time.monotonic(), await send(client, f"{url}/v1/completions", body,
-                                                                 auth("light"))))
-            await asyncio.gather(*(worker(i < 4) for i in range(6)))
-    asyncio.run(run())
 
 
 @pytest.mark.slow
@@ -41,7 +21,7 @@ def test_a_changed_config_and_a_scale_down_drop_nothing(rolling_service):
     svc = rolling_service
     tree = svc.config.model_dump()
     stop, results = threading.Event(), []
-    loader = threading.Thread(target=_steady_load, args=(svc.url, stop, results), daemon=True)
+    loader = threading.Thread(target=steady_load, args=(svc.url, stop, results), daemon=True)
     loader.start()
     try:
         time.sleep(5)

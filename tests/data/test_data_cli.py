@@ -95,6 +95,7 @@ def test_refuses_missing_empty_and_foreign_outputs(mixed_input, tmp_path):
     assert other.returncode == 2 and "different job" in other.stderr
 
 
+@pytest.mark.slow  # ~45 s on an AVX2-only machine: `make test-slow`
 def test_resume_after_kill_9_loses_and_duplicates_nothing(tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()

@@ -129,6 +129,13 @@ class VLLMEngine:
         self._handlers = {e: h for e, h in _handlers(self._state).items() if h[1] is not None and e in self.endpoints}
         self.endpoints = frozenset(self._handlers)
 
+    def kv_events_endpoints(self) -> tuple[str, str | None] | None:
+        """Where the EngineCore publishes its KV cache events and replays them (the endpoints it bound, from its
+        handshake), or None when it publishes none."""
+        sources = self.client.engine_core.get_kv_event_sources() if self.client is not None else {}
+        config = sources.get(0) or next(iter(sources.values()), None)
+        return None if config is None or config.publisher != "zmq" else (config.endpoint, config.replay_endpoint)
+
     def _progress_logger(self, vllm_config: Any, engine_index: int = 0) -> Any:
         engine = self
 

@@ -32,7 +32,8 @@ LEDGER_MAX_ONGOING = 4096  # quota checks: each a dict lookup, never waits
 AUTOSCALING_METRICS_INTERVAL_S = 1.0
 REFUSAL_HEADROOM = 64  # calls a model replica takes beyond its queue, to refuse them itself (serve_options)
 ROUTERS = {"default": "raylm.serve.edge.routing:SpreadRouter",  # Serve's power of two, bursts spread
-           "prefix": "raylm.serve.edge.routing:PrefixAffinityRouter"}
+           "prefix": "raylm.serve.edge.routing:PrefixAffinityRouter",
+           "kv": "raylm.serve.edge.routing:KVEventRouter"}  # prefix, matched against the engines' KV events
 
 
 def engine_args(model: ModelConfig) -> dict[str, Any]:
@@ -96,8 +97,11 @@ def serve_options(model: ModelConfig, drain_s: float = 30.0) -> dict[str, Any]:
     options.update(where)
     # Every handle to this model (the ingress's, the Batch API's) routes with it.
     options["request_router_config"] = {"request_router_class": ROUTERS[model.routing]}
+    kwargs: dict[str, Any] = {"model_name": model.name} if model.routing == "kv" else {}
     if model.serves_adapters:  # the router keeps, per replica, the adapters it holds (routing.py)
-        options["request_router_config"]["request_router_kwargs"] = {"adapter_capacity": model.lora_limits.held}
+        kwargs["adapter_capacity"] = model.lora_limits.held
+    if kwargs:
+        options["request_router_config"]["request_router_kwargs"] = kwargs
     scaling = model.autoscaling
     if scaling is None:
         options["num_replicas"] = model.replicas

@@ -300,6 +300,10 @@ class PrefixAffinityRouter(PendingAware):
         seed = f"{call.endpoint}\x00{call.body.get('cache_salt') or ''}\x00{adapter or ''}"
         return adapter_block(adapter) + block_chain(prompt_text(call.body, self.max_chars), self.block_chars, seed)
 
+    def match_on(self, pending_request: PendingRequest | None) -> tuple[Sequence[int], Any]:
+        """The request's chain, and the index of what each replica holds to match it against."""
+        return self.chain(pending_request), self.index
+
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         if pending_request is not None:
@@ -312,7 +316,8 @@ class PrefixAffinityRouter(PendingAware):
         try:
             name = adapter_name(pending_request)
             home = None if name is None else (lambda replica: adapter_home(name, replica))
-            pick = prefer(self.chain(pending_request), list(by_id), loads, self.index, self.imbalance, home)
+            chain, index = self.match_on(pending_request)
+            pick = prefer(chain, list(by_id), loads, index, self.imbalance, home)
         except Exception:  # an error here would strand the request: route it as if it had no prefix
             logger.exception("prefix routing failed; routing by queue length")
             pick = None
@@ -334,3 +339,66 @@ class PrefixAffinityRouter(PendingAware):
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
         self.index.keep(self.curr_replicas)
+
+
+class KVEventRouter(PrefixAffinityRouter):
+    """The request router for `routing: kv`: the prefix router, matching a prompt's block hashes, computed as
+    the engine computes them, against what each replica's engine reports it holds (kv_events.py). A request
+    whose engine hashes cannot be made here (see kv_events.PromptTokens; a LoRA adapter's; before the first
+    events) is matched by its text, as with `prefix`."""
+
+    def initialize_state(self, model_name: str = "", **kwargs: Any) -> None:
+        super().initialize_state(**kwargs)
+        from raylm.serve.edge import kv_events
+
+        self.kv = kv_events
+        self.model_name = model_name
+        self.engines = kv_events.EngineIndex()
+        self._wanted: dict[str, ReplicaID] = {}
+        self._chains: OrderedDict[str, tuple[int, ...]] = OrderedDict()  # by request id: tokenized once
+        # Subscribed from the start (Serve makes a router with a handle's first call), so the view and the
+        # tokenizer are ready for the next ones.
+        self.subscriber: Any = kv_events.Subscriber(model_name, self.engines, lambda: self._wanted) \
+            if model_name else None
+
+    def engine_chain(self, pending_request: PendingRequest | None) -> tuple[int, ...]:
+        call = pending_request.args[0] if pending_request is not None and pending_request.args else None
+        if not isinstance(call, Call) or call.adapter is not None or self.subscriber is None:
+            return ()
+        if call.request_id not in self._chains:
+            self._chains[call.request_id] = self._engine_chain(call)
+            while len(self._chains) > 1024:
+                self._chains.popitem(last=False)
+        return self._chains[call.request_id]
+
+    def _engine_chain(self, call: Call) -> tuple[int, ...]:
+        seeds = set(self.subscriber.seeds.values())
+        sizes = set(self.engines.block_size.values())
+        tokenize = self.subscriber.tokens
+        if len(seeds) != 1 or len(sizes) != 1 or tokenize is None:  # nothing heard yet, or mixed hashing
+            return ()
+        (seed, algo), (block_size,) = next(iter(seeds)), sizes
+        tokens = tokenize(call.endpoint, call.body) if algo in self.kv.HASH_ALGOS else None
+        if not tokens:
+            return ()
+        return self.kv.block_hashes(tokens, block_size, seed, call.body.get("cache_salt") or None)
+
+    def match_on(self, pending_request: PendingRequest | None) -> tuple[Sequence[int], Any]:
+        chain = self.engine_chain(pending_request)
+        return (chain, self.engines) if chain else super().match_on(pending_request)
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        super().on_request_routed(pending_request, replica_id, result)
+        try:
+            self.engines.expect(replica_id, self.engine_chain(pending_request))
+        except Exception:
+            logger.exception("kv routing: could not record a routed request")
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        self._wanted = {r.unique_id: r for r in self.curr_replicas}
+        self.engines.keep(self.curr_replicas)
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self.engines.keep(self.curr_replicas)

@@ -27,6 +27,7 @@ from raylm.contract import NAMED_EVENTS, Call, Direct, Reply, Usage, sse_frames
 from raylm.engine.protocol import Engine, Meter
 from raylm.models import resolve_source
 from raylm.serve import resume, status
+from raylm.serve.edge import kv_events
 from raylm.serve.logs import log_to_stderr
 from raylm.serve.metrics import ReplicaMetrics
 from raylm.serve.replica.admission import Admission, Turns
@@ -45,9 +46,10 @@ def _make_engine(model: ModelConfig, model_dir: str) -> Engine:
 
 
 def stream_host() -> str:
-    """Where this replica's streams wait: loopback on the head node, where every ingress replica runs (a
-    node's Ray address is its public one, even for a cluster started on 127.0.0.1); else this node's address,
-    which the ingress reaches across the cluster (tickets guard it; see stream.py)."""
+    """Where this replica's streams wait (and its engine's KV cache events go out): loopback on the head node,
+    where every ingress replica runs (a node's Ray address is its public one, even for a cluster started on
+    127.0.0.1); else this node's address, which the ingress reaches across the cluster (tickets guard the
+    streams; see stream.py)."""
     node_id = ray.get_runtime_context().get_node_id()
     node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
     return "127.0.0.1" if _ray.HEAD_NODE_RESOURCE in node["Resources"] else node["NodeManagerAddress"]
@@ -117,9 +119,22 @@ class ModelServer:
         fitted = time.time() - fitting
         os.environ.update(self.fit.env)  # read by vLLM here and in the EngineCore process it spawns
         logger.info("%s: %s", model.name, "; ".join(self.fit.notes))
-        self.engine: Engine = engine_factory(model.model_copy(update={"engine_args": self.fit.engine_args}),
-                                             model_dir)
+        engine_args = self.fit.engine_args
+        self.kv_events = model.routing == "kv" and model.task == "generate"
+        if self.kv_events:  # its engine tells every ingress what it caches (serve/edge/kv_events.py)
+            engine_args = {"kv_events_config": kv_events.engine_config(), **engine_args}
+            os.environ.setdefault("VLLM_HOST_IP", stream_host())  # where its streams wait too
+        self.engine: Engine = engine_factory(model.model_copy(update={"engine_args": engine_args}), model_dir)
         await self.engine.start()
+        if self.kv_events:
+            endpoints = self.engine.kv_events_endpoints()
+            if endpoints is None:
+                logger.warning("%s: its engine publishes no KV cache events; routed by prompt text", model.name)
+            else:
+                seed = os.environ.get("PYTHONHASHSEED", kv_events.DEFAULT_SEED)
+                algo = str(engine_args.get("prefix_caching_hash_algo", "sha256"))
+                await asyncio.to_thread(kv_events.publish, model.name, self.replica_id, endpoints, seed, algo,
+                                        model_dir)
         self.streams = StreamHub()
         await self.streams.start(stream_host())
         self.metrics = ReplicaMetrics(model.name, self.replica_id)
@@ -236,6 +251,8 @@ class ModelServer:
             self._sampler.cancel()
             try:  # never in the way of stopping the engine below
                 await asyncio.to_thread(status.withdraw, self.name, self.replica_id)
+                if self.kv_events:
+                    await asyncio.to_thread(kv_events.unpublish, self.name, self.replica_id)
             except Exception as exc:
                 logger.debug("status report of %s not withdrawn: %r", self.name, exc)
         engine = getattr(self, "engine", None)

@@ -130,8 +130,9 @@ def use_ray_llm_router() -> None:
     sys.modules["__main__"].RayLLMPrefixRouter = RayLLMPrefixRouter
     serve_options = builder.serve_options
 
-    def with_router(model):
-        return {**serve_options(model), "request_router_config": {"request_router_class": RayLLMPrefixRouter}}
+    def with_router(model, *args, **kwargs):
+        return {**serve_options(model, *args, **kwargs),
+                "request_router_config": {"request_router_class": RayLLMPrefixRouter}}
 
     builder.serve_options = with_router
 

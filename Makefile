@@ -54,7 +54,7 @@ test: setup chromium
 # with --address auto (~65 s), the GPU extra's resolution (~55 s), batch restart and priority (~5 min), a
 # changed config and a scale-down under load (~4 min), streams and a batch whose replica is SIGKILLed (~3 min), a
 # 200 MiB upload beside a live stream, a data job resumed after kill -9, KV-event routing (~90 s), a drained
-# node (~3 min). Out of `make test` to keep CI under 30 minutes on the AVX2-only machines (23 min there).
+# node (~3 min). Out of `make test` to keep CI under 30 minutes on the AVX2-only machines (21 min there).
 test-slow: setup chromium
 	$(BIN)/python -m pytest tests -s -q -p no:cacheprovider -m slow
 

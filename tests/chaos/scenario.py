@@ -10,6 +10,8 @@
 """
 
 import asyncio
+import contextlib
+import threading
 import time
 
 import httpx
@@ -102,6 +104,27 @@ def steady_load(url: str, stop, results: list, model: str = "relay", headers: di
                                                                  auth("light") if headers is None else headers)))
             await asyncio.gather(*(worker(i < 4) for i in range(6)))
     asyncio.run(run())
+
+
+@contextlib.contextmanager
+def steady(url: str, model: str = "relay", headers: dict | None = None):
+    """steady_load on a thread while the block runs, stopped and joined when it ends; yields its `results`
+    (sum them up with `tally`)."""
+    stop, results = threading.Event(), []
+    loader = threading.Thread(target=steady_load, args=(url, stop, results, model, headers), daemon=True)
+    loader.start()
+    try:
+        yield results
+    finally:
+        stop.set()
+        loader.join(240)
+
+
+def tally(results: list) -> dict:
+    """steady_load's results: the failed ones, how many were streams, and the failures' kinds."""
+    failed = [r for _, r in results if not r.ok]
+    return {"failed": failed, "streams": sum(1 for _, r in results if r.itl_s or r.ttft_s),
+            "failures": ";".join(sorted({f"{r.status}:{r.error}" for r in failed}))[:200]}
 
 
 async def load(url: str, fn):

@@ -120,9 +120,7 @@ def test_draining_a_node_moves_its_replica_and_drops_nothing(two_nodes, tiny_mod
     """`ray drain-node` (a preemption notice with a deadline) under steady load, streamed and not: Serve starts
     a replacement on the head, then stops the drained node's replica through the graceful path (it finishes
     its requests for serve.drain_s, then its streams go on elsewhere): no request fails, no stream is cut."""
-    import threading
-
-    from scenario import report, steady_load
+    from scenario import report, steady, tally
 
     from raylm.serve.control.service import start
 
@@ -137,10 +135,7 @@ def test_draining_a_node_moves_its_replica_and_drops_nothing(two_nodes, tiny_mod
     on_worker = {p.pid for p in worker.children(recursive=True)}
     assert len([p for p in _replicas() if p.pid in on_worker]) == 1
     status = lambda: serve.status().applications[APP_NAME].deployments["model-tiny"].replica_states  # noqa: E731
-    stop, results = threading.Event(), []
-    loader = threading.Thread(target=steady_load, args=(service.url, stop, results, "tiny", {}), daemon=True)
-    loader.start()
-    try:
+    with steady(service.url, "tiny", {}) as results:
         time.sleep(5)
         began = time.monotonic()
         subprocess.run([str(Path(sys.executable).with_name("ray")), "drain-node", f"--address=127.0.0.1:{port}",
@@ -152,13 +147,10 @@ def test_draining_a_node_moves_its_replica_and_drops_nothing(two_nodes, tiny_mod
             time.sleep(1)
         moved_s = time.monotonic() - began
         time.sleep(5)
-    finally:
-        stop.set()
-        loader.join(240)
-    failed = [r for _, r in results if not r.ok]
-    streams = [r for _, r in results if r.itl_s or r.ttft_s]
-    report("drain-node", requests=len(results), streams=len(streams), failed=len(failed), moved_s=moved_s,
-           failures=";".join(sorted({f"{r.status}:{r.error}" for r in failed}))[:200])
+    seen = tally(results)
+    failed = seen["failed"]
+    report("drain-node", requests=len(results), streams=seen["streams"], failed=len(failed), moved_s=moved_s,
+           failures=seen["failures"])
     assert len(results) > 50 and not failed, failed[:3]
     assert status().get("RUNNING", 0) == 2 and not any(p.pid in on_worker for p in _replicas())
     service.stop()

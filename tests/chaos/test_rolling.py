@@ -6,12 +6,11 @@ Not in `make test` (about 4 min: each step starts new engines on 2 cores): run w
 Loopback only; bounded in time.
 """
 
-import threading
 import time
 
 import pytest
 
-from scenario import report, steady_load
+from scenario import report, steady, tally
 
 from raylm.config import AppConfig
 
@@ -20,10 +19,7 @@ from raylm.config import AppConfig
 def test_a_changed_config_and_a_scale_down_drop_nothing(rolling_service):
     svc = rolling_service
     tree = svc.config.model_dump()
-    stop, results = threading.Event(), []
-    loader = threading.Thread(target=steady_load, args=(svc.url, stop, results), daemon=True)
-    loader.start()
-    try:
+    with steady(svc.url) as results:
         time.sleep(5)
         (relay,) = tree["models"]
         relay["engine_args"] = {**relay["engine_args"], "max_model_len": 512}  # every replica replaced
@@ -32,14 +28,10 @@ def test_a_changed_config_and_a_scale_down_drop_nothing(rolling_service):
         relay["replicas"] = 1
         scaled_s = svc.apply(AppConfig.model_validate(tree))
         time.sleep(5)
-    finally:
-        stop.set()
-        loader.join(240)
-    failed = [r for _, r in results if not r.ok]
-    streams = [r for _, r in results if r.itl_s or r.ttft_s]
-    report("rolling", requests=len(results), streams=len(streams), failed=len(failed),
-           config_applied_s=changed_s, scaled_down_s=scaled_s,
-           failures=";".join(sorted({f"{r.status}:{r.error}" for r in failed}))[:200],
+    seen = tally(results)
+    failed = seen["failed"]
+    report("rolling", requests=len(results), streams=seen["streams"], failed=len(failed),
+           config_applied_s=changed_s, scaled_down_s=scaled_s, failures=seen["failures"],
            failed_at_s=",".join(f"{t - began:.1f}" for t, r in results if not r.ok))
     assert len(results) > 50
     assert not failed, failed[:3]

@@ -1,7 +1,7 @@
 """What each model replica's engine holds in its prefix cache, from the engine itself (`routing: kv`).
 
     replica's EngineCore ──(vLLM KV cache events: BlockStored / BlockRemoved / AllBlocksCleared, ZMQ PUB)──┐
-    replica ──(its publisher's endpoint, hash seed, block size: Ray's internal KV, once at start)──┐       │
+    replica ──(its endpoints, hash seed, model folder: Ray's internal KV, once at start)───────────┐       │
     every ingress process: Subscriber thread ◄─ endpoints of the deployment's replicas (every 1 s) ┘       │
                                              ◄─ events ─────────────────────────────────────────────────────┘
                                              ─► EngineIndex: per replica, the block hashes its engine holds
@@ -30,6 +30,7 @@ import logging
 import pickle
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Sequence
 from typing import Any
 
@@ -122,7 +123,8 @@ class EngineIndex:
     def __init__(self, expect_s: float = EXPECT_S, clock=time.monotonic) -> None:
         self.expect_s, self.clock = expect_s, clock
         self._held: dict[Hashable, set[int]] = {}
-        self._expected: dict[Hashable, dict[int, float]] = {}
+        # per replica, block hash → until when, oldest first (one TTL for all: insertion order is expiry order)
+        self._expected: dict[Hashable, OrderedDict[int, float]] = {}
         self.block_size: dict[Hashable, int] = {}
         self._lock = threading.Lock()  # the subscriber thread writes, the router's event loop reads
 
@@ -152,8 +154,12 @@ class EngineIndex:
     def expect(self, replica: Hashable, chain: Sequence[int]) -> None:
         until = self.clock() + self.expect_s
         with self._lock:
-            expected = self._expected.setdefault(replica, {})
-            expected.update(dict.fromkeys(chain, until))
+            expected = self._expected.setdefault(replica, OrderedDict())
+            for h in chain:
+                expected[h] = until
+                expected.move_to_end(h)
+            while expected and next(iter(expected.values())) <= until - self.expect_s:
+                expected.popitem(last=False)  # run out: dropped as new ones come, so it stays bounded
 
     def matched(self, replica: Hashable, chain: Sequence[int]) -> int:
         """How many leading blocks of `chain` the replica holds (or was just sent)."""
@@ -172,13 +178,10 @@ class EngineIndex:
 
     def keep(self, replicas: Iterable[Hashable]) -> None:
         alive = set(replicas)
-        now = self.clock()
         with self._lock:
             for table in (self._held, self._expected, self.block_size):
                 for replica in [r for r in table if r not in alive]:
                     del table[replica]
-            for replica, expected in self._expected.items():  # drop what has run out
-                self._expected[replica] = {h: t for h, t in expected.items() if t > now}
 
 
 def publish(model: str, replica: str, endpoints: tuple[str, str | None], seed: str, algo: str,

@@ -88,6 +88,7 @@ class Call:
     trace: str | None = None  # W3C `traceparent` of the caller's span, when tracing is on
     resumable: bool = False  # the ingress can resume this stream elsewhere: mark its frames (RESUME_MARK)
     resume: Resume | None = None  # continue a cut stream from where its client is
+    avoid: str = ""  # a replica not to route to unless it is the only one (the one that just cut its stream)
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,7 @@ class Direct:
     host: str
     port: int
     ticket: bytes
+    replica: str = ""  # which replica (its unique id)
 
 
 # --- SSE ---------------------------------------------------------------------------------------------------

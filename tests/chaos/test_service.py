@@ -262,7 +262,7 @@ def _mixed_load(url: str, seconds: float, during) -> tuple[list[RequestResult], 
 
 
 def test_a_killed_replica_is_restarted_and_its_requests_retried(chaos_service):
-    assert running_replicas("pair") == 2
+    wait_for(lambda: running_replicas("pair") == 2, 120)
     victim = replica_processes("pair")[0]
     killed = {}
 

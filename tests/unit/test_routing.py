@@ -145,6 +145,29 @@ def test_a_burst_is_spread_before_serve_has_sent_any_of_it(router_class):
     assert (chosen.count("a"), chosen.count("b"), pending) == (5, 5, 0)
 
 
+@pytest.mark.parametrize("router_class", [SpreadRouter, PrefixAffinityRouter])
+def test_a_resumed_stream_avoids_the_replica_that_cut_it_unless_it_is_the_only_one(router_class):
+    # Serve's router learns of a killed replica after its streams are seen cut: the resume must go elsewhere.
+    def request(avoid: str) -> PendingRequest:
+        return PendingRequest(args=[Call("chat", chat("Go on"), "rid", avoid=avoid)], kwargs={},
+                              metadata=_ray.load("RequestMetadata")(request_id="rid", internal_request_id="rid"))
+
+    async def main() -> tuple[dict[str, set[str]], set[str], str]:
+        router = router_class(deployment_id=DeploymentID(name="model-m", app_name="raylm"),
+                              handle_source=_ray.load("DeploymentHandleSource").UNKNOWN,
+                              use_replica_queue_len_cache=True)
+        a, b = FakeReplica("a"), FakeReplica("b")
+        router.update_replicas([a, b])
+        picks = {avoid: {(await router.choose_replicas([a, b], request(avoid)))[0][0].replica_id.unique_id
+                         for _ in range(8)} for avoid in ("a", "b")}
+        plain = {(await router.choose_replicas([a, b], request("")))[0][0].replica_id.unique_id for _ in range(16)}
+        only = (await router.choose_replicas([a], request("a")))[0][0].replica_id.unique_id
+        return picks, plain, only
+
+    picks, plain, only = asyncio.run(main())
+    assert picks == {"a": {"b"}, "b": {"a"}} and plain == {"a", "b"} and only == "a"
+
+
 def test_a_choice_is_pending_until_sent_or_stale():
     now = [0.0]
     pending = Pending(ttl_s=2.0, clock=lambda: now[0])

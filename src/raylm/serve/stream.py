@@ -107,8 +107,10 @@ class StreamHub:
         self.connections = 0
         self.host = ""
         self.port = 0
+        self.replica = ""
 
-    async def start(self, host: str) -> None:
+    async def start(self, host: str, replica: str = "") -> None:
+        self.replica = replica
         self._server = await asyncio.start_server(self._on_connect, host, 0)
         self.host, self.port = host, self._server.sockets[0].getsockname()[1]
 
@@ -119,7 +121,7 @@ class StreamHub:
         self._waiting[ticket] = out
         timer = asyncio.get_running_loop().call_later(CLAIM_TIMEOUT_S, out.expire)
         out.task.add_done_callback(lambda _: (timer.cancel(), self._waiting.pop(ticket, None)))
-        return Direct(self.host, self.port, ticket), out
+        return Direct(self.host, self.port, ticket, self.replica), out
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.connections >= MAX_CONNECTIONS:

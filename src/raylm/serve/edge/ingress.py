@@ -97,6 +97,7 @@ class Seen:
     ticket: int = 0  # its quota reservation
     trace_id: str = ""
     resumes: int = 0  # its stream went on on another replica (resume.py)
+    replica: str = ""  # the replica its stream comes from
     headers: dict[str, str] = field(default_factory=dict)
     spans: RequestSpans | None = None  # tracing on
 
@@ -239,6 +240,7 @@ class Ingress:
                 head = await replies.__anext__()
                 if isinstance(head, Reply):
                     return head
+                seen.replica = head.replica
                 return stream.receive(*await stream.connect(head, CONNECT_TIMEOUT_S)), replies
             except _REPLICA_GONE as exc:
                 if spans is not None:
@@ -314,7 +316,10 @@ class Ingress:
         model = self.models[seen.model]
         at = relayed.resume()  # None: the client has no event yet, so the request goes again as it was
         try:
-            head = await self._open(model, dataclasses.replace(call, resume=at), seen, traced=False)
+            # Not to the replica that cut it: Serve's router may not know yet that it died (a stream's cut is
+            # seen at once; the actor's death reaches the router later), and twice there fails the stream.
+            head = await self._open(model, dataclasses.replace(call, resume=at, avoid=seen.replica), seen,
+                                    traced=False)
         except Exception as exc:
             head = Reply.of(_as_api_error(exc), call.request_id)
         if isinstance(head, Reply):

@@ -233,6 +233,15 @@ class PendingAware(RequestRouter):
         cache = self.replica_queue_len_cache
         return {i: (cache.get(i) or 0) + self.pending.count(i) for i in replica_ids}
 
+    @staticmethod
+    def usable(candidates: list[RunningReplica], pending_request: PendingRequest | None) -> list[RunningReplica]:
+        """The candidates less the replica the request's Call avoids (the one that just cut its stream: Serve
+        may not know yet that it died), unless it is the only one."""
+        call = pending_request.args[0] if pending_request is not None and pending_request.args else None
+        avoid = call.avoid if isinstance(call, Call) else ""
+        rest = [r for r in candidates if r.replica_id.unique_id != avoid] if avoid else candidates
+        return rest or candidates
+
     def chosen(self, pick: RunningReplica, others: Sequence[RunningReplica]) -> list[list[RunningReplica]]:
         """Serve's ranks for a pick: the pick first, then up to two others (tried when the pick is full)."""
         self.pending.chosen(pick.replica_id)
@@ -264,7 +273,8 @@ class SpreadRouter(FIFOMixin, LocalityMixin, MultiplexMixin, PendingAware):
             ids = self.apply_multiplex_routing(pending_request=pending_request)
         else:
             ids = self.apply_locality_routing(pending_request=pending_request)
-        by_id = {r.replica_id: r for r in candidate_replicas if r.replica_id in ids}
+        local = [r for r in candidate_replicas if r.replica_id in ids]
+        by_id = {r.replica_id: r for r in self.usable(local, pending_request)}
         if not by_id:
             return []
         name = adapter_name(pending_request)
@@ -310,7 +320,8 @@ class PrefixAffinityRouter(PendingAware):
             # Every try sees every replica, so Serve may sleep between tries when all are full (its
             # default router's locality mixin sets this; without it the routing task would spin).
             pending_request.routing_context.should_backoff = True
-        shuffled = random.sample(candidate_replicas, len(candidate_replicas))
+        candidates = self.usable(candidate_replicas, pending_request)
+        shuffled = random.sample(candidates, len(candidates))
         by_id = {r.replica_id: r for r in shuffled}
         loads = self.loads(by_id)
         try:

@@ -136,7 +136,7 @@ class ModelServer:
                 await asyncio.to_thread(kv_events.publish, model.name, self.replica_id, endpoints, seed, algo,
                                         model_dir)
         self.streams = StreamHub()
-        await self.streams.start(stream_host())
+        await self.streams.start(stream_host(), self.replica_id)
         self.metrics = ReplicaMetrics(model.name, self.replica_id)
         self._sampler = asyncio.create_task(self._sample())
         _ray.freeze_heap()

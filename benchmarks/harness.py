@@ -13,6 +13,8 @@ Systems (each its own process tree, stopped by PID afterwards; only what this ha
     raylm-fork      raylm with its EngineCore forked from the replica (opt-in; benchmarks/cold_start.py)
     raylm-off       raylm with usage off (no Ledger, no records, no access log, no traces: docs/usage.md)
     raylm-noresume  raylm without mid-stream resume (serve.resume_streams: false): no token ids marked
+    raylm-batch128  raylm admitting as many sequences as bare `vllm serve` batches on a CPU (its max_num_seqs
+                    default, 128: max_running 120 + burst 8), in place of raylm's 32 + 8
     raylm-on        raylm with everything on: usage and the access log, a quota on the (one) tenant, and traces
                     (its own and vLLM's) to an OTLP receiver in this process (tests/otlp.py)
     vllm            bare `vllm serve` (python -m vllm.entrypoints.openai.api_server), same engine arguments
@@ -85,6 +87,8 @@ _SERVICE: dict[str, dict[str, Any]] = {
     "raylm-noresume": {"resume_streams": False},
     "raylm-on": {"tenants": {"default": {"requests_per_minute": 10**7, "tokens_per_minute": 10**10}},
                  "access_log": {"enabled": True}}}
+# What a system changes in raylm's model config.
+_MODEL: dict[str, dict[str, Any]] = {"raylm-batch128": {"admission": {"max_running": 120, "burst": 8}}}
 _RECEIVER: list[Any] = []
 
 
@@ -103,7 +107,7 @@ def command(system: str, setup: Setup, port: int, work: Path) -> tuple[list[str]
     env = {**setup.env, "VLLM_CPU_OMP_THREADS_BIND": bind} if bind else dict(setup.env)
     if base.startswith("raylm"):
         model = {"name": setup.name, "source": setup.model_dir, "engine_args": setup.engine_args, "env": env,
-                 **setup.raylm_model}
+                 **setup.raylm_model, **_MODEL.get(base, {})}
         config = {"models": [model], "serve": {"port": port, "metrics_port": free_port(), **_SERVICE.get(base, {})}}
         if base == "raylm-on":
             config["serve"]["otlp_endpoint"] = _receiver().endpoint

@@ -144,9 +144,15 @@ class PrefixIndex:
             del self._held[replica]
 
 
-def adapter_name(pending_request: PendingRequest | None) -> str | None:
+def call_of(pending_request: PendingRequest | None) -> Call | None:
+    """The Call a request to a model deployment carries (`ModelServer.reply(call)`), if it is one."""
     call = pending_request.args[0] if pending_request is not None and pending_request.args else None
-    return call.adapter.name if isinstance(call, Call) and call.adapter is not None else None
+    return call if isinstance(call, Call) else None
+
+
+def adapter_name(pending_request: PendingRequest | None) -> str | None:
+    call = call_of(pending_request)
+    return call.adapter.name if call is not None and call.adapter is not None else None
 
 
 def adapter_block(name: str | None) -> tuple[int, ...]:
@@ -237,8 +243,8 @@ class PendingAware(RequestRouter):
     def usable(candidates: list[RunningReplica], pending_request: PendingRequest | None) -> list[RunningReplica]:
         """The candidates less the replica the request's Call avoids (the one that just cut its stream: Serve
         may not know yet that it died), unless it is the only one."""
-        call = pending_request.args[0] if pending_request is not None and pending_request.args else None
-        avoid = call.avoid if isinstance(call, Call) else ""
+        call = call_of(pending_request)
+        avoid = call.avoid if call is not None else ""
         rest = [r for r in candidates if r.replica_id.unique_id != avoid] if avoid else candidates
         return rest or candidates
 
@@ -301,8 +307,8 @@ class PrefixAffinityRouter(PendingAware):
 
     def chain(self, pending_request: PendingRequest | None) -> tuple[int, ...]:
         """The chain of the prompt of the Call the request carries (`ModelServer.reply(call)`)."""
-        call = pending_request.args[0] if pending_request is not None and pending_request.args else None
-        if not isinstance(call, Call):
+        call = call_of(pending_request)
+        if call is None:
             return ()
         # A salted request (one tenant's cache, ingress.CacheSalt) shares blocks only with its own salt; an
         # adapter's, with its adapter's (vLLM's block hashes hold the adapter), whose own block comes first.
@@ -373,8 +379,8 @@ class KVEventRouter(PrefixAffinityRouter):
             if model_name else None
 
     def engine_chain(self, pending_request: PendingRequest | None) -> tuple[int, ...]:
-        call = pending_request.args[0] if pending_request is not None and pending_request.args else None
-        if not isinstance(call, Call) or call.adapter is not None or self.subscriber is None:
+        call = call_of(pending_request)
+        if call is None or call.adapter is not None or self.subscriber is None:
             return ()
         if call.request_id not in self._chains:
             self._chains[call.request_id] = self._engine_chain(call)

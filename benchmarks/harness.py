@@ -6,7 +6,8 @@ Systems (each its own process tree, stopped by PID afterwards; only what this ha
     raylm           `raylm serve` with this one model
     raylm-base      the same from another checkout's `src` ($RAYLM_BASE_SRC first on PYTHONPATH, e.g. a
                     `git worktree` of the previous commit): before/after in one run
-    raylm-nice15    raylm with its workers at Ray's default nice 15 (raylm's own cluster runs them at 0)
+    raylm-nice0     raylm with its workers at nice 0 (raylm's own cluster leaves them at Ray's 15)
+    raylm-engine15  raylm with its EngineCore at its replica's niceness (raylm puts it 4 below: 19)
     raylm-pow2      raylm with Serve's own PowerOfTwoChoicesRequestRouter for its models (no burst spread,
                     no adapter affinity): what raylm's routing is measured against
     raylm-spawn     raylm with its EngineCore spawned, as vLLM does (the default)
@@ -114,7 +115,8 @@ def command(system: str, setup: Setup, port: int, work: Path) -> tuple[list[str]
         path = work / f"{system}.yaml"
         path.write_text(yaml.safe_dump(config))
         extra = {"raylm-base": {"PYTHONPATH": os.environ.get("RAYLM_BASE_SRC", "")},
-                 "raylm-nice15": {"RAY_worker_niceness": "15"},
+                 "raylm-nice0": {"RAY_worker_niceness": "0"},
+                 "raylm-engine15": {"RAYLM_ENGINE_NICENESS": "15"},
                  "raylm-spawn": {"RAYLM_ENGINE_CORE_START": "spawn"},
                  "raylm-fork": {"RAYLM_ENGINE_CORE_START": "fork"}}.get(base, {})
         if base == "raylm-pow2":

@@ -122,6 +122,24 @@ def worker_niceness() -> int:
     return int(os.environ.get("RAY_worker_niceness", "15"))
 
 
+ENGINE_NICENESS_STEP = 4  # the engine's processes below their replica: weight 36 against 15 at nice 15 → 19
+
+
+def renice_engine() -> list[int]:
+    """Put this replica's child processes (vLLM's EngineCore, and its workers in the `mp` layout) 4 nice levels
+    below the replica (15 → 19 under Ray's default; `RAYLM_ENGINE_NICENESS` in a model's env sets it).
+
+    On cores the engine shares with the serving path, the engine is the one that always has work: at the same
+    niceness a replica or ingress that wakes (a new request to take, a token to relay) waits behind an engine
+    step. Below it, they run first, and the engine takes the rest of the cores (fairness test, issue 27).
+    Returns the pids it reniced."""
+    import psutil
+
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    niceness = int(os.environ.get("RAYLM_ENGINE_NICENESS", min(19, own + ENGINE_NICENESS_STEP)))
+    return [p.pid for p in psutil.Process().children(recursive=True) if renice(p.pid, niceness)]
+
+
 def renice(pid: int, niceness: int) -> bool:
     """Every thread of process `pid` at `niceness` at least (Linux's nice is per thread, and inherited by the
     threads made later); never raised above its own, which needs a right a worker lacks. False if it is gone."""

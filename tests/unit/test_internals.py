@@ -59,3 +59,23 @@ def test_ray_agents_are_reniced_to_the_workers_niceness_every_thread():
     finally:
         agent.kill()
         other.kill()
+
+
+def test_a_replicas_engine_processes_run_four_nice_levels_below_it_every_thread(monkeypatch):
+    import subprocess
+
+    import psutil
+
+    monkeypatch.delenv("RAYLM_ENGINE_NICENESS", raising=False)
+    child = "import threading, time; threading.Thread(target=time.sleep, args=(30,)).start(); time.sleep(30)"
+    engine = subprocess.Popen([sys.executable, "-c", child])  # (the engine's EngineCore: a child of the replica)
+    try:
+        proc, deadline = psutil.Process(engine.pid), time.monotonic() + 10
+        while proc.num_threads() < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        own = os.getpriority(os.PRIO_PROCESS, 0)
+        assert engine.pid in _ray.renice_engine()
+        assert {os.getpriority(os.PRIO_PROCESS, t.id) for t in proc.threads()} == {min(19, own + 4)}
+        assert os.getpriority(os.PRIO_PROCESS, 0) == own  # the replica itself stays where it is
+    finally:
+        engine.kill()

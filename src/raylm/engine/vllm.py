@@ -111,6 +111,7 @@ class VLLMEngine:
                 raise
             raise RuntimeError(f"the engine of {self.served_name} did not start: {cause}") from exc
         self._stack.callback(self.client.shutdown)
+        _ray.renice_engine()
         self.client.generate = _metered(self.client.generate)  # before the serving classes take the client
         self.client.encode = _metered(self.client.encode)
         marks.append(("engine core (process, weights, KV cache, warm-up)", time.monotonic()))

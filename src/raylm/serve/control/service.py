@@ -132,6 +132,9 @@ def end_processes(processes: list[psutil.Process], grace_s: float = 10.0, term_s
 # Workers stay at Ray's nice 15. Tried at nice 0 (as raylm data's stage actors): benchmarks/dataplane.py, one
 # round, tiny Llama with the engine on core 1, c=64: 1,129 tok/s against 1,501 at nice 15 (0.75×), serving
 # path 0.756 against 0.549 ms of CPU per token.
+# Each replica's engine processes run 4 levels lower still (19: _ray.renice_engine): dataplane.py --layout
+# default, tiny Llama on both cores, two rounds: c=64 1,167 and 1,444 tok/s against 813 and 916 with the engine
+# at its replica's 15, 7 and 0 requests refused (429) against 765 and 421; c=16 876 and 1,012 against 822 and 755.
 # A joined cluster keeps its own settings. The user's values win.
 SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
              "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1", "RAY_metrics_report_interval_ms": "500",

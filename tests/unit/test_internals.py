@@ -40,21 +40,34 @@ def test_parser_names_read_without_importing_vllm_are_its_registry(kind):
     assert _vllm.parser_names(kind) == set(manager.list_registered()) and "hf" in _vllm.parser_names(kind)
 
 
+# A child of this process with two threads (renicing must reach each of them), sleeping 30 s.
+TWO_THREADS = "import threading, time; threading.Thread(target=time.sleep, args=(30,)).start(); time.sleep(30)"
+
+
+def _two_threaded(*procs):
+    """psutil's view of each Popen, once each has both of its threads."""
+    import psutil
+
+    views, deadline = [psutil.Process(p.pid) for p in procs], time.monotonic() + 10
+    while any(v.num_threads() < 2 for v in views) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return views
+
+
+def _nice_of_threads(proc) -> set[int]:
+    return {os.getpriority(os.PRIO_PROCESS, t.id) for t in proc.threads()}
+
+
 def test_ray_agents_are_reniced_to_the_workers_niceness_every_thread():
     import subprocess
 
-    import psutil
-
-    child = "import threading, time; threading.Thread(target=time.sleep, args=(30,)).start(); time.sleep(30)"
-    agent = subprocess.Popen(["bash", "-c", f'exec -a "{_ray.load("AGENT_DASHBOARD")}" {sys.executable} -c "{child}"'])
-    other = subprocess.Popen([sys.executable, "-c", child])
+    agent = subprocess.Popen(["bash", "-c",
+                              f'exec -a "{_ray.load("AGENT_DASHBOARD")}" {sys.executable} -c "{TWO_THREADS}"'])
+    other = subprocess.Popen([sys.executable, "-c", TWO_THREADS])
     try:
-        procs = [psutil.Process(agent.pid), psutil.Process(other.pid)]
-        deadline = time.monotonic() + 10
-        while any(p.num_threads() < 2 for p in procs) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        procs = _two_threaded(agent, other)
         assert _ray.renice_agents(procs) == [agent.pid]
-        niceness = [{os.getpriority(os.PRIO_PROCESS, t.id) for t in p.threads()} for p in procs]
+        niceness = [_nice_of_threads(p) for p in procs]
         assert niceness == [{15}, {os.getpriority(os.PRIO_PROCESS, 0)}]  # every thread of the agent, no other
     finally:
         agent.kill()
@@ -64,18 +77,13 @@ def test_ray_agents_are_reniced_to_the_workers_niceness_every_thread():
 def test_a_replicas_engine_processes_run_four_nice_levels_below_it_every_thread(monkeypatch):
     import subprocess
 
-    import psutil
-
     monkeypatch.delenv("RAYLM_ENGINE_NICENESS", raising=False)
-    child = "import threading, time; threading.Thread(target=time.sleep, args=(30,)).start(); time.sleep(30)"
-    engine = subprocess.Popen([sys.executable, "-c", child])  # (the engine's EngineCore: a child of the replica)
+    engine = subprocess.Popen([sys.executable, "-c", TWO_THREADS])  # (the EngineCore: a child of the replica)
     try:
-        proc, deadline = psutil.Process(engine.pid), time.monotonic() + 10
-        while proc.num_threads() < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        [proc] = _two_threaded(engine)
         own = os.getpriority(os.PRIO_PROCESS, 0)
         assert engine.pid in _ray.renice_engine()
-        assert {os.getpriority(os.PRIO_PROCESS, t.id) for t in proc.threads()} == {min(19, own + 4)}
+        assert _nice_of_threads(proc) == {min(19, own + 4)}
         assert os.getpriority(os.PRIO_PROCESS, 0) == own  # the replica itself stays where it is
     finally:
         engine.kill()

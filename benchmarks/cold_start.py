@@ -34,10 +34,13 @@ import psutil
 
 from harness import Setup, arguments, cpu_flags, free_port, running
 
+from raylm import hardware
 from raylm.models import SMOLLM2, default_cache_dir, resolve_source
 from raylm.serve.control.service import end_processes
 
-ENGINE_ARGS = {"dtype": "bfloat16", "max_model_len": 4096, "enforce_eager": True}
+# bf16 where the CPU has it (hardware.fit's choice); elsewhere it runs many times slower than float32
+ENGINE_ARGS = {"dtype": "bfloat16" if hardware.detect().bf16 else "float32", "max_model_len": 4096,
+               "enforce_eager": True}
 ENGINE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 2) - 1}", "VLLM_CPU_KVCACHE_SPACE": "2"}
 SPAWN = {"RAYLM_ENGINE_CORE_START": "spawn"}
 FORK = {"RAYLM_ENGINE_CORE_START": "fork"}
@@ -70,10 +73,12 @@ def phases(console: str) -> dict[str, float]:
     for line in console.splitlines():  # each phase's time from the command (absolute: models overlap)
         if m := CONSOLE.match(line):
             out[f"console: {m.group(2)} at"] = float(m.group(1))
-    startup = re.search(r"start-up of \S+: ([\d.]+)s from its process: (.+)", text)
+    startup = re.search(r"start-up of \S+: ([\d.]+)s from (its process|its __init__ on a warm worker[^:]*): (.+)",
+                        text)
     if startup:
-        out["replica: total"] = float(startup.group(1))
-        for name, seconds in re.findall(r"(?:^|, )(.+?) ([\d.]+)s(?=, |$)", startup.group(2)):
+        warm = "" if startup.group(2) == "its process" else " (warm worker)"
+        out[f"replica: total{warm}"] = float(startup.group(1))
+        for name, seconds in re.findall(r"(?:^|, )(.+?) ([\d.]+)s(?=, |$)", startup.group(3)):
             out[f"replica: {name}"] = float(seconds)
     for name, pattern in VLLM_LINES.items():
         found = re.findall(pattern, text)

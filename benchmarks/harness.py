@@ -10,8 +10,10 @@ Systems (each its own process tree, stopped by PID afterwards; only what this ha
     raylm-engine15  raylm with its EngineCore at its replica's niceness (raylm puts it 4 below: 19)
     raylm-pow2      raylm with Serve's own PowerOfTwoChoicesRequestRouter for its models (no burst spread,
                     no adapter affinity): what raylm's routing is measured against
-    raylm-spawn     raylm with its EngineCore spawned, as vLLM does (the default)
+    raylm-spawn     raylm with its EngineCore spawned, as vLLM does (raylm forks it from a forkserver by default)
     raylm-fork      raylm with its EngineCore forked from the replica (opt-in; benchmarks/cold_start.py)
+    raylm-cold      raylm as it started replicas before issue 26's warm workers: no warm worker kept
+                    (warm_workers: 0) and its EngineCore spawned
     raylm-off       raylm with usage off (no Ledger, no records, no access log, no traces: docs/usage.md)
     raylm-noresume  raylm without mid-stream resume (serve.resume_streams: false): no token ids marked
     raylm-batch128  raylm admitting as many sequences as bare `vllm serve` batches on a CPU (its max_num_seqs
@@ -89,7 +91,8 @@ _SERVICE: dict[str, dict[str, Any]] = {
     "raylm-on": {"tenants": {"default": {"requests_per_minute": 10**7, "tokens_per_minute": 10**10}},
                  "access_log": {"enabled": True}}}
 # What a system changes in raylm's model config.
-_MODEL: dict[str, dict[str, Any]] = {"raylm-batch128": {"admission": {"max_running": 120, "burst": 8}}}
+_MODEL: dict[str, dict[str, Any]] = {"raylm-batch128": {"admission": {"max_running": 120, "burst": 8}},
+                                     "raylm-cold": {"warm_workers": 0}}
 _RECEIVER: list[Any] = []
 
 
@@ -118,6 +121,7 @@ def command(system: str, setup: Setup, port: int, work: Path) -> tuple[list[str]
                  "raylm-nice0": {"RAY_worker_niceness": "0"},
                  "raylm-engine15": {"RAYLM_ENGINE_NICENESS": "15"},
                  "raylm-spawn": {"RAYLM_ENGINE_CORE_START": "spawn"},
+                 "raylm-cold": {"RAYLM_ENGINE_CORE_START": "spawn"},
                  "raylm-fork": {"RAYLM_ENGINE_CORE_START": "fork"}}.get(base, {})
         if base == "raylm-pow2":
             return [py, "-c", _SERVE_ROUTER, "serve", str(path)], extra

@@ -1,14 +1,16 @@
 """Scale from zero: SmolLM2 at `min_replicas: 0`, the first requests after each scale-down, N cycles.
 
-    python benchmarks/scale_from_zero.py [--cycles 10] [--burst 4] [--systems raylm,raylm-spawn]
+    python benchmarks/scale_from_zero.py [--cycles 10] [--burst 4] [--systems raylm,raylm-cold]
 
-Each system (harness.py: raylm = EngineCore spawned as vLLM does, the default;
-raylm-fork = forked) serves SmolLM2 (bf16, eager,
-KV cache 2 GiB) with autoscaling 0..1 and a 5 s downscale delay. A cycle waits (≤ 180 s) until `/status`
-shows no replica, then sends `--burst` streaming completions at once (16 output tokens) and records each one's
-status and time to its first token. Printed per system: the first token of each cycle's first request, p50 and
-p99 over the cycles, every request's status (all must be 200: nothing may fail while the replica starts),
-and how long the scale-down itself took. Results: benchmarks/results/scale_from_zero.{json,md}.
+Each system (harness.py: raylm = the defaults, a warm worker kept and EngineCore from a forkserver;
+raylm-cold = neither, as before issue 26's warm workers; raylm-spawn, raylm-fork) serves SmolLM2 (bf16 where
+the CPU has it, else float32; eager, KV cache 2 GiB) with autoscaling 0..1 and a 5 s downscale delay. A cycle
+waits (≤ 180 s) until `/status` shows no replica, then sends `--burst` streaming completions at once (16 output
+tokens) and records each one's status and time to its first token. Printed per system: the first token of each
+cycle's first request, p50 and p99 over the cycles, every request's status (all must be 200: nothing may fail
+while the replica starts), how long the scale-down itself took, and each replica's start as Serve's controller
+logs it (from its decision to start the replica to the replica up: "started successfully ... after Xs").
+Results: benchmarks/results/scale_from_zero.{json,md}.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -26,10 +29,13 @@ import httpx
 from harness import HERE, Setup, cpu_flags, running
 
 from raylm.bench.load import completion_body, send
+from raylm import hardware
 from raylm.models import SMOLLM2, default_cache_dir, resolve_source
 
 RESULTS = HERE / "results"
-ENGINE_ARGS = {"dtype": "bfloat16", "max_model_len": 4096, "enforce_eager": True}
+# bf16 where the CPU has it (hardware.fit's choice); elsewhere it runs many times slower than float32
+ENGINE_ARGS = {"dtype": "bfloat16" if hardware.detect().bf16 else "float32", "max_model_len": 4096,
+               "enforce_eager": True}
 ENGINE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 2) - 1}", "VLLM_CPU_KVCACHE_SPACE": "2"}
 AUTOSCALING = {"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 5, "upscale_delay_s": 0}
 
@@ -54,6 +60,16 @@ async def burst(url: str, n: int) -> list:
         return await asyncio.gather(*(send(client, f"{url}/completions", body, {}) for _ in range(n)))
 
 
+def replica_starts(name: str) -> list[float]:
+    """Serve's own figure for each replica of the model it started in the newest Ray session: from the
+    controller's decision to the replica up."""
+    found = []
+    for log in sorted(Path(tempfile.gettempdir(), "ray", "session_latest", "logs", "serve").glob("controller_*.log")):
+        found += [float(s) for s in re.findall(rf"deployment='model-{re.escape(name)}'.*?started successfully "
+                                               r"on node '\w+' after ([\d.]+)s", log.read_text(errors="replace"))]
+    return found
+
+
 def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
@@ -62,7 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cycles", type=int, default=10)
     parser.add_argument("--burst", type=int, default=4)
-    parser.add_argument("--systems", default="raylm-fork,raylm")
+    parser.add_argument("--systems", default="raylm,raylm-cold")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     setup = Setup(resolve_source(f"bundled:{SMOLLM2}", default_cache_dir()), SMOLLM2, ENGINE_ARGS, ENGINE_ENV,
@@ -83,6 +99,9 @@ def main() -> None:
                     cycles.append(row)
                     print(f"{system} cycle {i + 1}: first token {row['first_token_s']:.1f}s, statuses "
                           f"{row['statuses']}, scale-down {down_s:.1f}s", flush=True)
+                starts = replica_starts(SMOLLM2)
+                cycles.append({"replica_starts_s": starts})
+                print(f"{system}: replica starts (Serve's decision to up) {starts}", flush=True)
     report(results, args)
 
 
@@ -96,14 +115,20 @@ def report(results: dict[str, list[dict]], args: argparse.Namespace) -> None:
              "at zero replicas.", "",
              "| system | first token p50 s | p99 s | max s | requests | not 200 | cycles (s) |",
              "|---|---|---|---|---|---|---|"]
+    starts = {}
     for system, cycles in results.items():
-        firsts = [c["first_token_s"] for c in cycles if c["first_token_s"] is not None]
-        statuses = [s for c in cycles for s in c["statuses"]]
+        firsts = [c["first_token_s"] for c in cycles if c.get("first_token_s") is not None]
+        statuses = [s for c in cycles for s in c.get("statuses", ())]
+        starts[system] = [s for c in cycles for s in c.get("replica_starts_s", ())]
         if not firsts:
             continue
         lines.append(f"| {system} | {percentile(firsts, 50):.1f} | {percentile(firsts, 99):.1f} | {max(firsts):.1f} "
                      f"| {len(statuses)} | {sum(s != 200 for s in statuses)} | "
                      f"{', '.join(f'{f:.1f}' for f in firsts)} |")
+    lines += ["", "Each replica's start, from Serve's decision to the replica up (the controller's log):", "",
+              "| system | p50 s | max s | starts (s) |", "|---|---|---|---|"]
+    lines += [f"| {system} | {percentile(v, 50):.1f} | {max(v):.1f} | {', '.join(f'{x:.1f}' for x in v)} |"
+              for system, v in starts.items() if v]
     (args.out / "scale_from_zero.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -42,6 +43,19 @@ NAMES: dict[str, tuple[str, str, str]] = {
     "setproctitle": ("ray._raylet", "setproctitle",
                      "renaming a process forked from a Ray worker: the setproctitle package cannot rewrite a "
                      "command line Ray's own has moved (engine/vllm.py engine_core_by_fork)"),
+    "SETUP_HOOK_ENV": ("ray._private.ray_constants", "WORKER_PROCESS_SETUP_HOOK_ENV_VAR",
+                       "a function a worker runs when it starts, before its first task, for an actor's runtime env "
+                       "(runtime_env's worker_process_setup_hook is read only at ray.init: serve/replica/warm.py)"),
+    "IDLE_TITLE": ("ray._private.ray_constants", "WORKER_PROCESS_TYPE_IDLE_WORKER",
+                   "the process title of an idle worker (warm workers are counted by it)"),
+    "init_grpc_channel": ("ray._private.grpc_utils", "init_grpc_channel",
+                          "a gRPC channel to a raylet with Ray's auth token (and TLS): prestart_workers"),
+    "NodeManagerServiceStub": ("ray.core.generated.node_manager_pb2_grpc", "NodeManagerServiceStub",
+                               "asking a raylet to start workers ahead of need (its PrestartWorkers RPC; Ray's "
+                               "Python API has no call for it): prestart_workers"),
+    "PrestartWorkersRequest": ("ray.core.generated.node_manager_pb2", "PrestartWorkersRequest", "the same"),
+    "RuntimeEnvInfo": ("ray.core.generated.runtime_environment_pb2", "RuntimeEnvInfo", "the same"),
+    "Language": ("ray.core.generated.common_pb2", "Language", "the same"),
 }
 # ray.init's private keyword arguments a local raylm cluster is started with (init_local), and why.
 INIT_ARGUMENTS = {
@@ -150,6 +164,35 @@ def renice(pid: int, niceness: int) -> bool:
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return False
     return True
+
+
+def runtime_env_string(runtime_env: dict[str, Any]) -> str:
+    """An actor's runtime env as Ray passes it to the raylet, whose worker pool gives the actor only an idle
+    worker started with this very string (it compares their hashes). Serve's controller makes it so for a
+    replica (json.dumps, sorted keys); tests/integration check it against a replica's own."""
+    return json.dumps(runtime_env, sort_keys=True)
+
+
+def prestart_workers(runtime_env: str, count: int, keep_alive_s: int, node_id: str | None = None) -> None:
+    """Ask a node's raylet (this process's by default) to start `count` idle Python workers with this runtime
+    env (`runtime_env_string`), kept at least `keep_alive_s` while idle: an actor with that runtime env is then
+    given one of them instead of a new process. They belong to no job until one is given a task. The raylet
+    answers at once; a worker it fails to start is only in its log."""
+    import ray
+
+    node_id = node_id or ray.get_runtime_context().get_node_id()
+    from ray.runtime_env import RuntimeEnvConfig
+
+    node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
+    info = load("RuntimeEnvInfo")(serialized_runtime_env=runtime_env)
+    info.runtime_env_config.CopyFrom(RuntimeEnvConfig.default_config().build_proto_runtime_env_config())
+    request = load("PrestartWorkersRequest")(language=load("Language").Value("PYTHON"), runtime_env_info=info,
+                                             keep_alive_duration_secs=keep_alive_s, num_workers=count)
+    channel = load("init_grpc_channel")(f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}")
+    try:
+        load("NodeManagerServiceStub")(channel).PrestartWorkers(request, timeout=10)
+    finally:
+        channel.close()
 
 
 def versioned(deployment: Any, version: str) -> Any:

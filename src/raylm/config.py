@@ -215,6 +215,11 @@ class ModelConfig(_Frozen):
         None, description="Scale with traffic between min and max replicas (replaces `replicas`).")
     health: HealthConfig = Field(default_factory=HealthConfig,
                                  description="How a stalled or dead engine is detected.")
+    warm_workers: int | None = Field(
+        None, ge=0, description="Idle Ray workers kept on each node that runs the model, with torch and vLLM "
+                                "imported, for its next replica (scale-up, scale from zero, a dead one replaced): "
+                                "it skips ~15 s of imports. Each holds ~0.6 GiB. Default: 1 for a model that "
+                                "autoscales, else 0 (serve/replica/warm.py).")
     routing: Literal["default", "prefix", "kv"] = Field(
         "default", description="How the ingress picks a replica. `default`: Serve's power of two choices (the "
                                "shorter queue of two random replicas), counting the requests it has chosen a "
@@ -292,6 +297,14 @@ class ModelConfig(_Frozen):
             raise ValueError(f"adapter {self.name!r} has the name of its base model")
         adapter_folders(self.adapters, self.lora_limits.max_lora_rank)
         return self
+
+    @property
+    def spares(self) -> int:
+        """Warm workers kept for the model's next replica (`warm_workers`)."""
+        if self.warm_workers is not None:
+            return self.warm_workers
+        scaling = self.autoscaling
+        return int(scaling is not None and scaling.max_replicas > scaling.min_replicas)
 
     @property
     def lora_limits(self) -> LoraConfig:

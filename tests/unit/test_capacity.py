@@ -1,7 +1,7 @@
 """An impossible config is refused before deploying, with what it asked for."""
 
 from raylm.config import AppConfig, ModelConfig, load_config
-from raylm.serve.control.capacity import GiB, RUNTIME_BYTES, demand, shortfalls
+from raylm.serve.control.capacity import GiB, RUNTIME_BYTES, WARM_WORKER_BYTES, demand, shortfalls
 
 
 def test_the_default_config_with_two_replicas_does_not_fit_two_cores():
@@ -14,13 +14,15 @@ def test_the_default_config_with_two_replicas_does_not_fit_two_cores():
     assert shortfalls(demand(load_config(), lambda m: 0), {"CPU": 2.0}, None) == []
 
 
-def test_memory_counts_weights_kv_cache_and_runtime_per_replica():
+def test_memory_counts_weights_kv_cache_and_runtime_per_replica_and_warm_workers():
     config = AppConfig.model_validate({"models": [
         {"name": "a", "source": "/m/a", "replicas": 2, "num_cpus": 0.5, "env": {"VLLM_CPU_KVCACHE_SPACE": "2"}},
         {"name": "b", "source": "/m/b", "autoscaling": {"min_replicas": 0, "max_replicas": 3}}]})
     need = demand(config, lambda m: GiB)
-    assert need.memory == 2 * (GiB + 2 * GiB + RUNTIME_BYTES)  # b starts at zero replicas
-    assert shortfalls(need, {"CPU": 8.0}, free_memory=4 * GiB)[0].startswith("the config needs about 9.0 GiB")
+    # b starts at zero replicas, with the warm worker an autoscaled model keeps for its next one
+    assert need.memory == 2 * (GiB + 2 * GiB + RUNTIME_BYTES) + WARM_WORKER_BYTES
+    assert shortfalls(need, {"CPU": 8.0}, free_memory=4 * GiB)[0].startswith("the config needs about 9.6 GiB")
+    assert "b: 0 × (1 CPU, 0 GPU, 2.5 GiB) + 1 warm worker(s)" in need.lines
 
 
 def test_gpus_are_checked_too():

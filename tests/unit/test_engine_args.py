@@ -38,19 +38,25 @@ def _child_saw(path: str) -> None:
     import torch
 
     Path(path).write_text(json.dumps({"cores": sorted(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
-                                      "name": Path("/proc/self/comm").read_text().strip()}))
+                                      "name": Path("/proc/self/comm").read_text().strip(),
+                                      "title": Path("/proc/self/cmdline").read_text().split("\0")[0],
+                                      "env": os.environ.get("RAYLM_TEST_SET_LATE")}))
 
 
-@pytest.mark.parametrize("start", ["fork", "spawn"])
+@pytest.mark.parametrize("start", ["fork", "forkserver", "spawn"])
 def test_engine_core_is_forked_onto_its_cores_with_its_name_and_vllm_is_left_as_it_was(start, tmp_path, monkeypatch):
     """The forked EngineCore takes the OpenMP layout a spawned one reads from its environment (one thread per
-    bound core, on them) and vLLM's process name; RAYLM_ENGINE_CORE_START=spawn leaves vLLM's start alone."""
+    bound core, on them), vLLM's process name, and the replica's environment of the moment it starts (a
+    forkserver was started before it: as a replica's is); RAYLM_ENGINE_CORE_START=spawn leaves vLLM's start
+    alone."""
     import json
 
     from raylm import _vllm
-    from raylm.engine.vllm import engine_core_by_fork
+    from raylm.engine.vllm import engine_core_by_fork, start_forkserver
 
     monkeypatch.setenv("RAYLM_ENGINE_CORE_START", start)
+    assert start_forkserver() is (start == "forkserver")
+    monkeypatch.setenv("RAYLM_TEST_SET_LATE", "seen")  # after the forkserver started: as the replica's fit does
     utils = _vllm.module("get_mp_context")
     original, out = utils.get_mp_context, tmp_path / "child.json"
     with engine_core_by_fork([0]):
@@ -61,4 +67,5 @@ def test_engine_core_is_forked_onto_its_cores_with_its_name_and_vllm_is_left_as_
         proc.start()
         proc.join(60)
     assert utils.get_mp_context is original and proc.exitcode == 0
-    assert json.loads(out.read_text()) == {"cores": [0], "threads": 1, "name": "VLLM::EngineCor"}
+    assert json.loads(out.read_text()) == {"cores": [0], "threads": 1, "name": "VLLM::EngineCor",
+                                           "title": "VLLM::EngineCore", "env": "seen"}

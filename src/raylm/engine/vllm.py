@@ -335,33 +335,59 @@ def cpu_layout(config: Any, user_args: dict[str, Any]) -> Iterator[list[int] | N
         yield None if omp.skip_setup else list(omp.cpu_lists[0])
 
 
+START_ENV = "RAYLM_ENGINE_CORE_START"  # how EngineCore's process starts: spawn (vLLM's), forkserver, fork
+# What the forkserver imports before it forks an EngineCore (vLLM's own server preloads the first).
+FORKSERVER_PRELOAD = ["vllm.v1.engine.async_llm", "vllm.v1.engine.core", "vllm.v1.executor.uniproc_executor",
+                      "vllm.v1.worker.cpu_worker"]
+
+
+def start_forkserver() -> bool:
+    """Start this process's forkserver, which imports FORKSERVER_PRELOAD once, now, beside whatever this
+    process does next (a warm worker's own imports: serve/replica/warm.py). Only where the model's env asks for
+    it (RAYLM_ENGINE_CORE_START: `forkserver` is the default on a CPU). Returns whether it did."""
+    if os.environ.get(START_ENV, "forkserver") != "forkserver":
+        return False
+    import multiprocessing
+    import multiprocessing.forkserver
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(FORKSERVER_PRELOAD)
+    multiprocessing.forkserver.ensure_running()
+    return True
+
+
 @contextlib.contextmanager
 def engine_core_by_fork(cores: list[int] | None) -> Iterator[None]:
-    """Start the EngineCore process by fork from this replica, which has imported torch and vLLM already.
+    """Start the EngineCore process by a fork of a process that has imported torch and vLLM already: the
+    forkserver this replica started (`forkserver`, raylm's default on a CPU: serve/replica/warm.py), or this
+    replica itself (`fork`, opt-in); `spawn` (RAYLM_ENGINE_CORE_START in a model's env) keeps vLLM's start.
 
     vLLM spawns it inside a Ray actor (`_maybe_force_spawn`) and on every CPU (`platforms/cpu.py`), and a spawned
     EngineCore imports torch and vLLM again before its first line: ~11 s alone on 2 cores, ~22 s with a second
     replica starting beside it (benchmarks/cold_start.py). Spawn guards what a fork cannot carry: an initialised
     CUDA context (so only on the CPU platform here), and OpenMP settings, which libgomp reads from the
-    environment once, when torch is loaded: the child sets them itself (`_engine_core_child`). The child never
-    calls Ray (its threads are not in a fork) and ends with os._exit, as multiprocessing's fork does.
-    Opt-in (`RAYLM_ENGINE_CORE_START=fork` in a model's env) until a latency cost is understood: with it the
-    two tests that measure a live stream's gaps beside an attack failed inside the full suite (p99 ratios 3.81
-    and 3.55, bound 1.5), and SmolLM2's TTFT at c=1 was 6-20 ms behind in both rounds of serving_compare."""
-    if os.environ.get("RAYLM_ENGINE_CORE_START", "spawn") != "fork" or not _vllm.load("current_platform").is_cpu():
+    environment once, when torch is loaded: the child sets them itself (`_engine_core_child`), and takes the
+    replica's environment of this moment (the forkserver's is the one it started with). The forkserver is
+    vLLM's own choice for its server (`VLLM_WORKER_MULTIPROC_METHOD=forkserver`): a small process with one
+    thread, where the replica has Ray's threads and a large heap. A forked child never calls Ray and ends
+    with os._exit, as multiprocessing's fork does. `fork` stays opt-in: with it the two tests that measure a
+    live stream's gaps beside an attack failed inside the full suite (p99 ratios 3.81 and 3.55, bound 1.5),
+    and SmolLM2's TTFT at c=1 was 6-20 ms behind in both rounds of serving_compare."""
+    how = os.environ.get(START_ENV, "forkserver")
+    if how not in ("fork", "forkserver") or not _vllm.load("current_platform").is_cpu():
         yield
         return
     import multiprocessing
 
-    fork, prefix = multiprocessing.get_context("fork"), _vllm.load("VLLM_PROCESS_NAME_PREFIX")
+    context, prefix = multiprocessing.get_context(how), _vllm.load("VLLM_PROCESS_NAME_PREFIX")
 
     class ForkContext:
         def Process(self, target: Any, name: str, kwargs: dict[str, Any]) -> Any:  # noqa: N802 - multiprocessing's
-            return fork.Process(target=_engine_core_child, name=name, args=(target, cores, f"{prefix}::{name}"),
-                                kwargs=kwargs)
+            env = dict(os.environ) if how == "forkserver" else None
+            return context.Process(target=_engine_core_child, name=name,
+                                   args=(target, cores, f"{prefix}::{name}", env), kwargs=kwargs)
 
         def __getattr__(self, attr: str) -> Any:
-            return getattr(fork, attr)
+            return getattr(context, attr)
 
     utils = _vllm.module("get_mp_context")
     original = utils.get_mp_context
@@ -372,14 +398,24 @@ def engine_core_by_fork(cores: list[int] | None) -> Iterator[None]:
         utils.get_mp_context = original
 
 
-def _engine_core_child(target: Any, cores: list[int] | None, title: str, **kwargs: Any) -> None:
-    """The forked EngineCore's first steps. Its title, as a spawned one names itself (VLLM::EngineCore): vLLM's
-    setproctitle cannot rewrite a command line that Ray's own (in the replica) has moved, so Ray's does it, and
-    the kernel's name too (the first 15 bytes). Then the OpenMP layout a spawned one would read from
-    OMP_NUM_THREADS and OMP_PLACES (vLLM's OMPProcessManager, set in cpu_layout): one thread per bound core."""
+def _engine_core_child(target: Any, cores: list[int] | None, title: str, env: dict[str, str] | None,
+                       **kwargs: Any) -> None:
+    """The forked EngineCore's first steps. Its title, as a spawned one names itself (VLLM::EngineCore), and the
+    kernel's name too (the first 15 bytes): from the replica, by Ray's setproctitle (vLLM's cannot rewrite a
+    command line that Ray's own has moved); from the forkserver, by vLLM's, before the replica's environment
+    (`env`) replaces the forkserver's (setproctitle finds its room beside the environment as the process began).
+    Then the OpenMP layout a spawned one would read from OMP_NUM_THREADS and OMP_PLACES (vLLM's
+    OMPProcessManager, set in cpu_layout): one thread per bound core."""
     import ctypes
 
-    _ray.load("setproctitle")(title)
+    if env is None:
+        _ray.load("setproctitle")(title)
+    else:
+        import setproctitle  # vLLM's
+
+        setproctitle.setproctitle(title)
+        os.environ.clear()
+        os.environ.update(env)
     ctypes.CDLL(None).prctl(15, title.encode()[:15], 0, 0, 0)  # PR_SET_NAME
     if cores:
         import torch

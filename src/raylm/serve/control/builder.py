@@ -16,13 +16,14 @@ from typing import Any
 from pydantic import BaseModel
 from ray.serve import Application
 
-from raylm import _ray, hardware
+from raylm import _ray
 from raylm._ray import HEAD_NODE_RESOURCE
 from raylm.config import AppConfig, ModelConfig, load_config
 from raylm.contract import APP_NAME, BATCH_NAME, INGRESS_NAME, LEDGER_NAME, deployment_name
 from raylm.serve.batch.jobs import BatchDeployment
 from raylm.serve.edge.access import load_access
 from raylm.serve.edge.ingress import IngressDeployment
+from raylm.serve.replica import warm
 from raylm.serve.replica.server import ModelDeployment
 from raylm.serve.usage.ledger import LedgerDeployment
 
@@ -93,7 +94,7 @@ def serve_options(model: ModelConfig, drain_s: float = 30.0) -> dict[str, Any]:
     }
     where = placement(model)
     options["ray_actor_options"] = {"num_cpus": where.pop("num_cpus"), "num_gpus": where.pop("num_gpus"),
-                                    "runtime_env": {"env_vars": hardware.engine_env(model.env, model.source)}}
+                                    "runtime_env": warm.runtime_env(model)}
     options.update(where)
     # Every handle to this model (the ingress's, the Batch API's) routes with it.
     options["request_router_config"] = {"request_router_class": ROUTERS[model.routing]}

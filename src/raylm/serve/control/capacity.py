@@ -2,7 +2,8 @@
 the reason, instead of waiting `ready_timeout_s` for replicas Ray can never place.
 
     per model   replicas at deploy time (autoscaling: initial, else min) × (num_cpus, num_gpus, memory)
-    memory      weights (the files' size) + KV cache (VLLM_CPU_KVCACHE_SPACE, on a CPU) + ~1.5 GiB of runtime
+    memory      weights (the files' size) + KV cache (VLLM_CPU_KVCACHE_SPACE, on a CPU) + ~1.5 GiB of runtime,
+                and ~0.6 GiB per warm worker (`warm_workers`: serve/replica/warm.py)
     ingress     ingress_replicas × ingress_num_cpus
 """
 
@@ -16,6 +17,7 @@ from raylm.config import AppConfig, ModelConfig
 
 GiB = 2**30
 RUNTIME_BYTES = int(1.5 * GiB)  # a replica's Python, torch and vLLM, measured idle: 1.2-1.6 GiB RSS
+WARM_WORKER_BYTES = int(0.6 * GiB)  # an idle worker that imported torch and vLLM: 571 MiB RSS
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
 
 
@@ -75,9 +77,10 @@ def demand(config: AppConfig, weights: Callable[[ModelConfig], int]) -> Demand:
         n = replicas_at_start(model)
         kv = int(float(model.env.get("VLLM_CPU_KVCACHE_SPACE", "0") or 0) * GiB) if not model.num_gpus else 0
         each = weights(model) + kv + RUNTIME_BYTES
-        cpus, gpus, memory = cpus + n * model.num_cpus, gpus + n * model.num_gpus, memory + n * each
+        cpus, gpus = cpus + n * model.num_cpus, gpus + n * model.num_gpus
+        memory += n * each + model.spares * WARM_WORKER_BYTES
         lines.append(f"{model.name}: {n} × ({model.num_cpus:g} CPU, {model.num_gpus:g} GPU, "
-                     f"{each / GiB:.1f} GiB)")
+                     f"{each / GiB:.1f} GiB)" + (f" + {model.spares} warm worker(s)" if model.spares else ""))
     lines.append(f"ingress: {config.serve.ingress_replicas} × {config.serve.ingress_num_cpus:g} CPU")
     return Demand(cpus, gpus, memory, tuple(lines))
 

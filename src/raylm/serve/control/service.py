@@ -24,6 +24,7 @@ from raylm.contract import APP_NAME, deployment_name
 from raylm.serve import status
 from raylm.serve.control import capacity
 from raylm.serve.control.builder import build_app
+from raylm.serve.replica import warm
 
 logger = logging.getLogger("raylm.serve")
 
@@ -184,6 +185,8 @@ def start(config: AppConfig, verbose: bool = False, report: Callable[[str], None
     service = Service(config, started, started or not _ray.serve_controller_running(), url)
     try:
         check_capacity(config, strict=started, report=report)
+        if started:  # one node, this one: the replicas' imports start now, beside Serve's own start
+            warm.prestart_for(config.models, {m.name: capacity.replicas_at_start(m) for m in config.models})
         serve.start(proxy_location="Disabled")  # the ingress serves HTTP itself
         # Not waiting here: wait_ready follows each model's phase while it starts, and raises with Serve's
         # reasons when a deployment fails.
@@ -194,6 +197,8 @@ def start(config: AppConfig, verbose: bool = False, report: Callable[[str], None
             raise DeployError(f"{exc}\n{_describe_deployments()}") from None
         phases = _Phases({m.name: deployment_name(m.name) for m in config.models}, began, progress)
         wait_ready(service.url, config.serve.ready_timeout_s, report, phases)
+        if started:
+            warm.settle(config.models)
         service.choices = engine_choices(config)
     except BaseException:
         service.stop()

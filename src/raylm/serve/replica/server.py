@@ -31,6 +31,7 @@ from raylm.serve.edge import kv_events
 from raylm.serve.logs import log_to_stderr
 from raylm.serve.metrics import ReplicaMetrics
 from raylm.serve.replica.admission import Admission, Turns
+from raylm.serve.replica import warm
 from raylm.serve.replica.spans import ReplicaSpans
 from raylm.serve.stream import StreamHub
 from raylm.serve.tracing import Tracing
@@ -82,11 +83,16 @@ def log_startup(name: str, entered: float, steps: dict[str, float]) -> None:
     """The replica's start-up timeline, one line (benchmarks/cold_start.py reads it): from Ray starting this
     worker process to the replica's `__init__` (the process, Ray's imports, the deployment's), then `steps`
     (the hardware fit, the engine's steps), then the rest of `__init__` (status report, streams, metrics, the
-    heap's freeze)."""
+    heap's freeze). On a warm worker (warm.py), from `__init__`: its imports were done before it was needed."""
     born, now = psutil.Process().create_time(), time.time()
-    phases = {"worker process and imports": entered - born, **steps}
-    phases["replica"] = now - born - sum(phases.values())
-    logger.info("start-up of %s: %.1fs from its process: %s", name, now - born,
+    waited = warm.waited_since(entered)
+    if waited is None:
+        start, origin, phases = born, "its process", {"worker process and imports": entered - born, **steps}
+    else:
+        start, phases = entered, dict(steps)
+        origin = f"its __init__ on a warm worker (imports {warm.preimported[0]:.1f}s, then idle {waited:.0f}s)"
+    phases["replica"] = now - start - sum(phases.values())
+    logger.info("start-up of %s: %.1fs from %s: %s", name, now - start, origin,
                 ", ".join(f"{k} {v:.1f}s" for k, v in phases.items()))
 
 
@@ -142,6 +148,8 @@ class ModelServer:
         _ray.freeze_heap()
         log_startup(model.name, entered, {"hardware fit (imports torch)": fitted,
                                           **getattr(self.engine, "startup", {})})
+        if model.spares:
+            warm.ensure_spares_later(model)
 
     async def _sample(self) -> None:
         """Every second: admission's state to the metrics, and this replica's report for `raylm status`."""

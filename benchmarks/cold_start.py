@@ -1,20 +1,22 @@
 """How long a model takes from nothing to its first answer, phase by phase, beside bare `vllm serve` and Ray
 Serve LLM started the same way; then default `raylm serve` (both bundled models) to `/ready`.
 
-    python benchmarks/cold_start.py [--rounds 2] [--systems raylm-fork,raylm-spawn,vllm,ray-serve-llm] [--no-default]
+    python benchmarks/cold_start.py [--rounds 2] [--systems raylm,raylm-base,vllm,ray-serve-llm]
+                                    [--default default,base] [--no-default]
 
-Systems (harness.py; each started as its own process tree, SmolLM2-135M, bf16, eager, KV cache 2 GiB, OpenMP
-threads on every core; rounds alternate the order, A B C D then D C B A):
-    raylm-fork      `raylm serve` of the one model, EngineCore forked from the replica (RAYLM_ENGINE_CORE_START=fork,
-                    opt-in: engine/vllm.py engine_core_by_fork)
-    raylm-spawn     the same with vLLM's own start (raylm's default)
+Systems (harness.py; each started as its own process tree, SmolLM2-135M, bf16 where the CPU has it, else
+float32, eager, KV cache 2 GiB, OpenMP threads on every core; rounds alternate the order, A B C D then D C B A):
+    raylm           `raylm serve` of the one model: its worker started at once with the replica's imports
+                    (serve/replica/warm.py), EngineCore forked from a forkserver (raylm's defaults)
+    raylm-base      the same from another checkout ($RAYLM_BASE_SRC: e.g. a `git worktree` of the commit before)
+    raylm-spawn     EngineCore spawned, as vLLM does;  raylm-fork  forked from the replica
     vllm            bare `vllm serve`
     ray-serve-llm   Ray Serve LLM (build_openai_app)
 "up" is from the command to the first completion answered (harness.running polls every second). For raylm
 the phases come from the console (Ray, Serve, placement) and the replica's `start-up of ...` line (its worker
 process, the engine's steps); for every system the EngineCore's own lines give weights and KV cache/warm-up.
-Then `raylm serve` with no config (SmolLM2 and MiniLM at once) to `/ready`, forked and spawned, each round.
-Results: benchmarks/results/cold_start.{json,md}.
+Then `raylm serve` with no config (SmolLM2 and MiniLM at once) to `/ready`, each variant each round
+(--default: default, spawn, fork, base). Results: benchmarks/results/cold_start.{json,md}.
 """
 
 from __future__ import annotations
@@ -87,11 +89,17 @@ def phases(console: str) -> dict[str, float]:
     return out
 
 
-def default_serve(spawn: bool, work: Path, timeout_s: float = 600) -> tuple[float, dict[str, float]]:
+# How each variant of default `raylm serve` differs (--default): base = another checkout's src
+# ($RAYLM_BASE_SRC first on PYTHONPATH, e.g. a `git worktree` of the commit before a change).
+DEFAULT_VARIANTS = {"default": {}, "spawn": SPAWN, "fork": FORK,
+                    "base": {"PYTHONPATH": os.environ.get("RAYLM_BASE_SRC", "")}}
+
+
+def default_serve(variant: str, work: Path, timeout_s: float = 600) -> tuple[float, dict[str, float]]:
     """`raylm serve` with no config (the two bundled models) from the command to `/ready` answering 200."""
-    port, log_path = free_port(), work / f"default-{'spawn' if spawn else 'fork'}.log"
+    port, log_path = free_port(), work / f"default-{variant}.log"
     log = open(log_path, "wb")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(SPAWN if spawn else FORK)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **DEFAULT_VARIANTS[variant]}
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "raylm.cli", "serve", "--port", str(port)], env=env,
                             stdout=log, stderr=log, start_new_session=True)
@@ -121,8 +129,9 @@ def default_serve(spawn: bool, work: Path, timeout_s: float = 600) -> tuple[floa
 
 def main() -> None:
     parser = arguments(__doc__)
-    parser.add_argument("--systems", default="raylm-fork,raylm-spawn,vllm,ray-serve-llm")
+    parser.add_argument("--systems", default="raylm,raylm-base,vllm,ray-serve-llm")
     parser.add_argument("--no-default", action="store_true", help="skip default `raylm serve` to /ready")
+    parser.add_argument("--default", default="default,spawn", help=f"its variants: {', '.join(DEFAULT_VARIANTS)}")
     args = parser.parse_args()
     systems = args.systems.split(",")
     setup = Setup(resolve_source(f"bundled:{SMOLLM2}", default_cache_dir()), SMOLLM2, ENGINE_ARGS, ENGINE_ENV)
@@ -147,10 +156,11 @@ def main() -> None:
                 print(f"round {r + 1} {system:14s} up {up_s:5.1f}s  " + ", ".join(
                     f"{k} {v:.1f}" for k, v in row["phases"].items()), flush=True)
             if not args.no_default:
-                for spawn in ((False, True) if r % 2 == 0 else (True, False)):
-                    name = "default raylm serve" + (" (spawn)" if spawn else "")
+                variants = args.default.split(",")
+                for variant in (variants if r % 2 == 0 else variants[::-1]):
+                    name = "default raylm serve" + ("" if variant == "default" else f" ({variant})")
                     try:
-                        ready_s, found = default_serve(spawn, work)
+                        ready_s, found = default_serve(variant, work)
                     except Exception as exc:
                         print(f"round {r + 1} {name}: FAILED {exc}", flush=True)
                         continue

@@ -10,8 +10,9 @@ Systems (harness.py; each started in turn as its own process tree, then stopped;
     ray-serve-llm         Ray Serve LLM (ray.serve.llm.build_openai_app), Serve's throughput-optimized mode
     ray-serve-llm-direct  the same with its direct streaming (RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1, HAProxy)
     naive                 the seed's naive deployment: a transformers pipeline per request on Serve
-Every engine: bf16, eager, max_model_len 4096, KV cache 2 GiB, OpenMP threads bound to every core
-(VLLM_CPU_OMP_THREADS_BIND=0-N: 219 vs 187 tok/s for bare vllm at c=16 against one core, BENCHMARKS.md).
+Every engine: bf16 where the CPU has it (else float32), eager, max_model_len 4096, KV cache 2 GiB, OpenMP
+threads bound to every core (VLLM_CPU_OMP_THREADS_BIND=0-N: 219 vs 187 tok/s for bare vllm at c=16 against
+one core, BENCHMARKS.md).
 
 Load per system and round: streaming completions of ~100 prompt tokens and 64 output tokens (ignore_eos),
 at concurrency 1 (16 requests) and 16 (64 requests), after 8 warmup requests (the naive deployment: half
@@ -36,9 +37,12 @@ from harness import Setup, arguments, cpu_flags, running
 from raylm.bench.prompts import load_tokenizer, synthetic
 from raylm.bench.report import Point
 from raylm.bench.run import BenchSpec, run_bench
+from raylm import hardware
 from raylm.models import SMOLLM2, default_cache_dir, resolve_source
 
-ENGINE_ARGS = {"dtype": "bfloat16", "max_model_len": 4096, "enforce_eager": True}
+# bf16 where the CPU has it (hardware.fit's choice); elsewhere it runs many times slower than float32
+ENGINE_ARGS = {"dtype": "bfloat16" if hardware.detect().bf16 else "float32", "max_model_len": 4096,
+               "enforce_eager": True}
 ENGINE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 2) - 1}", "VLLM_CPU_KVCACHE_SPACE": "2"}
 POINTS = {1: 16, 16: 64}  # concurrency: requests
 INPUT_TOKENS, OUTPUT_TOKENS, WARMUP = 100, 64, 8

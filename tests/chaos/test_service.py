@@ -203,16 +203,16 @@ def test_load_scales_a_model_up_and_idleness_down(chaos_service):
     assert down_s < 90  # downscale_delay_s 90 from the load's end, less the second replica's start (~50 s)
 
 
-def warm_workers(model: str) -> list[psutil.Process]:
-    return [psutil.Process(pid) for pid in warm.idle(model)]
+def warm_workers(service, model: str) -> list[psutil.Process]:
+    return [psutil.Process(pid) for pid in warm.idle(warm.key_of(service.config.model(model)))]
 
 
 def test_a_model_that_autoscales_keeps_a_warm_worker_and_engines_come_from_a_forkserver(chaos_service):
     """`cold` (0..1 replicas) has one idle worker at zero replicas, which imported torch and vLLM and started a
     forkserver that did too (serve/replica/warm.py); `tiny` (a fixed replica) has none, and its EngineCore was
     forked from its replica's forkserver, below the replica's niceness."""
-    spares = warm_workers("cold")
-    assert len(spares) == 1 and warm_workers("tiny") == []
+    spares = warm_workers(chaos_service, "cold")
+    assert len(spares) == 1 and warm_workers(chaos_service, "tiny") == []
     assert [c for c in spares[0].children() if "multiprocessing.forkserver" in " ".join(c.cmdline())]
     replica = replica_processes("tiny")[0]
     engine = engine_core(replica)
@@ -226,14 +226,14 @@ def test_a_request_at_zero_replicas_waits_for_the_cold_start(chaos_service):
     """...on the warm worker kept for it (its runtime env is the replica's to the byte: the raylet gave it),
     and the replica, once up, keeps another one for the next start."""
     assert sum(replicas("cold").values()) == 0
-    spares = {p.pid for p in warm_workers("cold")}
+    spares = {p.pid for p in warm_workers(chaos_service, "cold")}
     start = time.monotonic()
     resp = httpx.post(f"{chaos_service.url}/v1/completions", headers=auth("light"), timeout=180,
                       json={"model": "cold", "prompt": "hello", "max_tokens": 4})
     cold_s = time.monotonic() - start
     assert resp.status_code == 200, resp.text
     assert {p.pid for p in replica_processes("cold")} <= spares and spares
-    wait_for(lambda: len(warm_workers("cold")) == 1, 30)
+    wait_for(lambda: len(warm_workers(chaos_service, "cold")) == 1, 30)
     back_to_zero_s = wait_for(lambda: sum(replicas("cold").values()) == 0, 90)
     report("cold start", first_request_s=cold_s, back_to_zero_s=back_to_zero_s)
 

@@ -38,22 +38,30 @@ def test_a_replicas_runtime_env_runs_the_preimport_hook_and_is_its_models_own():
 
 def test_a_nodes_warm_workers_are_found_by_their_marks_while_idle(tmp_path):
     """A mark counts while its process is still an idle Ray worker (its title): not once a replica took it (its
-    title changes) or it is gone; those marks are removed."""
-    # Ray's setproctitle, as its workers name themselves
+    title changes) or it is gone; those marks are removed. A mark names the key of its worker's runtime env,
+    which changes with the model's environment."""
+    model = ModelConfig(name="m", source="/m/m")
+    key = warm.key_of(model)
+    assert key != warm.key_of(model.model_copy(update={"env": {"X": "2"}}))
+    # As Ray's workers name themselves: its setproctitle, in a command line long enough for the title (else the
+    # title takes the room of the environment, which then reads empty)
     code = "import sys, time; from ray._raylet import setproctitle; setproctitle(sys.argv[1]); time.sleep(60)"
-    titles = ("ray::IDLE", "ray::ServeReplica:raylm:model-m/1", "ray::IDLE")
+    titles = ("ray::IDLE", "ray::ServeReplica:raylm:model-m", "ray::IDLE")
     procs = [subprocess.Popen([sys.executable, "-c", code, title, "-" * 200]) for title in titles]
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     try:
         for proc, state in zip([*procs[:2], gone], ("warm", "warm", "importing")):
-            (tmp_path / f"m%2F1.{proc.pid}").write_text(state)
-        (tmp_path / f"other.{procs[2].pid}").write_text("warm")
+            (tmp_path / f"{key}.{proc.pid}").write_text(state)
+        (tmp_path / f"otherkey.{procs[2].pid}").write_text("importing")
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and psutil.Process(procs[1].pid).cmdline()[:1] != [titles[1]]:
+        while time.monotonic() < deadline and any(
+                psutil.Process(p.pid).cmdline()[:1] != [t] for p, t in zip(procs, titles)):
             time.sleep(0.2)
-        assert warm.idle("m/1", tmp_path) == {procs[0].pid: "warm"}
-        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"m%2F1.{procs[0].pid}", f"other.{procs[2].pid}"])
+        assert warm.idle(key, tmp_path) == {procs[0].pid: (key, "warm")}
+        assert warm.idle(None, tmp_path) == {procs[0].pid: (key, "warm"), procs[2].pid: ("otherkey", "importing")}
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{key}.{procs[0].pid}",
+                                                                     f"otherkey.{procs[2].pid}"])
     finally:
         for proc in procs:
             proc.kill()

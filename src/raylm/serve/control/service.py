@@ -73,6 +73,8 @@ class Service:
                 raise TimeoutError(f"the new config was not running after {config.serve.ready_timeout_s:.0f}s:\n"
                                    f"{_describe_deployments()}")
             time.sleep(0.5)
+        if self.started_ray:  # the warm workers of the old config go, the new one's come
+            warm.settle(config.models)
         return time.monotonic() - began
 
     def stop(self) -> None:
@@ -84,6 +86,8 @@ class Service:
                 serve.shutdown()
             else:
                 serve.delete(APP_NAME)  # Serve was there before us: take away only our app
+            if not self.started_ray:  # and the warm workers this node keeps for our models
+                warm.end(self.config.models)
         finally:
             if self.started_ray:
                 try:

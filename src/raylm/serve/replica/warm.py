@@ -18,14 +18,15 @@ config sets its spares (default: 1 for a model that autoscales, 0 otherwise).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
+import json
 import logging
 import os
 import threading
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import psutil
 
@@ -37,6 +38,7 @@ logger = logging.getLogger("raylm.serve")
 
 HOOK = f"{__name__}.preimport"
 MODEL_ENV = "RAYLM_MODEL"
+KEY_ENV = "RAYLM_WARM_KEY"
 PREIMPORT_ENV = "RAYLM_PREIMPORT"  # "serve": Ray, Serve and raylm only (a GPU model's replica)
 KEEP_ALIVE_S = 7 * 24 * 3600  # the raylet ends idle workers beyond num_workers_soft_limit: never these before
 SETTLE_TIMEOUT_S = 120.0
@@ -55,7 +57,15 @@ def runtime_env(model: ModelConfig) -> dict[str, Any]:
         env[PREIMPORT_ENV] = "serve"
     # The model's name keeps its warm workers its own: two models with the same environment would take each
     # other's (the raylet matches runtime envs), and one without spares would leave the other without any.
-    return {"env_vars": {**env, MODEL_ENV: model.name, _ray.load("SETUP_HOOK_ENV"): HOOK}}
+    env_vars = {**env, MODEL_ENV: model.name, _ray.load("SETUP_HOOK_ENV"): HOOK}
+    # ...and the key of this very environment names its warm workers' marks: a spare started before the
+    # model's env changed (a reload) is not the new replicas', and is not counted as theirs.
+    key = hashlib.sha256(json.dumps(env_vars, sort_keys=True).encode()).hexdigest()[:16]
+    return {"env_vars": {**env_vars, KEY_ENV: key}}
+
+
+def key_of(model: ModelConfig) -> str:
+    return runtime_env(model)["env_vars"][KEY_ENV]
 
 
 def preimport() -> None:
@@ -108,33 +118,34 @@ def ensure_spares_later(model: ModelConfig) -> None:
 
 
 def marks_dir() -> Path:
-    """Where this node's warm workers say they exist: one file per worker, `<model>.<pid>`, holding `importing`
-    or `warm` (the session's folder: a new cluster starts empty). The marks, not the processes' environments,
-    say which model a worker is for: Ray's process title may take the room of a worker's environment."""
+    """Where this node's warm workers say they exist: one file per worker, `<key of its runtime env>.<pid>`,
+    holding `importing` or `warm` (the session's folder: a new cluster starts empty). The marks, not the
+    processes' environments, say whose a worker is: Ray's process title may take the room of a worker's
+    environment, which then reads empty."""
     return Path(_ray.load("global_node").get_session_dir_path()) / "raylm-warm"
 
 
 def _mark(state: str) -> None:
     folder = marks_dir()
     folder.mkdir(exist_ok=True)
-    name = f"{quote(os.environ.get(MODEL_ENV, ''), safe='')}.{os.getpid()}"
+    name = f"{os.environ.get(KEY_ENV, 'none')}.{os.getpid()}"
     (folder / f".{name}").write_text(state)
     (folder / f".{name}").replace(folder / name)
 
 
-def idle(model: str, folder: Path | None = None) -> dict[int, str]:
-    """The model's warm workers on this node that no replica took yet: pid → `importing` or `warm`. Marks of
-    workers that are gone or became a replica are removed."""
+def idle(key: str | None = None, folder: Path | None = None) -> dict[int, tuple[str, str]]:
+    """This node's warm workers that no replica took yet, of one runtime env (`key_of`) or all: pid → (key,
+    `importing` or `warm`). Marks of workers that are gone or became a replica are removed."""
     folder, found = folder or marks_dir(), {}
     title = _ray.load("IDLE_TITLE")
-    for path in folder.glob(f"{quote(model, safe='')}.*") if folder.is_dir() else ():
-        pid = int(path.name.rsplit(".", 1)[1])
+    for path in folder.glob(f"{key or '*'}.*") if folder.is_dir() else ():
+        mark_key, pid = path.name.rsplit(".", 1)
         try:
-            still_idle = psutil.Process(pid).cmdline()[:1] == [title]
-        except psutil.Error:
+            still_idle = psutil.Process(int(pid)).cmdline()[:1] == [title]
+        except (psutil.Error, ValueError):
             still_idle = False
         if still_idle:
-            found[pid] = path.read_text()
+            found[int(pid)] = (mark_key, path.read_text())
         else:
             path.unlink(missing_ok=True)
     return found
@@ -143,7 +154,7 @@ def idle(model: str, folder: Path | None = None) -> dict[int, str]:
 def ensure_spares(model: ModelConfig, runtime_env_string: str) -> int:
     """Start warm workers on this node until the model has `spares` idle ones here; returns how many it
     started. `runtime_env_string`: the replica's own (ray.get_runtime_context), so that they match it exactly."""
-    missing = model.spares - len(idle(model.name))
+    missing = model.spares - len(idle(key_of(model)))
     if missing > 0:
         _ray.prestart_workers(runtime_env_string, missing, KEEP_ALIVE_S)
     return max(0, missing)
@@ -159,19 +170,30 @@ def prestart_for(models: tuple[ModelConfig, ...], counts: dict[str, int]) -> Non
                 logger.warning("%s: no warm worker started (%s)", model.name, exc)
 
 
-def settle(models: tuple[ModelConfig, ...], timeout_s: float = SETTLE_TIMEOUT_S) -> None:
-    """Once every model is up: end the idle warm workers beyond each model's spares (a replica's request can
-    reach the raylet before its warm worker registered, and the raylet then starts another process for it),
-    start the spares a model lacks (a model at zero replicas has none yet), and wait until each has finished its
-    imports: ready then means nothing still loads."""
+def end(models: tuple[ModelConfig, ...]) -> None:
+    """End this node's idle warm workers of these models (raylm leaving a cluster it did not start)."""
     for model in models:
-        for pid in sorted(idle(model.name))[model.spares:]:
+        for pid in idle(key_of(model)):
             with contextlib.suppress(psutil.Error):
                 psutil.Process(pid).terminate()
-    prestart_for(models, {m.name: m.spares - len(idle(m.name)) for m in models})
+
+
+def settle(models: tuple[ModelConfig, ...], timeout_s: float = SETTLE_TIMEOUT_S) -> None:
+    """On a cluster raylm started, once every model is up (or a new config rolled out): end the idle warm
+    workers beyond each model's spares (a replica's request can reach the raylet before its warm worker
+    registered, and the raylet then starts another process for it) and those of no model now (a config
+    changed), start the spares a model lacks (a model at zero replicas has none yet), and wait until each
+    has finished its imports: ready then means nothing still loads."""
+    keys = {key_of(m): m.spares for m in models}
+    extra = [pid for key, spares in keys.items() for pid in sorted(idle(key))[spares:]]
+    for pid in extra + [pid for pid, (key, _) in idle().items() if key not in keys]:
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(pid).terminate()
+    prestart_for(models, {m.name: m.spares - len(idle(key_of(m))) for m in models})
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        states = {m.name: idle(m.name) for m in models}
-        if all(len(states[m.name]) >= m.spares and set(states[m.name].values()) <= {"warm"} for m in models):
+        found = {key: idle(key) for key in keys}
+        if all(len(found[key]) >= spares and all(s == "warm" for _, s in found[key].values())
+               for key, spares in keys.items()):
             return
         time.sleep(0.5)

@@ -37,7 +37,11 @@ def test_the_worker_runs_inside_enginecore_with_a_thread_per_bound_core(service)
     assert sum("EngineCore" in c for c in children) == 1
     assert not any("Worker" in c for c in children), children
     engine = next(p for p in replica.children(recursive=True) if "EngineCore" in " ".join(p.cmdline()) + p.name())
-    assert engine.environ().get("OMP_NUM_THREADS") == "2"  # CPU_ENV binds cores 0-1; Ray's 1 would halve it
+    # Forked from the replica's forkserver (started with Ray's OMP_NUM_THREADS=1, which its first environment
+    # keeps showing), it takes the replica's environment and one OpenMP thread per bound core itself (CPU_ENV
+    # binds cores 0-1; Ray's 1 would halve it): tests/unit/test_engine_args.py checks both in such a child.
+    assert "multiprocessing.forkserver" in " ".join(engine.parent().cmdline())
+    assert sorted(engine.cpu_affinity()) == [0, 1]
 
 
 def test_each_replica_says_what_it_fitted_to_the_machine(service):

@@ -143,7 +143,11 @@ def end_processes(processes: list[psutil.Process], grace_s: float = 10.0, term_s
 # A joined cluster keeps its own settings. The user's values win.
 SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
              "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1", "RAY_metrics_report_interval_ms": "500",
-             "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}
+             "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+             # A replica's worker imports torch and vLLM in its setup hook (serve/replica/warm.py) before its
+             # actor starts, which Serve counts as scheduling: ~20 s alone on 2 cores, over 30 s (Serve's
+             # default, then "waiting for the cluster to auto-scale") beside other starts.
+             "RAY_SERVE_SLOW_STARTUP_WARNING_S": "60"}
 
 
 def connect_ray(config: AppConfig, verbose: bool = False) -> bool:

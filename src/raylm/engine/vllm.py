@@ -336,9 +336,10 @@ def cpu_layout(config: Any, user_args: dict[str, Any]) -> Iterator[list[int] | N
 
 
 START_ENV = "RAYLM_ENGINE_CORE_START"  # how EngineCore's process starts: spawn (vLLM's), forkserver, fork
-# What the forkserver imports before it forks an EngineCore (vLLM's own server preloads the first).
-FORKSERVER_PRELOAD = ["vllm.v1.engine.async_llm", "vllm.v1.engine.core", "vllm.v1.executor.uniproc_executor",
-                      "vllm.v1.worker.cpu_worker"]
+# What the forkserver imports before it forks an EngineCore (vLLM's own server preloads the first), after it
+# has made itself die with its replica (parent_death).
+FORKSERVER_PRELOAD = ["raylm.engine.parent_death", "vllm.v1.engine.async_llm", "vllm.v1.engine.core",
+                      "vllm.v1.executor.uniproc_executor", "vllm.v1.worker.cpu_worker"]
 
 
 def start_forkserver() -> bool:
@@ -413,6 +414,9 @@ def _engine_core_child(target: Any, cores: list[int] | None, title: str, env: di
     else:
         import setproctitle  # vLLM's
 
+        from raylm.engine.parent_death import die_with_parent
+
+        die_with_parent()  # with the forkserver, which dies with the replica
         setproctitle.setproctitle(title)
         os.environ.clear()
         os.environ.update(env)

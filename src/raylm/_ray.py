@@ -169,20 +169,20 @@ def renice(pid: int, niceness: int) -> bool:
 def runtime_env_string(runtime_env: dict[str, Any]) -> str:
     """An actor's runtime env as Ray passes it to the raylet, whose worker pool gives the actor only an idle
     worker started with this very string (it compares their hashes). Serve's controller makes it so for a
-    replica (json.dumps, sorted keys); tests/integration check it against a replica's own."""
+    replica (json.dumps, sorted keys); the slow chaos test of a cold start checks that a replica is given the
+    warm worker started with it."""
     return json.dumps(runtime_env, sort_keys=True)
 
 
-def prestart_workers(runtime_env: str, count: int, keep_alive_s: int, node_id: str | None = None) -> None:
-    """Ask a node's raylet (this process's by default) to start `count` idle Python workers with this runtime
-    env (`runtime_env_string`), kept at least `keep_alive_s` while idle: an actor with that runtime env is then
-    given one of them instead of a new process. They belong to no job until one is given a task. The raylet
-    answers at once; a worker it fails to start is only in its log."""
+def prestart_workers(runtime_env: str, count: int, keep_alive_s: int) -> None:
+    """Ask this node's raylet to start `count` idle Python workers with this runtime env (`runtime_env_string`),
+    kept at least `keep_alive_s` while idle: an actor with that runtime env is then given one of them instead of
+    a new process. They belong to no job until one is given a task. The raylet answers at once; a worker it
+    fails to start is only in its log."""
     import ray
-
-    node_id = node_id or ray.get_runtime_context().get_node_id()
     from ray.runtime_env import RuntimeEnvConfig
 
+    node_id = ray.get_runtime_context().get_node_id()
     node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
     info = load("RuntimeEnvInfo")(serialized_runtime_env=runtime_env)
     info.runtime_env_config.CopyFrom(RuntimeEnvConfig.default_config().build_proto_runtime_env_config())

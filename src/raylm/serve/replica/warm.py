@@ -172,10 +172,13 @@ def prestart_for(models: tuple[ModelConfig, ...], counts: dict[str, int]) -> Non
 
 def end(models: tuple[ModelConfig, ...]) -> None:
     """End this node's idle warm workers of these models (raylm leaving a cluster it did not start)."""
-    for model in models:
-        for pid in idle(key_of(model)):
-            with contextlib.suppress(psutil.Error):
-                psutil.Process(pid).terminate()
+    _terminate([pid for model in models for pid in idle(key_of(model))])
+
+
+def _terminate(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(pid).terminate()
 
 
 def settle(models: tuple[ModelConfig, ...], timeout_s: float = SETTLE_TIMEOUT_S) -> None:
@@ -186,9 +189,7 @@ def settle(models: tuple[ModelConfig, ...], timeout_s: float = SETTLE_TIMEOUT_S)
     has finished its imports: ready then means nothing still loads."""
     keys = {key_of(m): m.spares for m in models}
     extra = [pid for key, spares in keys.items() for pid in sorted(idle(key))[spares:]]
-    for pid in extra + [pid for pid, (key, _) in idle().items() if key not in keys]:
-        with contextlib.suppress(psutil.Error):
-            psutil.Process(pid).terminate()
+    _terminate(extra + [pid for pid, (key, _) in idle().items() if key not in keys])
     prestart_for(models, {m.name: m.spares - len(idle(key_of(m))) for m in models})
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

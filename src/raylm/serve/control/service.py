@@ -340,6 +340,11 @@ def wait_ready(url: str, timeout_s: float, report: Callable[[str], None] = logge
             if line not in said and not (phases is not None and phases.loading(name) and _SLOW_INIT in message):
                 said.add(line)
                 report(line)
+        if status is not None and status.status != "RUNNING":
+            # /ready waits up to READY_TIMEOUT_S on a model still starting: probing it then would blind the
+            # phases above for seconds, longer than a forked engine takes to load (its phase went unsaid).
+            time.sleep(0.5)
+            continue
         try:
             r = httpx.get(f"{url}/ready", timeout=10)
             if r.status_code == 200:

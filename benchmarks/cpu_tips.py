@@ -39,7 +39,9 @@ from raylm.bench.prompts import load_tokenizer, synthetic
 from raylm.bench.run import BenchSpec, run_bench
 from raylm.models import MINILM, SMOLLM2, default_cache_dir, resolve_source
 
-ENGINE_ARGS = {"dtype": "bfloat16", "max_model_len": 4096, "enforce_eager": True}
+# bf16 where the CPU has it (hardware.fit's choice); elsewhere it runs many times slower than float32
+ENGINE_ARGS = {"dtype": "bfloat16" if hardware.detect().bf16 else "float32", "max_model_len": 4096,
+               "enforce_eager": True}
 CORES = f"0-{(os.cpu_count() or 2) - 1}"
 # LD_PRELOAD empty unless the variant sets it: the model's env wins over what raylm preloads by default.
 BASE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": CORES, "VLLM_CPU_KVCACHE_SPACE": "2", "LD_PRELOAD": ""}

@@ -14,6 +14,8 @@ Systems (each its own process tree, stopped by PID afterwards; only what this ha
     raylm-fork      raylm with its EngineCore forked from the replica (opt-in; benchmarks/cold_start.py)
     raylm-cold      raylm as it started replicas before issue 26's warm workers: no warm worker kept
                     (warm_workers: 0) and its EngineCore spawned
+    raylm-itl       raylm exporting vLLM's per-token inter-token histogram too (RAYLM_VLLM_TOKEN_METRICS=1), as
+                    before raylm dropped it (engine/vllm.py, ray_stat_logger)
     raylm-off       raylm with usage off (no Ledger, no records, no access log, no traces: docs/usage.md)
     raylm-noresume  raylm without mid-stream resume (serve.resume_streams: false): no token ids marked
     raylm-batch128  raylm admitting as many sequences as bare `vllm serve` batches on a CPU (its max_num_seqs
@@ -122,7 +124,8 @@ def command(system: str, setup: Setup, port: int, work: Path) -> tuple[list[str]
                  "raylm-engine15": {"RAYLM_ENGINE_NICENESS": "15"},
                  "raylm-spawn": {"RAYLM_ENGINE_CORE_START": "spawn"},
                  "raylm-cold": {"RAYLM_ENGINE_CORE_START": "spawn"},
-                 "raylm-fork": {"RAYLM_ENGINE_CORE_START": "fork"}}.get(base, {})
+                 "raylm-fork": {"RAYLM_ENGINE_CORE_START": "fork"},
+                 "raylm-itl": {"RAYLM_VLLM_TOKEN_METRICS": "1"}}.get(base, {})
         if base == "raylm-pow2":
             return [py, "-c", _SERVE_ROUTER, "serve", str(path)], extra
         return [py, "-m", "raylm.cli", "serve", str(path)], extra

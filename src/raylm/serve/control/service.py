@@ -129,11 +129,15 @@ def end_processes(processes: list[psutil.Process], grace_s: float = 10.0, term_s
 # console (`log_to_driver`, unless `verbose`; it stays in the session's log files): on 2 cores, with the
 # engine's OpenMP threads on both, that background stalled the engine. SmolLM2 at c=16, two rounds: 168 →
 # 190 tok/s, TTFT p50 at c=1 147 → 124 ms.
-# Metrics are reported every 0.5 s, not Ray's 10 s: Ray's agent replays every histogram observation one by
-# one (vLLM's inter-token histogram has one per token; open_telemetry_metric_recorder.py), so under a
-# 1,900 tok/s flood on 2 cores each 10 s report was a 270 ms burst of a core, stalling first tokens by
-# 100-200 ms. At 2 s the bursts were still 30-70 ms, and they were the fairness test's light-tenant tail:
-# every event-loop stall over 25 ms in the ingress and the replica came at the same phase of the 2 s period.
+# Metrics are reported every 2 s, not Ray's 10 s: Ray's agent replays every histogram observation one by
+# one (open_telemetry_metric_recorder.py), so under a 1,900 tok/s flood on 2 cores each 10 s report was a
+# 270 ms burst of a core, stalling first tokens by 100-200 ms. Most of it was vLLM's inter-token histogram,
+# one observation per token, which raylm no longer exports (engine/vllm.py, ray_stat_logger); before that,
+# 2 s still left 30-70 ms bursts (the fairness test's light-tenant tail) and 0.5 s was used. Each report
+# also costs the agent ~20 ms at idle: at 0.5 s, 1.43 s of CPU per 30 s idle, at 2 s 0.98 s.
+# Ray's log monitor lists the log folder every 0.1 s while it holds under 1,000 files; with the threshold at
+# 0 it does so every 0.5 s (LOG_NAME_UPDATE_INTERVAL_S): 0.62 → 0.34 s of CPU per 30 s idle. It only finds
+# new workers' files for `-v`'s console copy, which then starts up to 0.5 s later.
 # Workers stay at Ray's nice 15. Tried at nice 0 (as raylm data's stage actors): benchmarks/dataplane.py, one
 # round, tiny Llama with the engine on core 1, c=64: 1,129 tok/s against 1,501 at nice 15 (0.75×), serving
 # path 0.756 against 0.549 ms of CPU per token.
@@ -142,7 +146,8 @@ def end_processes(processes: list[psutil.Process], grace_s: float = 10.0, term_s
 # at its replica's 15, 7 and 0 requests refused (429) against 765 and 421; c=16 876 and 1,012 against 822 and 755.
 # A joined cluster keeps its own settings. The user's values win.
 SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
-             "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1", "RAY_metrics_report_interval_ms": "500",
+             "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1", "RAY_metrics_report_interval_ms": "2000",
+             "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
              "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
              # A replica's worker imports torch and vLLM in its setup hook (serve/replica/warm.py) before its
              # actor starts, which Serve counts as scheduling: ~20 s alone on 2 cores, over 30 s (Serve's

@@ -34,15 +34,11 @@ from pathlib import Path
 import httpx
 import psutil
 
-from harness import Setup, arguments, cpu_flags, free_port, running
+from harness import SMOLLM2_ENGINE_ARGS, Setup, arguments, cpu_flags, free_port, running
 
-from raylm import hardware
 from raylm.models import SMOLLM2, default_cache_dir, resolve_source
 from raylm.serve.control.service import end_processes
 
-# bf16 where the CPU has it (hardware.fit's choice); elsewhere it runs many times slower than float32
-ENGINE_ARGS = {"dtype": "bfloat16" if hardware.detect().bf16 else "float32", "max_model_len": 4096,
-               "enforce_eager": True}
 ENGINE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 2) - 1}", "VLLM_CPU_KVCACHE_SPACE": "2"}
 SPAWN = {"RAYLM_ENGINE_CORE_START": "spawn"}
 FORK = {"RAYLM_ENGINE_CORE_START": "fork"}
@@ -134,7 +130,7 @@ def main() -> None:
     parser.add_argument("--default", default="default,spawn", help=f"its variants: {', '.join(DEFAULT_VARIANTS)}")
     args = parser.parse_args()
     systems = args.systems.split(",")
-    setup = Setup(resolve_source(f"bundled:{SMOLLM2}", default_cache_dir()), SMOLLM2, ENGINE_ARGS, ENGINE_ENV)
+    setup = Setup(resolve_source(f"bundled:{SMOLLM2}", default_cache_dir()), SMOLLM2, SMOLLM2_ENGINE_ARGS, ENGINE_ENV)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="raylm-cold-") as tmp:
         work = Path(tmp)

@@ -32,16 +32,13 @@ import time
 from pathlib import Path
 
 import httpx
-from harness import Setup, arguments, cpu_flags, running
+from harness import SMOLLM2_ENGINE_ARGS, Setup, arguments, cpu_flags, running
 
 from raylm import hardware
 from raylm.bench.prompts import load_tokenizer, synthetic
 from raylm.bench.run import BenchSpec, run_bench
 from raylm.models import MINILM, SMOLLM2, default_cache_dir, resolve_source
 
-# bf16 where the CPU has it (hardware.fit's choice); elsewhere it runs many times slower than float32
-ENGINE_ARGS = {"dtype": "bfloat16" if hardware.detect().bf16 else "float32", "max_model_len": 4096,
-               "enforce_eager": True}
 CORES = f"0-{(os.cpu_count() or 2) - 1}"
 # LD_PRELOAD empty unless the variant sets it: the model's env wins over what raylm preloads by default.
 BASE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": CORES, "VLLM_CPU_KVCACHE_SPACE": "2", "LD_PRELOAD": ""}
@@ -57,13 +54,13 @@ def variant(name: str) -> tuple[str, dict[str, str], dict]:
     if preload is not None:
         if None in preload:
             raise FileNotFoundError(f"{name}: library not found ({libs})")
-        return "raylm", {**BASE_ENV, "LD_PRELOAD": " ".join(preload)}, ENGINE_ARGS
-    return {"none": ("raylm", BASE_ENV, ENGINE_ARGS),
-            "nobind": ("raylm", {**BASE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "nobind"}, ENGINE_ARGS),
-            "kv8": ("raylm", {**BASE_ENV, "VLLM_CPU_KVCACHE_SPACE": "8"}, ENGINE_ARGS),
-            "mbt512": ("raylm", BASE_ENV, {**ENGINE_ARGS, "max_num_batched_tokens": 512}),
+        return "raylm", {**BASE_ENV, "LD_PRELOAD": " ".join(preload)}, SMOLLM2_ENGINE_ARGS
+    return {"none": ("raylm", BASE_ENV, SMOLLM2_ENGINE_ARGS),
+            "nobind": ("raylm", {**BASE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "nobind"}, SMOLLM2_ENGINE_ARGS),
+            "kv8": ("raylm", {**BASE_ENV, "VLLM_CPU_KVCACHE_SPACE": "8"}, SMOLLM2_ENGINE_ARGS),
+            "mbt512": ("raylm", BASE_ENV, {**SMOLLM2_ENGINE_ARGS, "max_num_batched_tokens": 512}),
             # vLLM's own KV cache default asks for 92% of the node and failed here (19.52 of 19.35 GiB free)
-            "vllm": ("vllm", {"VLLM_CPU_KVCACHE_SPACE": "2"}, ENGINE_ARGS)}[name]
+            "vllm": ("vllm", {"VLLM_CPU_KVCACHE_SPACE": "2"}, SMOLLM2_ENGINE_ARGS)}[name]
 
 
 async def embeddings_per_s(url: str) -> float:

@@ -52,7 +52,14 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 from helpers import free_port  # noqa: E402  (one free_port, the tests')
 
+from raylm import hardware  # noqa: E402
 from raylm.serve.control.service import end_processes  # noqa: E402
+
+
+# SmolLM2 as the serving benchmarks run it: bf16 where the CPU has it (hardware.fit's choice), float32
+# elsewhere (bf16 runs many times slower there), eager, a 4096-token context.
+SMOLLM2_ENGINE_ARGS = {"dtype": "bfloat16" if hardware.detect().bf16 else "float32", "max_model_len": 4096,
+                       "enforce_eager": True}
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,7 @@ def main() -> None:
     parser.add_argument("--no-default", action="store_true", help="skip default `raylm serve` to /ready")
     parser.add_argument("--default", default="default,spawn", help=f"its variants: {', '.join(DEFAULT_VARIANTS)}")
     args = parser.parse_args()
-    systems = args.systems.split(",")
+    systems = [s for s in args.systems.split(",") if s]  # none: only default `raylm serve`
     setup = Setup(resolve_source(f"bundled:{SMOLLM2}", default_cache_dir()), SMOLLM2, SMOLLM2_ENGINE_ARGS, ENGINE_ENV)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="raylm-cold-") as tmp:

@@ -110,18 +110,16 @@ def reports(max_age_s: float | None = _STALE_S) -> dict[str, list[dict[str, Any]
 
 
 def replica_counts(deployment: Any) -> dict[str, int]:
-    """A Serve deployment status's replicas by state (`RUNNING`, `STARTING`, ...); {} for none."""
-    return {str(getattr(k, "value", k)): n for k, n in (deployment.replica_states if deployment else {}).items()}
+    """A Serve deployment's replicas by state (`RUNNING`, `STARTING`, ...); {} for none."""
+    return dict(deployment.replica_states) if deployment else {}
 
 
 def _replica_states(app_name: str, deployments: dict[str, str]) -> dict[str, dict[str, Any]]:
-    from ray import serve
-
-    app = serve.status().applications.get(app_name)
+    app = _ray.serve_app(app_name)
     out = {}
     for model, deployment in deployments.items():
         d = app.deployments.get(deployment) if app is not None else None
-        out[model] = {"status": str(d.status.value if d else "UNKNOWN"),
+        out[model] = {"status": d.status if d else "UNKNOWN",
                       "replicas": replica_counts(d),
                       "message": d.message if d else ""}
     return out

@@ -31,7 +31,6 @@ from raylm import _ray, errors
 from raylm.config import ModelConfig, ServeConfig
 from raylm.contract import LEDGER_NAME, Adapter, Call, Reply, Tenant, Usage, UsageRecord, deployment_name
 from raylm.data import io
-from raylm.data.job import JobSpec, run_job
 from raylm.serve.batch.store import TENANT, Store, new_id, page, public, request_lines
 from raylm.serve.edge.adapters import served_adapters
 from raylm.serve.usage.sink import UsageSink
@@ -305,6 +304,8 @@ class BatchJobs:
             record.update(status="in_progress", in_progress_at=int(time.time()))
             self.store.save_batch(record)
         if record["status"] in ("in_progress", "cancelling"):
+            from raylm.data.job import JobSpec, run_job  # Ray Data: only once a batch runs
+
             who = self.tenants.get(tenant) or Tenant(tenant)
             spec = JobSpec("batch", str(folder / INPUT), str(folder / "out"), LINE, "jsonl",
                            {"batch": batch_id})

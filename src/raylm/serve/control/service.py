@@ -102,7 +102,7 @@ RESTART_ONLY = ("host", "port", "address", "metrics_port", "num_cpus")
 
 def _rolled_out() -> bool:
     """Every deployment of the app at its target, each replica running (none starting or leaving)."""
-    app = serve.status().applications.get(APP_NAME)
+    app = _ray.serve_app(APP_NAME)
     if app is None or app.status != "RUNNING":
         return False
     return all(set(d.replica_states) <= {"RUNNING"} and d.status == "HEALTHY" for d in app.deployments.values())
@@ -272,7 +272,7 @@ def _deployment_messages(app: Any = None) -> dict[str, str]:
     """What Serve says about each deployment of raylm's app that has something to say."""
     if app is None:
         try:
-            app = serve.status().applications[APP_NAME]
+            app = _ray.serve_app(APP_NAME)
         except Exception:  # Serve itself is unreachable: nothing more to say
             return {}
     return {name: d.message for name, d in app.deployments.items() if d.message}
@@ -331,7 +331,7 @@ def wait_ready(url: str, timeout_s: float, report: Callable[[str], None] = logge
     deadline = time.monotonic() + timeout_s
     last, said = "no answer", set()
     while time.monotonic() < deadline:
-        status = serve.status().applications.get(APP_NAME)
+        status = _ray.serve_app(APP_NAME)
         if phases is not None:
             with contextlib.suppress(Exception):  # the live status is informational
                 phases.update(status)

@@ -471,7 +471,7 @@ async def _successor_or_leaving(app_name: str) -> bool:
     """Whether another ingress replica serves the port, or the whole application is going (or Serve's
     controller cannot say): then an ingress replica that is stopping has nobody to wait for."""
     def look() -> bool:
-        app = serve.status().applications.get(app_name)
+        app = _ray.serve_app(app_name)
         if app is None or app.status == "DELETING":
             return True
         ingress = app.deployments.get(INGRESS_NAME)

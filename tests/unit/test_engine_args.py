@@ -31,6 +31,7 @@ def test_a_mapping_is_parsed_as_vllm_serve_parses_it():
 
 def _child_saw(path: str) -> None:
     """In place of EngineCore's entry point: what the forked process starts with."""
+    import gc
     import json
     import os
     from pathlib import Path
@@ -40,15 +41,17 @@ def _child_saw(path: str) -> None:
     Path(path).write_text(json.dumps({"cores": sorted(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
                                       "name": Path("/proc/self/comm").read_text().strip(),
                                       "title": Path("/proc/self/cmdline").read_text().split("\0")[0],
-                                      "env": os.environ.get("RAYLM_TEST_SET_LATE")}))
+                                      "env": os.environ.get("RAYLM_TEST_SET_LATE"),
+                                      "frozen": gc.get_freeze_count()}))
 
 
 @pytest.mark.parametrize("start", ["fork", "forkserver", "spawn"])
 def test_engine_core_is_forked_onto_its_cores_with_its_name_and_vllm_is_left_as_it_was(start, tmp_path, monkeypatch):
     """The forked EngineCore takes the OpenMP layout a spawned one reads from its environment (one thread per
     bound core, on them), vLLM's process name, and the replica's environment of the moment it starts (a
-    forkserver was started before it: as a replica's is); RAYLM_ENGINE_CORE_START=spawn leaves vLLM's start
-    alone."""
+    forkserver was started before it: as a replica's is), and from a forkserver, a heap out of the collector's
+    reach (frozen_heap: vLLM's full collections while it starts walk none of it); RAYLM_ENGINE_CORE_START=spawn
+    leaves vLLM's start alone."""
     import json
 
     from raylm import _vllm
@@ -67,5 +70,8 @@ def test_engine_core_is_forked_onto_its_cores_with_its_name_and_vllm_is_left_as_
         proc.start()
         proc.join(60)
     assert utils.get_mp_context is original and proc.exitcode == 0
-    assert json.loads(out.read_text()) == {"cores": [0], "threads": 1, "name": "VLLM::EngineCor",
-                                           "title": "VLLM::EngineCore", "env": "seen"}
+    saw = json.loads(out.read_text())
+    frozen = saw.pop("frozen")
+    assert saw == {"cores": [0], "threads": 1, "name": "VLLM::EngineCor", "title": "VLLM::EngineCore", "env": "seen"}
+    if start == "forkserver":  # torch and vLLM's engine, imported by the forkserver: hundreds of thousands
+        assert frozen > 100_000, frozen

@@ -362,9 +362,9 @@ def cpu_layout(config: Any, user_args: dict[str, Any]) -> Iterator[list[int] | N
 
 START_ENV = "RAYLM_ENGINE_CORE_START"  # how EngineCore's process starts: spawn (vLLM's), forkserver, fork
 # What the forkserver imports before it forks an EngineCore (vLLM's own server preloads the first), after it
-# has made itself die with its replica (parent_death).
+# has made itself die with its replica (parent_death), and before it freezes its heap (frozen_heap).
 FORKSERVER_PRELOAD = ["raylm.engine.parent_death", "vllm.v1.engine.async_llm", "vllm.v1.engine.core",
-                      "vllm.v1.executor.uniproc_executor", "vllm.v1.worker.cpu_worker"]
+                      "vllm.v1.executor.uniproc_executor", "vllm.v1.worker.cpu_worker", "raylm.engine.frozen_heap"]
 
 
 def start_forkserver() -> bool:

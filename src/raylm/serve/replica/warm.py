@@ -88,6 +88,9 @@ def preimport() -> None:
                 importlib.import_module(module)
     except Exception:
         logger.warning("a warm worker's imports failed; its replica imports again", exc_info=True)
+    # What it imported leaves the collector's reach now: the replica's start then makes no full collection
+    # that walks torch and vLLM (~0.5 s each; the replica freezes again once up: server.py).
+    _ray.freeze_heap()
     preimported = (time.monotonic() - started, time.time())
     with contextlib.suppress(Exception):
         _mark("warm")

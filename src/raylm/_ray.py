@@ -129,16 +129,23 @@ def serve_app(app_name: str) -> AppState | None:
     RequestRouterConfig pickles its router class by value again: ~35 ms of CPU per deployment with raylm's
     routers, 6.4 s of `raylm serve`'s CPU while the bundled models start (it asks twice a second)."""
     client = load("serve_client")(raise_if_no_controller_running=False)
-    if client is None:
-        return None
-    app = client.get_serve_details().get("applications", {}).get(app_name)
+    return None if client is None else app_state(client.get_serve_details(), app_name)
+
+
+def app_state(details: dict[str, Any], app_name: str) -> AppState | None:
+    """The application's state in the controller's details (`get_serve_instance_details`: Serve's enums, or
+    their values)."""
+    app = details.get("applications", {}).get(app_name)
     if app is None:
         return None
-    value = lambda v: str(getattr(v, "value", v))  # noqa: E731 (enums or their values, as Ray sends them)
-    return AppState(value(app.get("status")), app.get("message") or "", {
-        name: DeploymentState(value(d.get("status")), d.get("message") or "",
-                              dict(Counter(value(r.get("state")) for r in d.get("replicas", []))))
+    return AppState(_value(app.get("status")), app.get("message") or "", {
+        name: DeploymentState(_value(d.get("status")), d.get("message") or "",
+                              dict(Counter(_value(r.get("state")) for r in d.get("replicas", []))))
         for name, d in app.get("deployments", {}).items()})
+
+
+def _value(v: Any) -> str:
+    return str(getattr(v, "value", v))
 
 
 def session_log_dir() -> str:

@@ -87,3 +87,22 @@ def test_a_replicas_engine_processes_run_four_nice_levels_below_it_every_thread(
         assert os.getpriority(os.PRIO_PROCESS, 0) == own  # the replica itself stays where it is
     finally:
         engine.kill()
+
+
+def test_app_state_reads_the_controllers_details_as_serve_status_would():
+    """serve_app's reading of `get_serve_instance_details` (Serve's enums, or their values): the application's
+    status and message, and each deployment's status, message and replicas counted by state."""
+    from ray.serve._private.common import DeploymentStatus
+    from ray.serve.schema import ApplicationStatus, ReplicaState
+
+    details = {"applications": {"raylm": {
+        "status": ApplicationStatus.DEPLOYING, "message": "", "deployments": {
+            "model-a": {"status": DeploymentStatus.UPDATING, "message": "1 replica starting",
+                        "replicas": [{"state": ReplicaState.RUNNING}, {"state": ReplicaState.STARTING},
+                                     {"state": "RUNNING"}]},
+            "ingress": {"status": "HEALTHY", "replicas": []}}}}}
+    app = _ray.app_state(details, "raylm")
+    assert app == _ray.AppState("DEPLOYING", "", {
+        "model-a": _ray.DeploymentState("UPDATING", "1 replica starting", {"RUNNING": 2, "STARTING": 1}),
+        "ingress": _ray.DeploymentState("HEALTHY", "", {})})
+    assert _ray.app_state(details, "other") is None and _ray.app_state({}, "raylm") is None

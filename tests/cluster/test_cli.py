@@ -40,6 +40,7 @@ def wait_for_url(proc: subprocess.Popen, url: str, timeout_s: float = 300) -> li
     console: list[str] = []
     for stream, into in ((proc.stdout, lines), (proc.stderr, console)):
         threading.Thread(target=lambda s=stream, i=into: i.extend(iter(s.readline, "")), daemon=True).start()
+    proc.lines = lines  # stdout, read on until the process ends
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and f"{url}/v1\n" not in lines:
         assert proc.poll() is None, f"raylm serve exited with {proc.returncode}"
@@ -96,6 +97,10 @@ def test_serve_config_file_then_sigterm_leaves_nothing(tiny_model, tmp_path):
         assert proc.returncode == 0
         _, alive = psutil.wait_procs(descendants, timeout=5)  # at most moments after raylm serve itself
         assert not alive, [(p.pid, _name(p)) for p in alive]
+        time.sleep(0.5)  # the reader threads take the last lines
+        # Quiet to the end: not Ray's "Task ServeController.… failed" as Serve's controller ends itself.
+        after = "".join(proc.lines) + "".join(console)
+        assert "ServeController" not in after and "retries remaining" not in after, after[-2000:]
     finally:
         if proc.poll() is None:
             proc.kill()

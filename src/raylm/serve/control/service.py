@@ -6,9 +6,10 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +79,10 @@ class Service:
         return time.monotonic() - began
 
     def stop(self) -> None:
+        with _without_lines(sys, "stdout", _SERVE_SHUTDOWN_NOISE):
+            self._stop()
+
+    def _stop(self) -> None:
         # Our descendants (GCS, raylet, its agents, workers, EngineCores) are listed before Ray goes
         # down, so that whatever outlives ray.shutdown() can be ended by PID afterwards.
         ours = psutil.Process().children(recursive=True) if self.started_ray else []
@@ -94,6 +99,39 @@ class Service:
                     ray.shutdown()
                 finally:  # Ray's agents outlive ray.shutdown() and ignore SIGTERM for a while: not long
                     end_processes(ours, grace_s=2.0, term_s=3.0)
+
+
+# Serve's controller ends itself in serve.shutdown() while the driver's calls to it (that very call, Serve's
+# long poll) are pending: Ray's error listener in the driver then prints "(raylet) Task
+# ServeController.graceful_shutdown failed. There are infinite retries remaining, ..." to stdout, whatever
+# log_to_driver says (ray._private.worker.listen_error_messages). Nothing to tell a user who stopped raylm.
+_SERVE_SHUTDOWN_NOISE = ("Task ServeController.",)
+
+
+@contextlib.contextmanager
+def _without_lines(owner: Any, name: str, markers: tuple[str, ...]) -> Iterator[None]:
+    """`owner.name` (a text stream: sys.stdout) without the lines that hold one of `markers`, until the end."""
+    stream, lock, pending = getattr(owner, name), threading.Lock(), [""]
+
+    class Filtered:
+        def write(self, text: str) -> int:
+            with lock:  # Ray's listener thread writes too
+                *lines, pending[0] = (pending[0] + text).split("\n")
+                for line in lines:
+                    if not any(m in line for m in markers):
+                        stream.write(line + "\n")
+            return len(text)
+
+        def __getattr__(self, attribute: str) -> Any:
+            return getattr(stream, attribute)
+
+    setattr(owner, name, Filtered())
+    try:
+        yield
+    finally:
+        setattr(owner, name, stream)
+        if pending[0] and not any(m in pending[0] for m in markers):
+            stream.write(pending[0])
 
 
 # What `Service.apply` cannot change in a running service: the address it serves and the cluster it is on.

@@ -1,5 +1,5 @@
 """Imported last by the forkserver a replica starts (engine/vllm.py FORKSERVER_PRELOAD): what it imported
-leaves the garbage collector's reach (gc.freeze), there and in every EngineCore forked from it.
+leaves the garbage collector's reach (_ray.freeze_heap), there and in every EngineCore forked from it.
 
 vLLM collects in full three times while its EngineCore starts (after the weights load, after they are
 processed, and before it freezes its own heap: vllm.utils.gc_utils.freeze_gc_heap). Each walked the heap the
@@ -9,7 +9,6 @@ makes to every object it visits (copy-on-write pages)."""
 
 from __future__ import annotations
 
-import gc
+from raylm._ray import freeze_heap
 
-gc.collect()
-gc.freeze()
+freeze_heap()

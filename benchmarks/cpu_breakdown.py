@@ -105,6 +105,32 @@ def cpu_by_role(root: int) -> RoleCPU:
     return RoleCPU(cpu(root))
 
 
+def engine_threads(root: int) -> dict[int, tuple[int, int]]:
+    """Each thread of the processes that run the model (vLLM's worker, or EngineCore): the kernel's (ns on a
+    core, ns runnable but waiting for one) so far, from /proc/<pid>/task/<tid>/schedstat."""
+    found = {}
+    for proc in [psutil.Process(root), *psutil.Process(root).children(recursive=True)]:
+        if role(proc) not in (WORKER, ENGINE_CORE):
+            continue
+        for tid in (t.id for t in proc.threads()):
+            try:
+                run, wait, _ = open(f"/proc/{proc.pid}/task/{tid}/schedstat").read().split()
+            except (OSError, ValueError):
+                continue
+            found[tid] = (int(run), int(wait))
+    return found
+
+
+def busy_thread_shares(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]],
+                       wall_s: float) -> tuple[float, float]:
+    """Of the model's busy threads (on a core > 10% of the wall: its OpenMP threads), the mean share of the wall
+    each spent on a core and waiting for one."""
+    spans = [((r - before[t][0]) / 1e9 / wall_s, (w - before[t][1]) / 1e9 / wall_s)
+             for t, (r, w) in after.items() if t in before]
+    busy = [s for s in spans if s[0] > 0.1] or [(0.0, 0.0)]
+    return sum(r for r, _ in busy) / len(busy), sum(w for _, w in busy) / len(busy)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("url")

@@ -10,7 +10,9 @@ per step) and the engine's OpenMP threads on core 1 (`VLLM_CPU_OMP_THREADS_BIND=
 has core 0 to itself. Load: streaming completions of 64 prompt tokens and 128 output tokens (ignore_eos),
 a closed loop at each concurrency for `--seconds` (requests keep coming until then; the ones in flight
 finish). During each point every process under the system's root is read before and after (psutil), and
-its CPU is grouped by role (cpu_breakdown.py). "Outside the worker" is everything but the process that
+its CPU is grouped by role (cpu_breakdown.py); the kernel's scheduler statistics say what share of the wall
+the model's busy (OpenMP) threads spent on a core and runnable but waiting for one, and this process's own
+CPU is the load generator's (it shares the cores). "Outside the worker" is everything but the process that
 runs the model (vLLM's worker process; with raylm's CPU layout the worker runs inside EngineCore, which
 then also schedules): API servers, proxies, ingress, EngineCore when separate, and every Ray process. "Serving
 path" leaves out EngineCore and the worker both, so it compares layouts fairly. Rounds alternate the order
@@ -33,7 +35,7 @@ from pathlib import Path
 
 from harness import HERE, Setup, cpu_flags, running
 
-from cpu_breakdown import ENGINE_CORE, WORKER, cpu_by_role
+from cpu_breakdown import ENGINE_CORE, WORKER, busy_thread_shares, cpu_by_role, engine_threads
 from helpers import TINY_ENGINE_ARGS, make_tiny_llama
 from raylm.bench.prompts import synthetic
 from raylm.bench.run import BenchSpec, run_bench
@@ -60,9 +62,11 @@ DEFAULT_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": f"0-{
 def measure(url: str, pid: int, prompts: list[str], concurrency: int, seconds: float) -> dict:
     spec = BenchSpec(url=url, model=NAME, prompts=prompts, output_tokens=OUTPUT_TOKENS, concurrency=[concurrency],
                      requests=10**6, duration_s=seconds, warmup=0, timeout_s=600)
-    before = cpu_by_role(pid)
+    before, threads, client, start = cpu_by_role(pid), engine_threads(pid), time.process_time(), time.monotonic()
     (point, _), = asyncio.run(run_bench(spec))
     used = cpu_by_role(pid) - before
+    wall = time.monotonic() - start
+    on_core, waiting = busy_thread_shares(threads, engine_threads(pid), wall)
     tokens = point.output_tok_s * point.duration_s
     per_token = {role: 1000 * s / tokens for role, s in used.most_common()}
     # The process that runs the model: the worker, or EngineCore when the worker runs inside it (raylm).
@@ -72,7 +76,10 @@ def measure(url: str, pid: int, prompts: list[str], concurrency: int, seconds: f
             "tpot_p50_ms": 1000 * point.tpot_s["p50"], "cpu_ms_per_token": per_token,
             "outside_worker_ms": sum(v for r, v in per_token.items() if r != model_process),
             "serving_path_ms": sum(v for r, v in per_token.items() if r not in (WORKER, ENGINE_CORE)),
-            "cores_busy": sum(used.values()) / point.duration_s}
+            "cores_busy": sum(used.values()) / point.duration_s,
+            # The engine's OpenMP threads: share of the wall on a core, and runnable but waiting for one.
+            "engine_on_core": on_core, "engine_waiting": waiting,
+            "load_cores": (time.process_time() - client) / wall}  # this process: the load generator
 
 
 def main() -> None:
@@ -120,13 +127,15 @@ def report(rows: dict[str, list[dict]], levels: list[int], out: Path) -> None:
 
     lines = [f"CPU flags: {cpu_flags()}; date {time.strftime('%Y-%m-%d')}", "",
              "| system | c | tok/s | TTFT p50 | TTFT p99 | TPOT p50 | CPU ms/token outside the worker | "
-             "serving path ms/token | cores busy |", "|---|---|---|---|---|---|---|---|---|"]
+             "serving path ms/token | cores busy | engine threads on a core / waiting | load generator cores |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for system in rows:
         for c in levels:
             lines.append(f"| {system} | {c} | {med(system, c, 'tok_s'):.1f} | {med(system, c, 'ttft_p50_ms'):.0f} ms | "
                          f"{med(system, c, 'ttft_p99_ms'):.0f} ms | {med(system, c, 'tpot_p50_ms'):.1f} ms | "
                          f"{med(system, c, 'outside_worker_ms'):.3f} | {med(system, c, 'serving_path_ms'):.3f} | "
-                         f"{med(system, c, 'cores_busy'):.2f} |")
+                         f"{med(system, c, 'cores_busy'):.2f} | {med(system, c, 'engine_on_core'):.2f} / "
+                         f"{med(system, c, 'engine_waiting'):.2f} | {med(system, c, 'load_cores'):.2f} |")
     lines += ["", "CPU ms per output token by role (median of rounds):", ""]
     for system in rows:
         for c in levels:

@@ -84,3 +84,16 @@ def test_a_failed_replicas_traceback_is_told_in_one_line():
                                      "Error: … RuntimeError: the engine of a did not start: ValueError: "
                                      "Available memory on node 0")
     assert _headline("Deploying: waiting for resources") == "Deploying: waiting for resources"
+
+
+def test_deployments_are_described_from_serves_state_and_not_at_all_without_the_app(monkeypatch):
+    from raylm import _ray
+    from raylm.serve.control import service
+
+    state = _ray.AppState("DEPLOY_FAILED", "", {
+        "a": _ray.DeploymentState("UNHEALTHY", "A replica failed to start", {"STARTING": 1}),
+        "ingress": _ray.DeploymentState("HEALTHY", "", {"RUNNING": 1})})
+    monkeypatch.setattr(_ray, "serve_app", lambda name: state)
+    assert service._describe_deployments() == "a: A replica failed to start"
+    monkeypatch.setattr(_ray, "serve_app", lambda name: None)  # the app is gone (or not there yet)
+    assert service._describe_deployments() == ""

@@ -313,6 +313,8 @@ def _deployment_messages(app: Any = None) -> dict[str, str]:
             app = _ray.serve_app(APP_NAME)
         except Exception:  # Serve itself is unreachable: nothing more to say
             return {}
+    if app is None:  # no app (yet, or any more)
+        return {}
     return {name: d.message for name, d in app.deployments.items() if d.message}
 
 

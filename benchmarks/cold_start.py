@@ -32,9 +32,8 @@ import time
 from pathlib import Path
 
 import httpx
-import psutil
 
-from harness import SMOLLM2_ENGINE_ARGS, Setup, arguments, cpu_flags, free_port, running
+from harness import SMOLLM2_ENGINE_ARGS, Setup, arguments, cpu_flags, free_port, process_tree, running
 
 from raylm.models import SMOLLM2, default_cache_dir, resolve_source
 from raylm.serve.control.service import end_processes
@@ -115,8 +114,7 @@ def default_serve(variant: str, work: Path, timeout_s: float = 600) -> tuple[flo
         time.sleep(1)  # the console's last lines
         return ready_s, phases(log_path.read_text(errors="replace"))
     finally:
-        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)] \
-            if proc.poll() is None else []
+        tree = process_tree(proc.pid) if proc.poll() is None else []
         if tree:
             proc.terminate()
         end_processes(tree, grace_s=60)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psutil
 
+from harness import process_tree
 from raylm.bench.prompts import load_tokenizer, synthetic
 from raylm.bench.run import BenchSpec, run_bench
 from raylm.models import SMOLLM2
@@ -51,7 +52,7 @@ SAMPLED = ("serve proxy", "raylm ingress", "raylm model replica", "ray-serve-llm
 def py_spy(root: int, seconds: int, folder: Path) -> list[tuple[str, subprocess.Popen, Path]]:
     exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     started = []
-    for proc in [psutil.Process(root), *psutil.Process(root).children(recursive=True)]:
+    for proc in process_tree(root):
         name = role(proc)
         if name in SAMPLED:
             out = folder / f"{proc.pid}.txt"
@@ -75,8 +76,7 @@ def hottest(path: Path, n: int = 6) -> list[tuple[str, float]]:
 def cpu(root: int) -> Counter:
     """CPU seconds so far of every process under `root`, keyed by (pid, role)."""
     total: Counter = Counter()
-    procs = [psutil.Process(root), *psutil.Process(root).children(recursive=True)]
-    for proc in procs:
+    for proc in process_tree(root):
         try:
             t = proc.cpu_times()
             total[(proc.pid, role(proc))] = t.user + t.system
@@ -109,12 +109,16 @@ def engine_threads(root: int) -> dict[int, tuple[int, int]]:
     """Each thread of the processes that run the model (vLLM's worker, or EngineCore): the kernel's (ns on a
     core, ns runnable but waiting for one) so far, from /proc/<pid>/task/<tid>/schedstat."""
     found = {}
-    for proc in [psutil.Process(root), *psutil.Process(root).children(recursive=True)]:
+    for proc in process_tree(root):
         if role(proc) not in (WORKER, ENGINE_CORE):
             continue
-        for tid in (t.id for t in proc.threads()):
+        try:
+            tids = [t.id for t in proc.threads()]
+        except psutil.Error:  # ended since it was listed
+            continue
+        for tid in tids:
             try:
-                run, wait, _ = open(f"/proc/{proc.pid}/task/{tid}/schedstat").read().split()
+                run, wait, _ = Path(f"/proc/{proc.pid}/task/{tid}/schedstat").read_text().split()
             except (OSError, ValueError):
                 continue
             found[tid] = (int(run), int(wait))

@@ -153,6 +153,12 @@ def command(system: str, setup: Setup, port: int, work: Path) -> tuple[list[str]
     raise ValueError(f"unknown system {system!r}")
 
 
+def process_tree(pid: int) -> list[psutil.Process]:
+    """A process and all its descendants (raises psutil.NoSuchProcess if it is gone)."""
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
 @contextmanager
 def running(system: str, setup: Setup, work: Path, timeout_s: float = 600, probe: bool = True):
     """Start `system` serving `setup`; yield (OpenAI base URL, root PID) once it answers a completion (an
@@ -180,8 +186,7 @@ def running(system: str, setup: Setup, work: Path, timeout_s: float = 600, probe
             time.sleep(1)
         yield url, proc.pid
     finally:
-        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)] \
-            if proc.poll() is None else []
+        tree = process_tree(proc.pid) if proc.poll() is None else []
         if tree:
             proc.terminate()  # each system shuts itself down on SIGTERM; stragglers are ended by PID
         end_processes(tree, grace_s=60)

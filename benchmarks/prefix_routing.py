@@ -224,8 +224,7 @@ def _p(values: list, q: float) -> float:
 
 def run_child(system: str, args: argparse.Namespace) -> dict | None:
     """Measure one system in a child process (its own Ray); its whole tree is ended after the timeout."""
-    import psutil
-
+    from harness import process_tree
     from raylm.serve.control.service import end_processes
 
     cmd = [sys.executable, __file__, "--child", system, "--requests", str(args.requests),
@@ -240,7 +239,7 @@ def run_child(system: str, args: argparse.Namespace) -> dict | None:
         out = ""
     finally:
         if proc.poll() is None:
-            tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            tree = process_tree(proc.pid)
             proc.terminate()
             end_processes(tree, grace_s=30)
     line = next((l for l in out.splitlines() if l.startswith("RESULT ")), None)

@@ -13,6 +13,7 @@ the model's `env` / `engine_args` (a replica's env reaches its process at exec, 
     tcmalloc+iomp   both, as vLLM's page shows
     nobind          VLLM_CPU_OMP_THREADS_BIND=nobind (the OS places the threads)
     kv8             an 8 GiB KV cache
+    passive         OpenMP's idle threads sleep at once (OMP_WAIT_POLICY=PASSIVE), not after libgomp's spin
     mbt512          max_num_batched_tokens 512 (vLLM's CPU default is 4096 here)
     vllm            bare `vllm serve`, its defaults for everything above but the KV cache (2 GiB; its own default,
                     92% of the node, does not start beside anything else)
@@ -58,6 +59,7 @@ def variant(name: str) -> tuple[str, dict[str, str], dict]:
     return {"none": ("raylm", BASE_ENV, SMOLLM2_ENGINE_ARGS),
             "nobind": ("raylm", {**BASE_ENV, "VLLM_CPU_OMP_THREADS_BIND": "nobind"}, SMOLLM2_ENGINE_ARGS),
             "kv8": ("raylm", {**BASE_ENV, "VLLM_CPU_KVCACHE_SPACE": "8"}, SMOLLM2_ENGINE_ARGS),
+            "passive": ("raylm", {**BASE_ENV, "OMP_WAIT_POLICY": "PASSIVE"}, SMOLLM2_ENGINE_ARGS),
             "mbt512": ("raylm", BASE_ENV, {**SMOLLM2_ENGINE_ARGS, "max_num_batched_tokens": 512}),
             # vLLM's own KV cache default asks for 92% of the node and failed here (19.52 of 19.35 GiB free)
             "vllm": ("vllm", {"VLLM_CPU_KVCACHE_SPACE": "2"}, SMOLLM2_ENGINE_ARGS)}[name]

@@ -18,6 +18,8 @@ Systems (each its own process tree, stopped by PID afterwards; only what this ha
                     before raylm dropped it (engine/vllm.py, ray_stat_logger)
     raylm-off       raylm with usage off (no Ledger, no records, no access log, no traces: docs/usage.md)
     raylm-noresume  raylm without mid-stream resume (serve.resume_streams: false): no token ids marked
+    raylm-passive   raylm with its engine's idle OpenMP threads sleeping at once (OMP_WAIT_POLICY=PASSIVE in the
+                    model's env) instead of libgomp's spin of ~300,000 rounds first (docs/serve.md)
     raylm-batch128  raylm admitting as many sequences as bare `vllm serve` batches on a CPU (its max_num_seqs
                     default, 128: max_running 120 + burst 8), in place of raylm's 32 + 8
     raylm-on        raylm with everything on: usage and the access log, a quota on the (one) tenant, and traces
@@ -102,6 +104,8 @@ _SERVICE: dict[str, dict[str, Any]] = {
 # What a system changes in raylm's model config.
 _MODEL: dict[str, dict[str, Any]] = {"raylm-batch128": {"admission": {"max_running": 120, "burst": 8}},
                                      "raylm-cold": {"warm_workers": 0}}
+# ...and in its model's env.
+_MODEL_ENV: dict[str, dict[str, str]] = {"raylm-passive": {"OMP_WAIT_POLICY": "PASSIVE"}}
 _RECEIVER: list[Any] = []
 
 
@@ -119,7 +123,8 @@ def command(system: str, setup: Setup, port: int, work: Path) -> tuple[list[str]
     base, _, bind = system.partition("-bind")
     env = {**setup.env, "VLLM_CPU_OMP_THREADS_BIND": bind} if bind else dict(setup.env)
     if base.startswith("raylm"):
-        model = {"name": setup.name, "source": setup.model_dir, "engine_args": setup.engine_args, "env": env,
+        model = {"name": setup.name, "source": setup.model_dir, "engine_args": setup.engine_args,
+                 "env": {**env, **_MODEL_ENV.get(base, {})},
                  **setup.raylm_model, **_MODEL.get(base, {})}
         config = {"models": [model], "serve": {"port": port, "metrics_port": free_port(), **_SERVICE.get(base, {})}}
         if base == "raylm-on":

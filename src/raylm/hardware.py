@@ -35,6 +35,10 @@ from typing import Any
 BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 (AVX-512, AMX), Arm (cpuinfo "Features")
 BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 KV_ENV = "VLLM_CPU_KVCACHE_SPACE"  # GiB
+# How OpenMP's idle threads wait (libgomp reads them once, as torch loads): libgomp spins ~300,000 rounds before
+# it sleeps, raylm's default too. PASSIVE (sleep at once) is a model's env's choice, with its trade measured in
+# docs/serve.md ("The engine on the CPU"): 1.7-2.5x the tokens at c=64 on the tiny model, 0.64-0.76x at c=1.
+WAIT_ENVS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 KV_ARGS = ("kv_cache_memory_bytes", "gpu_memory_utilization")  # either sizes the KV cache on a CPU too
 KV_SHARE = 0.2  # of the memory free when an engine starts: its KV cache at most (the fitted size)
 GIB = 2**30
@@ -100,6 +104,8 @@ def fit(engine_args: dict[str, Any], env: dict[str, str], hw: Hardware | None = 
         notes.append(f"OpenMP threads on cores {env[BIND_ENV]} (all {len(hw.cores)})")
     else:
         notes.append(f"OpenMP threads: vLLM's binding ({hw.numa_nodes} NUMA nodes)")
+    if waits := [f"{key}={env[key]}" for key in WAIT_ENVS if key in env]:
+        notes.append(f"OpenMP threads wait: {', '.join(waits)} (set in the config)")
     if "enforce_eager" not in args and "compilation_config" not in args:
         args["enforce_eager"] = True
         notes.append("eager (torch.compile would take minutes at each start)")

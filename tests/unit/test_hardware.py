@@ -39,6 +39,12 @@ def test_the_console_says_which_of_vllms_cpu_libraries_a_replica_preloads(monkey
     assert "Intel OpenMP preloaded" in fit({}, {}, AVX2).notes
 
 
+def test_the_console_says_how_openmp_threads_wait_when_the_config_says():
+    assert not any("wait" in note for note in fit({}, {}, AVX2).notes)  # libgomp's own
+    assert "OpenMP threads wait: OMP_WAIT_POLICY=PASSIVE (set in the config)" in fit(
+        {}, {"OMP_WAIT_POLICY": "PASSIVE"}, AVX2).notes
+
+
 def test_threads_bind_every_core_on_one_numa_node_and_are_left_to_vllm_on_several():
     assert fit({}, {}, AVX512_BF16).env[BIND_ENV] == "0-3"
     two_nodes = Hardware(gpus=0, cpu_flags=frozenset(), cores=tuple(range(8)), numa_nodes=2)

@@ -18,7 +18,12 @@ then also schedules): API servers, proxies, ingress, EngineCore when separate, a
 path" leaves out EngineCore and the worker both, so it compares layouts fairly. Rounds alternate the order
 of the systems. `--layout default` serves it instead as a user would get it from each system (issue 26's
 setting): OpenMP threads on every core, each system's own batch size, engine layout and (raylm) admission;
-`--raylm-model` changes raylm's model config for a what-if. Results: benchmarks/results/dataplane.{json,md}.
+`--raylm-model` changes raylm's model config for a what-if. A traced system (`raylm-traced`: raylm's defaults
+with its and vLLM's traces to a receiver in this process) also gets its first tokens split by phase, from each
+request's trace: the ingress (auth, body, Serve's routing), the replica (prepare, admission), the engine (vLLM's
+own queue and prefill), the relay back, and the client's TTFT beside the edge's. Traces cost CPU (docs/usage.md):
+compare a traced system's tok/s with an untraced one's, not with a peer's.
+Results: benchmarks/results/dataplane.{json,md}.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from harness import HERE, Setup, cpu_flags, running
+from harness import HERE, TRACED, Setup, cpu_flags, receiver, running
 
 from cpu_breakdown import ENGINE_CORE, WORKER, busy_thread_shares, cpu_by_role, engine_threads
 from helpers import TINY_ENGINE_ARGS, make_tiny_llama
@@ -82,6 +87,51 @@ def measure(url: str, pid: int, prompts: list[str], concurrency: int, seconds: f
             "load_cores": (time.process_time() - client) / wall}  # this process: the load generator
 
 
+# A first token's way, phase by phase (ms), from one request's spans (serve/edge/spans.py, replica/spans.py):
+# (name, how to get it from the trace's spans by name and the root span).
+PHASES = (
+    ("the edge's TTFT (request in → first byte out)", lambda s, r: 1000 * r.attributes[TTFT_ATTR]),
+    ("ingress: auth, body (and quota)", lambda s, r: (s["forward"].start_ns - r.start_ns) / 1e6),
+    ("ingress → the replica's handler (Serve's routing, the hand-off)",
+     lambda s, r: (s["replica"].start_ns - s["route"].start_ns) / 1e6),
+    ("replica: prepare (parse, count)", lambda s, r: s["prepare"].duration_ms),
+    ("replica: admission wait", lambda s, r: s["admission wait"].duration_ms),
+    ("engine: to its first token (raylm's view)", lambda s, r: s["prefill"].duration_ms),
+    ("  vLLM: queue", lambda s, r: 1000 * s["llm_request"].attributes["gen_ai.latency.time_in_queue"]),
+    ("  vLLM: prefill", lambda s, r: 1000 * s["llm_request"].attributes["gen_ai.latency.time_in_model_prefill"]),
+    ("  vLLM: its time to first token", lambda s, r: 1000 * s["llm_request"].attributes[
+        "gen_ai.latency.time_to_first_token"]),
+    ("first token → the edge (stream claim, relay)",
+     lambda s, r: (r.start_ns + 1e9 * r.attributes[TTFT_ATTR] - s["prefill"].end_ns) / 1e6),
+)
+TTFT_ATTR = "gen_ai.server.time_to_first_token"
+
+
+def ttft_split(since_ns: int, answered: int) -> dict:
+    """Each phase's p50 and mean over the streams of the traces that began after `since_ns` (waits up to 15 s
+    for the `answered` streams' traces to arrive), and how many traces had every phase."""
+    found: dict[str, dict[str, object]] = {}
+    deadline = time.monotonic() + 15
+    while True:
+        found.clear()
+        for span in receiver().spans():
+            if span.start_ns >= since_ns:
+                found.setdefault(span.trace_id, {})[span.name] = span
+        whole = [t for t in found.values() if all(k in t for k in ("forward", "route", "replica", "prepare",
+                                                                     "admission wait", "prefill", "llm_request"))
+                 and any(n.startswith("POST ") and TTFT_ATTR in t[n].attributes for n in t)]
+        if len(whole) >= answered or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    values: dict[str, list[float]] = {name: [] for name, _ in PHASES}
+    for trace in whole:
+        root = next(v for k, v in trace.items() if k.startswith("POST "))
+        for name, get in PHASES:
+            values[name].append(get(trace, root))
+    return {"traces": len(whole), "phases": {name: {"p50": statistics.median(v), "mean": statistics.fmean(v)}
+                                             for name, v in values.items() if v}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--systems", default="raylm,vllm,vllm-uni")
@@ -111,7 +161,12 @@ def main() -> None:
                     asyncio.run(run_bench(BenchSpec(url=url, model=NAME, prompts=prompts, concurrency=[16],
                                                     output_tokens=OUTPUT_TOKENS, requests=32, warmup=0)))
                     time.sleep(2)
-                    row = {"round": r + 1, **{f"c{c}": measure(url, pid, prompts, c, args.seconds) for c in levels}}
+                    row = {"round": r + 1}
+                    for c in levels:
+                        since = time.time_ns()
+                        row[f"c{c}"] = measure(url, pid, prompts, c, args.seconds)
+                        if system in TRACED:
+                            row[f"c{c}"]["ttft_split"] = ttft_split(since, row[f"c{c}"]["ok"])
                 rows[system].append(row)
                 for c in levels:
                     m = row[f"c{c}"]
@@ -143,6 +198,17 @@ def report(rows: dict[str, list[dict]], levels: list[int], out: Path) -> None:
             roles = Counter({role: statistics.median(r.get(role, 0.0) for r in per_round)
                              for role in set().union(*per_round)})
             lines.append(f"- {system} c={c}: " + ", ".join(f"{role} {v:.3f}" for role, v in roles.most_common()))
+    for system in (s for s in rows if s in TRACED):
+        for c in levels:
+            splits = [row[f"c{c}"]["ttft_split"] for row in rows[system]]
+            lines += ["", f"{system} c={c}: each first token's way, ms, median of rounds of each phase's p50 and mean "
+                      f"over the round's traces ({'/'.join(str(x['traces']) for x in splits)} traces); client TTFT p50 "
+                      f"{med(system, c, 'ttft_p50_ms'):.0f} ms", "", "| phase | p50 | mean |", "|---|---|---|"]
+            for name, _ in PHASES:
+                got = [x["phases"][name] for x in splits if name in x["phases"]]
+                if got:
+                    lines.append(f"| {name} | {statistics.median(g['p50'] for g in got):.1f} | "
+                                 f"{statistics.median(g['mean'] for g in got):.1f} |")
     if "raylm" in rows:
         lines.append("")
         for c in levels:

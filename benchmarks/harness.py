@@ -24,6 +24,8 @@ Systems (each its own process tree, stopped by PID afterwards; only what this ha
                     default, 128: max_running 120 + burst 8), in place of raylm's 32 + 8
     raylm-on        raylm with everything on: usage and the access log, a quota on the (one) tenant, and traces
                     (its own and vLLM's) to an OTLP receiver in this process (tests/otlp.py)
+    raylm-traced    raylm's defaults with traces (its own and vLLM's) to that receiver, nothing else on:
+                    dataplane.py splits each first token by phase from them
     vllm            bare `vllm serve` (python -m vllm.entrypoints.openai.api_server), same engine arguments
     vllm-uni        the same with raylm's CPU engine layout (the worker inside EngineCore; systems/vllm_uni.py)
     ray-serve-llm   Ray Serve LLM (ray.serve.llm.build_openai_app), same engine arguments, Serve's
@@ -107,10 +109,11 @@ _MODEL: dict[str, dict[str, Any]] = {"raylm-batch128": {"admission": {"max_runni
 # ...and in its model's env.
 _MODEL_ENV: dict[str, dict[str, str]] = {"raylm-passive": {"OMP_WAIT_POLICY": "PASSIVE"}}
 _RECEIVER: list[Any] = []
+TRACED = ("raylm-on", "raylm-traced")  # systems whose traces go to `receiver()`
 
 
-def _receiver() -> Any:
-    """One OTLP/HTTP receiver for this process's runs (its spans are counted, then dropped)."""
+def receiver() -> Any:
+    """One OTLP/HTTP receiver for this process's runs (it keeps their spans: tests/otlp.py)."""
     if not _RECEIVER:
         from otlp import OTLPReceiver
 
@@ -127,8 +130,8 @@ def command(system: str, setup: Setup, port: int, work: Path) -> tuple[list[str]
                  "env": {**env, **_MODEL_ENV.get(base, {})},
                  **setup.raylm_model, **_MODEL.get(base, {})}
         config = {"models": [model], "serve": {"port": port, "metrics_port": free_port(), **_SERVICE.get(base, {})}}
-        if base == "raylm-on":
-            config["serve"]["otlp_endpoint"] = _receiver().endpoint
+        if base in TRACED:
+            config["serve"]["otlp_endpoint"] = receiver().endpoint
         path = work / f"{system}.yaml"
         path.write_text(yaml.safe_dump(config))
         extra = {"raylm-base": {"PYTHONPATH": os.environ.get("RAYLM_BASE_SRC", "")},

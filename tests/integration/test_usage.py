@@ -184,4 +184,8 @@ def test_a_streamed_request_is_one_trace_whose_spans_add_up_to_the_clients_laten
     assert [s.name for s in sorted(children, key=lambda s: s.start_ns)] == ["auth", "read body", "forward", "relay"]
     assert abs(sum(s.duration_ms for s in children) - root.duration_ms) < 5
     assert abs(root.duration_ms - latency_ms) < 5, (root.duration_ms, latency_ms)
+    # Its first token at the edge: after the replica had it (one clock: same host), before the stream ended.
+    ttft_ms = root.attributes["gen_ai.server.time_to_first_token"] * 1000
+    first_at_replica_ms = (next(s for s in spans if s.name == "prefill").end_ns - root.start_ns) / 1e6
+    assert first_at_replica_ms - 2 < ttft_ms < root.duration_ms, (first_at_replica_ms, ttft_ms, root.duration_ms)
     print(f"TRACE client {latency_ms:.1f} ms, root span {root.duration_ms:.1f} ms")

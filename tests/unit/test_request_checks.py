@@ -119,3 +119,15 @@ def test_the_counting_thread_takes_tenants_in_turn():
 
     order = asyncio.run(main())
     assert order.index("light0") <= 2  # one heavy request ahead of it at most, not all five
+
+
+def test_a_small_body_is_told_from_a_large_one_by_its_strings_and_items_whatever_its_shape():
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hello " * 100}], "max_tokens": 16}
+    assert counting.within(chat, 8192)
+    assert not counting.within({**chat, "messages": [{"role": "user", "content": "x" * 8193}]}, 8192)
+    assert not counting.within({"model": "m", "prompt": list(range(1_000_000))}, 8192)  # ids: an item each
+    assert counting.within({"model": "m", "prompt": list(range(100))}, 8192)
+    deep: list = []
+    for _ in range(100_000):  # nesting deeper than recursion goes: walked in a loop, stopped once over
+        deep = [deep]
+    assert not counting.within({"input": deep}, 8192)

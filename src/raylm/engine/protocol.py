@@ -64,10 +64,11 @@ class Engine(Protocol):
 
     async def start(self) -> None: ...
 
-    async def prepare(self, endpoint: Endpoint, body: dict) -> Prepared:
-        """Check, parse and count a request off the event loop, before admission; raise for a bad one
+    async def prepare(self, endpoint: Endpoint, body: dict, on_loop: bool = False) -> Prepared:
+        """Check, parse and count a request before admission, off the event loop; raise for a bad one
         (`raylm.errors`), a prompt longer than the context included. Its prompt tokens may be an estimate:
-        they bound the queue."""
+        they bound the queue. `on_loop`: the body is small (`counting.within(body, counting.SMALL_BODY)`),
+        prepare it on the caller's loop, at once."""
 
     async def create(self, prepared: Prepared, request_id: str, meter: Meter | None = None,
                      trace: str | None = None) -> Result:

@@ -79,6 +79,7 @@ class VLLMEngine:
         self._last_step = time.monotonic()  # when the engine last returned a step's outputs
         self.generated_tokens = 0  # since start, every request's (for `raylm status`)
         self._tokenizer: Any = None
+        self._counter_tokenizer: Any = None
         self._max_token_bytes = 256
         self._counter: ThreadPoolExecutor | None = None
         self.max_model_len = 0
@@ -140,8 +141,10 @@ class VLLMEngine:
         self.client.generate = _metered(self.client.generate)  # before the serving classes take the client
         self.client.encode = _metered(self.client.encode)
         marks.append(("engine core (process, weights, KV cache, warm-up)", time.monotonic()))
-        # Counting for admission uses a copy on one thread: vLLM's renderer uses its own from its threads.
+        # Counting for admission uses copies, one for the loop and one for its thread (a tokenizer is used
+        # from one thread at a time): vLLM's renderer uses its own from its threads.
         self._tokenizer = copy.deepcopy(self.client.get_tokenizer())
+        self._counter_tokenizer = copy.deepcopy(self._tokenizer)
         self._max_token_bytes = counting.max_token_bytes(self._tokenizer)
         self._counter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylm-count")
         self._stack.callback(self._counter.shutdown, wait=False)
@@ -184,12 +187,16 @@ class VLLMEngine:
             return 0.0
         return time.monotonic() - self._last_step
 
-    async def prepare(self, endpoint: Endpoint, body: dict) -> Prepared:
-        """Checked, parsed (vLLM's request models) and counted on a thread of its own, before admission and
-        never on the loop that streams: a bad request is refused without taking a queue place."""
-        return await asyncio.get_running_loop().run_in_executor(self._counter, self._prepare, endpoint, body)
+    async def prepare(self, endpoint: Endpoint, body: dict, on_loop: bool = False) -> Prepared:
+        """Checked, parsed (vLLM's request models) and counted before admission: a bad request is refused
+        without taking a queue place. On the counting thread (its own tokenizer: one thread uses each), or on
+        the caller's loop for a small body (protocol.py)."""
+        if on_loop:
+            return self._prepare(endpoint, body, self._tokenizer)
+        return await asyncio.get_running_loop().run_in_executor(self._counter, self._prepare, endpoint, body,
+                                                                self._counter_tokenizer)
 
-    def _prepare(self, endpoint: Endpoint, body: dict) -> Prepared:
+    def _prepare(self, endpoint: Endpoint, body: dict, tokenizer: Any) -> Prepared:
         if endpoint not in self.endpoints:
             raise errors.InvalidRequestError(
                 f"model {self.served_name!r} does not serve {PATHS[endpoint][0]}",
@@ -197,7 +204,7 @@ class VLLMEngine:
         fetches = media.check(body, self.served_name, self._multimodal, self.engine_args.get("allowed_media_domains"),
                               self.engine_args.get("allowed_local_media_path"))
         # Counted first: a prompt that cannot fit is refused before its body is parsed (counting.py).
-        size = self._count(endpoint, body)
+        size = self._count(endpoint, body, tokenizer)
         if size.longest > self.max_model_len > 0:
             raise errors.InvalidRequestError(
                 f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
@@ -276,18 +283,18 @@ class VLLMEngine:
                                          "weights did not load; the replica's log says why)", param="model",
                                          code="adapter_load_failed")
 
-    def _count(self, endpoint: Endpoint, body: dict) -> PromptSize:
+    def _count(self, endpoint: Endpoint, body: dict, tokenizer: Any) -> PromptSize:
         """Prompt tokens, bounded work (counting.py): a prompt over the context stops being counted."""
         if endpoint in ("completions", "embeddings"):
-            sizes = [len(p) if p and isinstance(p[0], int) else self._tokens(p, self.max_model_len)  # ids: as they are
-                     for p in counting.prompts(endpoint, body)]
+            sizes = [len(p) if p and isinstance(p[0], int)  # ids: as they are
+                     else self._tokens(tokenizer, p, self.max_model_len) for p in counting.prompts(endpoint, body)]
             return PromptSize(sum(sizes), max(sizes, default=0))
         if endpoint == "chat":  # one conversation, one prompt
-            n = self._tokens(counting.chat_texts(body), self.max_model_len)
+            n = self._tokens(tokenizer, counting.chat_texts(body), self.max_model_len)
             return PromptSize(n, n)
-        return self._estimate(endpoint, body)
+        return self._estimate(endpoint, body, tokenizer)
 
-    def _estimate(self, endpoint: Endpoint, body: dict) -> PromptSize:
+    def _estimate(self, endpoint: Endpoint, body: dict, tokenizer: Any) -> PromptSize:
         """Every string in the body (but the model's name) counts: an estimate that bounds the queue. A
         Responses or Messages request is one conversation (its length is checked); for the others the
         prompt's true length is vLLM's to check (a score request's documents are prompts of their own)."""
@@ -301,12 +308,12 @@ class VLLMEngine:
             elif isinstance(value, list):
                 stack.extend(value)
         if endpoint in ("responses", "messages"):
-            total = self._tokens(texts, self.max_model_len)
+            total = self._tokens(tokenizer, texts, self.max_model_len)
             return PromptSize(total, total)
-        return PromptSize(self._tokens(texts, ESTIMATE_BUDGET_CONTEXTS * self.max_model_len), 0)
+        return PromptSize(self._tokens(tokenizer, texts, ESTIMATE_BUDGET_CONTEXTS * self.max_model_len), 0)
 
-    def _tokens(self, texts: list[str], budget: int) -> int:
-        encode = functools.partial(self._tokenizer.encode, add_special_tokens=False)
+    def _tokens(self, tokenizer: Any, texts: list[str], budget: int) -> int:
+        encode = functools.partial(tokenizer.encode, add_special_tokens=False)
         return counting.count(encode, texts, budget, self._max_token_bytes)
 
     def num_running(self) -> int:

@@ -54,6 +54,8 @@ GEN_AI_RESPONSE_MODEL = "gen_ai.response.model"
 GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
 GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
 GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
+# Seconds from the request at the edge to its first streamed byte (the name of the semantic conventions' metric).
+GEN_AI_SERVER_TIME_TO_FIRST_TOKEN = "gen_ai.server.time_to_first_token"
 
 SCHEDULE_DELAY_MS = 250  # a finished span reaches the collector within about this (the SDK's default: 5 s)
 EXPORT_TIMEOUT_S = 5.0  # one batch's POST, retries included; spent on the worker thread, never a request's

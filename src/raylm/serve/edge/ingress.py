@@ -194,7 +194,7 @@ class Ingress:
                 end: float, stream: bool = False) -> None:
         """The request ended at `end` (perf_counter): its usage record, its trace's last spans."""
         if seen.spans is not None:
-            seen.spans.end(status, usage, stream, code, end, seen.tenant)
+            seen.spans.end(status, usage, stream, code, end, seen.tenant, ttft_s)
         if self.usage is None:
             return
         u = usage or Usage()

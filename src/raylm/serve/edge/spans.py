@@ -9,6 +9,8 @@ under the request's server span, so their times add up to it.
      │   ├─ route                                   until Serve's router has picked a replica
      │   └─ replica  [server, the model replica]    prepare · admission wait · prefill · decode  (replica/server.py)
      └─ relay                                       a stream's bytes to the client, first to last
+
+A stream's server span carries its time to first token at the edge (gen_ai.server.time_to_first_token, seconds).
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from typing import Any
 
 from raylm.contract import Usage
 from raylm.serve.tracing import (GEN_AI_OPERATION_NAME, GEN_AI_REQUEST_MODEL, GEN_AI_REQUEST_STREAM,
-                                 GEN_AI_USAGE_INPUT_TOKENS, GEN_AI_USAGE_OUTPUT_TOKENS, Tracing, epoch_ns,
-                                 valid_traceparent)
+                                 GEN_AI_SERVER_TIME_TO_FIRST_TOKEN, GEN_AI_USAGE_INPUT_TOKENS,
+                                 GEN_AI_USAGE_OUTPUT_TOKENS, Tracing, epoch_ns, valid_traceparent)
 
 # OpenTelemetry's GenAI operation names, by endpoint.
 OPERATIONS = {"chat": "chat", "completions": "text_completion", "responses": "chat", "messages": "chat",
@@ -70,11 +72,15 @@ class RequestSpans:
         self.tracing.end(self.forward_span, epoch_ns(now), error=error)
         self.forward_span, self.last = None, now
 
-    def end(self, status: int, usage: Usage | None, stream: bool, code: str | None, end: float, tenant: str) -> None:
+    def end(self, status: int, usage: Usage | None, stream: bool, code: str | None, end: float, tenant: str,
+            ttft_s: float | None = None) -> None:
+        """`ttft_s`: a stream's first byte relayed, in seconds from the request's start here."""
         if stream:
             self.tracing.record("relay", self.root, epoch_ns(self.last), epoch_ns(end))
         attributes: dict[str, Any] = {"http.response.status_code": status, GEN_AI_REQUEST_STREAM: stream,
                                       "raylm.tenant": tenant}
+        if ttft_s is not None:
+            attributes[GEN_AI_SERVER_TIME_TO_FIRST_TOKEN] = ttft_s
         if usage is not None:
             attributes.update({GEN_AI_USAGE_INPUT_TOKENS: usage.prompt_tokens,
                                GEN_AI_USAGE_OUTPUT_TOKENS: usage.completion_tokens, "raylm.replica": usage.replica})

@@ -24,6 +24,7 @@ from ray import serve
 from raylm import _ray, errors, hardware
 from raylm.config import ModelConfig
 from raylm.contract import NAMED_EVENTS, Call, Direct, Reply, Usage, sse_frames
+from raylm.engine import counting
 from raylm.engine.protocol import Engine, Meter
 from raylm.models import resolve_source
 from raylm.serve import resume, status
@@ -183,8 +184,11 @@ class ModelServer:
                 endpoint, body = call.endpoint, call.body
             else:  # a stream cut on another replica (resume.py): it goes on from its client's tokens
                 endpoint, body = "completions", resume.continuation(call.endpoint, call.body, call.resume)
-            async with self.turns.turn(call.tenant.name):
-                prepared = await self.engine.prepare(endpoint, body)
+            if counting.within(body, counting.SMALL_BODY):  # at once, on this loop: cheaper than a turn
+                prepared = await self.engine.prepare(endpoint, body, on_loop=True)
+            else:  # on the counting thread, tenants in turn: a huge body never holds the streams' loop
+                async with self.turns.turn(call.tenant.name):
+                    prepared = await self.engine.prepare(endpoint, body)
             if spans is not None:
                 spans.phase("prepare", prompt_tokens=prepared.size.total)
             if prepared.sequences > self.max_n:

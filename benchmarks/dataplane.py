@@ -12,7 +12,8 @@ a closed loop at each concurrency for `--seconds` (requests keep coming until th
 finish). During each point every process under the system's root is read before and after (psutil), and
 its CPU is grouped by role (cpu_breakdown.py); the kernel's scheduler statistics say what share of the wall
 the model's busy (OpenMP) threads spent on a core and runnable but waiting for one, and this process's own
-CPU is the load generator's (it shares the cores). "Outside the worker" is everything but the process that
+CPU is the load generator's (it shares the cores), with how late its own event loop ran (p99: its queue
+is in the latencies it measures). "Outside the worker" is everything but the process that
 runs the model (vLLM's worker process; with raylm's CPU layout the worker runs inside EngineCore, which
 then also schedules): API servers, proxies, ingress, EngineCore when separate, and every Ray process. "Serving
 path" leaves out EngineCore and the worker both, so it compares layouts fairly. Rounds alternate the order
@@ -84,7 +85,8 @@ def measure(url: str, pid: int, prompts: list[str], concurrency: int, seconds: f
             "cores_busy": sum(used.values()) / point.duration_s,
             # The engine's OpenMP threads: share of the wall on a core, and runnable but waiting for one.
             "engine_on_core": on_core, "engine_waiting": waiting,
-            "load_cores": (time.process_time() - client) / wall}  # this process: the load generator
+            "load_cores": (time.process_time() - client) / wall,  # this process: the load generator
+            "client_lag_p99_ms": 1000 * (point.client_lag_p99_s or 0.0)}  # ...and how late its loop ran
 
 
 # A first token's way, phase by phase (ms), from one request's spans (serve/edge/spans.py, replica/spans.py):
@@ -182,15 +184,17 @@ def report(rows: dict[str, list[dict]], levels: list[int], out: Path) -> None:
 
     lines = [f"CPU flags: {cpu_flags()}; date {time.strftime('%Y-%m-%d')}", "",
              "| system | c | tok/s | TTFT p50 | TTFT p99 | TPOT p50 | CPU ms/token outside the worker | "
-             "serving path ms/token | cores busy | engine threads on a core / waiting | load generator cores |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "serving path ms/token | cores busy | engine threads on a core / waiting | load generator cores | "
+             "its loop's lag p99 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for system in rows:
         for c in levels:
             lines.append(f"| {system} | {c} | {med(system, c, 'tok_s'):.1f} | {med(system, c, 'ttft_p50_ms'):.0f} ms | "
                          f"{med(system, c, 'ttft_p99_ms'):.0f} ms | {med(system, c, 'tpot_p50_ms'):.1f} ms | "
                          f"{med(system, c, 'outside_worker_ms'):.3f} | {med(system, c, 'serving_path_ms'):.3f} | "
                          f"{med(system, c, 'cores_busy'):.2f} | {med(system, c, 'engine_on_core'):.2f} / "
-                         f"{med(system, c, 'engine_waiting'):.2f} | {med(system, c, 'load_cores'):.2f} |")
+                         f"{med(system, c, 'engine_waiting'):.2f} | {med(system, c, 'load_cores'):.2f} | "
+                         f"{med(system, c, 'client_lag_p99_ms'):.0f} ms |")
     lines += ["", "CPU ms per output token by role (median of rounds):", ""]
     for system in rows:
         for c in levels:

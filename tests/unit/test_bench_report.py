@@ -1,10 +1,13 @@
 """Bench figures from known request results: percentiles, TPOT, goodput, the report files."""
 
+import asyncio
+import dataclasses
 import json
+import time
 
 import pytest
 
-from raylm.bench.load import LoadResult, RequestResult
+from raylm.bench.load import LoadResult, LoopLag, RequestResult
 from raylm.bench.report import markdown, parse_slo, summarize, tpot, write
 
 
@@ -48,3 +51,18 @@ def test_the_report_has_json_markdown_and_plots(tmp_path):
     assert [p["value"] for p in saved["points"]] == [1, 4, 2.0]
     table = markdown(points)
     assert "| c=4 | 4/6 |" in table and "| 2 req/s |" in table
+
+
+def test_a_client_whose_loop_lags_says_so_in_the_report():
+    async def blocked() -> float | None:
+        async with LoopLag() as lag:
+            await asyncio.sleep(0.05)  # the sampler runs
+            time.sleep(0.3)  # the client's loop is held, as by a busy or starved load generator
+            await asyncio.sleep(0.05)
+        return lag.p99_s
+
+    lagged = asyncio.run(blocked())
+    assert lagged is not None and lagged >= 0.25
+    quiet, slow = (summarize(dataclasses.replace(LOAD, client_lag_p99_s=s), "concurrency", 4) for s in (0.002, lagged))
+    assert "lagged" not in markdown([quiet])
+    assert f"{1000 * lagged:.0f} ms at c=4" in markdown([quiet, slow]) and "lagged" in markdown([quiet, slow])

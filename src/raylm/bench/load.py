@@ -43,6 +43,7 @@ class LoadResult:
     concurrency: int
     wall_s: float
     results: tuple[RequestResult, ...] = field(repr=False)
+    client_lag_p99_s: float | None = None  # the load generator's own event loop (LoopLag)
 
     @property
     def ok(self) -> list[RequestResult]:
@@ -112,6 +113,38 @@ async def send(client: httpx.AsyncClient, url: str, body: dict, headers: dict[st
 Sender = Callable[[int], Awaitable[RequestResult]]
 
 
+class LoopLag:
+    """How late this event loop wakes a task (a 10 ms sleep's overshoot), sampled while the block runs. A client
+    whose loop lags counts its own queue in every latency it measures: at c=64 on 2 cores shared with the server,
+    two thirds of a first token's time was spent in the client before its request reached the server
+    (BENCHMARKS.md §2, "Where a first token's time goes")."""
+
+    INTERVAL_S = 0.01
+
+    def __init__(self) -> None:
+        self.lags: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _sample(self) -> None:
+        while True:
+            before = time.perf_counter()
+            await asyncio.sleep(self.INTERVAL_S)
+            self.lags.append(max(0.0, time.perf_counter() - before - self.INTERVAL_S))
+
+    async def __aenter__(self) -> LoopLag:
+        self._task = asyncio.create_task(self._sample())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    @property
+    def p99_s(self) -> float | None:
+        return percentile(self.lags, 0.99) if self.lags else None
+
+
 async def closed_loop(sender: Sender, concurrency: int, num_requests: int, timeout_s: float) -> LoadResult:
     """`concurrency` workers send `num_requests` requests back to back (bounded by `timeout_s`)."""
     results: list[RequestResult] = []
@@ -125,8 +158,9 @@ async def closed_loop(sender: Sender, concurrency: int, num_requests: int, timeo
             results.append(await sender(i))
 
     start = time.perf_counter()
-    await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), timeout_s + 60)
-    return LoadResult(concurrency, time.perf_counter() - start, tuple(results))
+    async with LoopLag() as lag:
+        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), timeout_s + 60)
+    return LoadResult(concurrency, time.perf_counter() - start, tuple(results), lag.p99_s)
 
 
 async def open_loop(sender: Sender, rate: float, duration_s: float, seed: int = 0,
@@ -138,13 +172,14 @@ async def open_loop(sender: Sender, rate: float, duration_s: float, seed: int = 
     start = time.perf_counter()
     next_at = start
     i = 0
-    while next_at < start + duration_s and (max_requests is None or i < max_requests):
-        await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
-        tasks.append(asyncio.create_task(sender(i)))
-        i += 1
-        next_at += rng.expovariate(rate)
-    done = await asyncio.wait_for(asyncio.gather(*tasks), drain_s)
-    return LoadResult(0, time.perf_counter() - start, tuple(done))
+    async with LoopLag() as lag:
+        while next_at < start + duration_s and (max_requests is None or i < max_requests):
+            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+            tasks.append(asyncio.create_task(sender(i)))
+            i += 1
+            next_at += rng.expovariate(rate)
+        done = await asyncio.wait_for(asyncio.gather(*tasks), drain_s)
+    return LoadResult(0, time.perf_counter() - start, tuple(done), lag.p99_s)
 
 
 async def run_load(base_url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int,

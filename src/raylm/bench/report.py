@@ -6,6 +6,8 @@ Definitions (those of vLLM's `vllm bench serve`):
     TPOT    a request's (E2E - TTFT) / (output tokens - 1): its mean time per output token
     E2E     request sent → last byte
     goodput requests per second that met every bound of the SLO (ttft, itl: TPOT, e2e; seconds)
+    client lag  how late the load generator's own event loop woke a task (p99): over CLIENT_LAG_WARN_S, the
+            report says that the client's queue is in its latencies
 Token counts are the server's `usage`. Percentiles interpolate between ranks (numpy's default).
 """
 
@@ -19,6 +21,8 @@ from pathlib import Path
 from raylm.bench.load import LoadResult, RequestResult, percentile
 
 QUANTILES = (0.5, 0.9, 0.99)
+# The load generator's loop wakes a task this late (p99) or later: its own queue is in what it measures.
+CLIENT_LAG_WARN_S = 0.05
 SLO_KEYS = ("ttft", "itl", "e2e")
 
 
@@ -74,6 +78,7 @@ class Point:
     e2e_s: dict[str, float | None]
     goodput_req_s: float | None = None
     slo: dict[str, float] = field(default_factory=dict)
+    client_lag_p99_s: float | None = None  # the load generator's own event loop (load.LoopLag)
 
     @property
     def label(self) -> str:
@@ -94,7 +99,8 @@ def summarize(result: LoadResult, load: str, value: float, slo: dict[str, float]
         itl_s=_quantiles([gap for r in ok for gap in r.itl_s]),
         tpot_s=_quantiles([t for r in ok if (t := tpot(r)) is not None]),
         e2e_s=_quantiles([r.latency_s for r in ok if r.latency_s is not None]),
-        goodput_req_s=sum(meets(r, slo) for r in ok) / wall if slo else None, slo=dict(slo or {}))
+        goodput_req_s=sum(meets(r, slo) for r in ok) / wall if slo else None, slo=dict(slo or {}),
+        client_lag_p99_s=result.client_lag_p99_s)
 
 
 def _ms(value: float | None) -> str:
@@ -117,6 +123,11 @@ def markdown(points: list[Point], title: str = "raylm bench") -> str:
         lines.append("| " + " | ".join(row) + " |")
     if slo:
         lines += ["", "SLO (s): " + ", ".join(f"{k} ≤ {v:g}" for k, v in slo.items()) + " (itl: each request's TPOT)"]
+    lagged = [p for p in points if p.client_lag_p99_s is not None and p.client_lag_p99_s > CLIENT_LAG_WARN_S]
+    if lagged:
+        lines += ["", "This client's own event loop lagged (p99 " + ", ".join(
+            f"{1000 * p.client_lag_p99_s:.0f} ms at {p.label}" for p in lagged) + "): the latencies there count "
+            "its own queue too. Run the load from another machine, or at a lower load, to measure the server alone."]
     return "\n".join(lines) + "\n"
 
 

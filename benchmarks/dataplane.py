@@ -46,6 +46,7 @@ from helpers import TINY_ENGINE_ARGS, make_tiny_llama
 from raylm.bench.prompts import synthetic
 from raylm.bench.run import BenchSpec, run_bench
 from raylm.models import default_cache_dir
+from raylm.serve.tracing import GEN_AI_SERVER_TIME_TO_FIRST_TOKEN as TTFT_ATTR
 
 NAME = "tiny"
 INPUT_TOKENS, OUTPUT_TOKENS = 64, 128
@@ -106,16 +107,14 @@ PHASES = (
     ("first token → the edge (stream claim, relay)",
      lambda s, r: (r.start_ns + 1e9 * r.attributes[TTFT_ATTR] - s["prefill"].end_ns) / 1e6),
 )
-TTFT_ATTR = "gen_ai.server.time_to_first_token"
 
 
 def ttft_split(since_ns: int, answered: int) -> dict:
     """Each phase's p50 and mean over the streams of the traces that began after `since_ns` (waits up to 15 s
     for the `answered` streams' traces to arrive), and how many traces had every phase."""
-    found: dict[str, dict[str, object]] = {}
     deadline = time.monotonic() + 15
     while True:
-        found.clear()
+        found: dict[str, dict[str, object]] = {}
         for span in receiver().spans():
             if span.start_ns >= since_ns:
                 found.setdefault(span.trace_id, {})[span.name] = span

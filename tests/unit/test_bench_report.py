@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from raylm.bench.load import LoadResult, LoopLag, RequestResult
+from raylm.bench.load import LoadResult, LoopLag, RequestResult, closed_loop
 from raylm.bench.report import markdown, parse_slo, summarize, tpot, write
 
 
@@ -66,3 +66,17 @@ def test_a_client_whose_loop_lags_says_so_in_the_report():
     quiet, slow = (summarize(dataclasses.replace(LOAD, client_lag_p99_s=s), "concurrency", 4) for s in (0.002, lagged))
     assert "lagged" not in markdown([quiet])
     assert f"{1000 * lagged:.0f} ms at c=4" in markdown([quiet, slow]) and "lagged" in markdown([quiet, slow])
+
+
+@pytest.mark.parametrize("backoff", [True, False])
+def test_a_refused_worker_waits_its_retry_after_only_with_backoff(backoff):
+    sent: list[float] = []
+
+    async def sender(i: int) -> RequestResult:
+        sent.append(time.perf_counter())
+        return RequestResult(429, retry_after="0.3") if i == 0 else RequestResult(200)
+
+    result = asyncio.run(closed_loop(sender, 1, 2, 10, backoff=backoff))
+    assert [r.status for r in result.results] == [429, 200]
+    assert (sent[1] - sent[0] >= 0.3) == backoff  # raylm bench waits as OpenAI's SDKs do; a flood does not
+    assert RequestResult(503, retry_after="Wed, 21 Oct 2026 07:28:00 GMT").backoff_s == 0.0  # a date: not waited

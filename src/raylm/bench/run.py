@@ -68,7 +68,8 @@ async def run_bench(spec: BenchSpec, on_request: Callable[[str, RequestResult], 
         for load, value in spec.points:
             label = point_label(load, value)
             if load == "concurrency":
-                result = await closed_loop(sender(label), int(value), spec.requests, spec.duration_s)
+                result = await closed_loop(sender(label), int(value), spec.requests, spec.duration_s,
+                                           backoff=True)
             else:
                 result = await open_loop(sender(label), value, spec.duration_s, seed=spec.seed,
                                          drain_s=spec.timeout_s, max_requests=spec.requests)

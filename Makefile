@@ -7,7 +7,7 @@ EXTRA ?= cpu
 STAMP := $(VENV)/.installed-$(EXTRA)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup chromium serve test test-slow test-unit bench bench-compare bench-dataplane bench-dtype bench-batch bench-data-scale bench-lora bench-cold-start bench-cpu-tips
+.PHONY: setup chromium serve test test-slow test-unit bench bench-compare bench-dataplane bench-dtype bench-batch bench-data-scale bench-lora bench-cold-start bench-cpu-tips bench-admission
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -73,6 +73,10 @@ bench-compare: setup
 # The serving path alone, a tiny model at c=64 and 256, CPU per token by process role (~12 min)
 bench-dataplane: setup
 	$(BIN)/python benchmarks/dataplane.py
+
+# Admission's batch on a CPU, raylm's 32 + 8 against vLLM's 128, a flooding tenant beside a light one (~9 min)
+bench-admission: setup
+	$(BIN)/python benchmarks/admission_batch.py
 
 # A model from nothing to its first answer, phase by phase, beside bare vLLM and Ray Serve LLM, then default
 # `raylm serve` to /ready (~15 min); the first requests after each scale-down to zero, 10 cycles (~10 min)

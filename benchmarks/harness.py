@@ -75,6 +75,8 @@ class Setup:
     engine_args: dict[str, Any]
     env: dict[str, str]
     raylm_model: dict[str, Any] = field(default_factory=dict)  # extra raylm model config (admission, ...)
+    raylm_serve: dict[str, Any] = field(default_factory=dict)  # extra raylm serve config (api_keys, tenants, ...)
+    api_key: str | None = None  # what the start-up probe sends (raylm_serve's api_keys set)
     ray_llm_lora: dict[str, Any] = field(default_factory=dict)  # Ray Serve LLM's LoraConfig (benchmarks/lora.py)
 
 
@@ -129,7 +131,8 @@ def command(system: str, setup: Setup, port: int, work: Path) -> tuple[list[str]
         model = {"name": setup.name, "source": setup.model_dir, "engine_args": setup.engine_args,
                  "env": {**env, **_MODEL_ENV.get(base, {})},
                  **setup.raylm_model, **_MODEL.get(base, {})}
-        config = {"models": [model], "serve": {"port": port, "metrics_port": free_port(), **_SERVICE.get(base, {})}}
+        config = {"models": [model], "serve": {"port": port, "metrics_port": free_port(), **setup.raylm_serve,
+                                               **_SERVICE.get(base, {})}}
         if base in TRACED:
             config["serve"]["otlp_endpoint"] = receiver().endpoint
         path = work / f"{system}.yaml"
@@ -185,7 +188,8 @@ def running(system: str, setup: Setup, work: Path, timeout_s: float = 600, probe
             try:  # up means answering a completion: some servers list models before an engine is ready
                 route, body = (("completions", {"model": setup.name, "prompt": "hi", "max_tokens": 1}) if probe
                                else ("embeddings", {"model": setup.name, "input": "hi"}))  # the base model
-                if httpx.post(f"{url}/{route}", json=body, timeout=30).status_code == 200:
+                auth = {"authorization": f"Bearer {setup.api_key}"} if setup.api_key else {}
+                if httpx.post(f"{url}/{route}", json=body, headers=auth, timeout=30).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass

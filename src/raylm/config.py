@@ -24,12 +24,23 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+# What a replica runs in its engine by default (docs/serve.md, "The default batch"). On a CPU a step's time grows with
+# the batch: 32 (+ burst) keeps each stream's speed and bounds what a flooding tenant costs the others, at the price
+# of TTFT under overload (half of 64 clients wait for a slot). With GPUs a step's time barely grows with the batch,
+# so the replica runs vLLM's own batch (max_num_seqs 256 on most GPUs) and queues, fairly, only beyond it.
+CPU_MAX_RUNNING = 32
+GPU_MAX_NUM_SEQS = 256
+
+
 class AdmissionConfig(_Frozen):
     """Backpressure on each replica: a batch in the engine, a bounded weighted-fair queue, then 429."""
 
     max_running: int = Field(
-        32, ge=1, description="Sequences one replica runs in its engine at once (a request with `n` > 1 "
-                              "counts n); vLLM's max_num_seqs is set to max_running + burst.")
+        CPU_MAX_RUNNING, ge=1, description="Sequences one replica runs in its engine at once (a request with `n` "
+                                           "> 1 counts n); vLLM's max_num_seqs is set to max_running + burst. "
+                                           "Default: the engine's batch less burst where the config gives one "
+                                           "(engine_args' max_num_seqs), else 32 on a CPU and 248 with GPUs "
+                                           "(vLLM's batch of 256 less burst).")
     max_queued: int = Field(
         64, ge=0, description="Requests waiting on one replica. When full, the request served last in "
                               "fair order (the tenant furthest over its share) gets 429.")
@@ -268,6 +279,19 @@ class ModelConfig(_Frozen):
             if data.get(key) is not None:
                 raise ValueError(f"`{key}` is set both as a field and in engine_args: keep the field")
         return {**data, **lifted, "engine_args": args} if lifted else data
+
+    @model_validator(mode="after")
+    def _engine_batch(self) -> ModelConfig:
+        """An unset admission.max_running follows the engine's batch: engine_args' max_num_seqs, else vLLM's own
+        batch with GPUs (a GPU replica at a CPU's 32 would leave most of its throughput unused), less burst."""
+        if "max_running" in self.admission.model_fields_set:
+            return self
+        args = self.engine_args
+        seqs = args.get("max_num_seqs", args.get("max-num-seqs", GPU_MAX_NUM_SEQS if self.num_gpus else None))
+        if isinstance(seqs, int) and not isinstance(seqs, bool) and seqs > 0:
+            running = max(1, seqs - self.admission.burst)  # (frozen: set once, here)
+            object.__setattr__(self, "admission", self.admission.model_copy(update={"max_running": running}))
+        return self
 
     @model_validator(mode="after")
     def _one_replica_rule(self) -> ModelConfig:

@@ -4,7 +4,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from raylm.config import AppConfig, DataConfig, ModelConfig, ServeConfig, load_config
+from raylm.config import AdmissionConfig, AppConfig, DataConfig, ModelConfig, ServeConfig, load_config
 
 
 def test_defaults_serve_the_bundled_pair_on_loopback():
@@ -118,6 +118,21 @@ def test_admission_sets_serve_limits_and_engine_batch():
     assert options["num_replicas"] == 1 and "autoscaling_config" not in options
     assert engine_args(model)["max_num_seqs"] == 10  # batch + burst: every sequence admission runs
     assert engine_args(model.model_copy(update={"engine_args": {"max_num_seqs": 4}}))["max_num_seqs"] == 4
+
+
+def test_admission_batch_follows_the_engine_batch_unless_set():
+    from raylm.serve.control.builder import engine_args
+
+    def running(**kw) -> int:
+        return ModelConfig(name="m", source="/m", **kw).admission.max_running
+
+    assert running() == 32  # a CPU: each stream's speed and tenants' isolation over TTFT under overload
+    assert running(num_gpus=1) == 248 and running(num_gpus=0.5, admission={"burst": 0}) == 256  # vLLM's batch
+    gpu = ModelConfig(name="m", source="/m", num_gpus=1)
+    assert engine_args(gpu)["max_num_seqs"] == 256  # ...so the engine's batch is vLLM's own
+    assert running(engine_args={"max_num_seqs": 64}) == 56 and running(engine_args={"max_num_seqs": 4}) == 1
+    assert running(num_gpus=1, admission={"max_running": 10}) == 10  # what the config sets wins
+    assert running(admission=AdmissionConfig(burst=4), engine_args={"max_num_seqs": 64}) == 60
 
 
 def test_autoscaling_goes_to_serve_and_excludes_fixed_replicas():

@@ -14,7 +14,7 @@ the model's `env` / `engine_args` (a replica's env reaches its process at exec, 
     nobind          VLLM_CPU_OMP_THREADS_BIND=nobind (the OS places the threads)
     kv8             an 8 GiB KV cache
     passive         OpenMP's idle threads sleep at once (OMP_WAIT_POLICY=PASSIVE), not after libgomp's spin
-    mbt512          max_num_batched_tokens 512 (vLLM's CPU default is 4096 here)
+    mbt512          max_num_batched_tokens 512 (vLLM's default for its OpenAI server on a CPU: 2048)
     vllm            bare `vllm serve`, its defaults for everything above but the KV cache (2 GiB; its own default,
                     92% of the node, does not start beside anything else)
 Load per variant and round: SmolLM2 streaming completions (~100 prompt tokens, 64 output, ignore_eos) at c=16

@@ -16,19 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from harness import SMOLLM2_ENGINE_ARGS, Setup, arguments, cpu_flags, running
+from harness import SMOLLM2_ENGINE_ARGS, SMOLLM2_ENV, Setup, arguments, cpu_flags, running
 
 from raylm.bench.prompts import load_tokenizer, synthetic
 from raylm.bench.run import BenchSpec, run_bench
 from raylm.models import SMOLLM2, default_cache_dir, resolve_source
 
-ENGINE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 2) - 1}", "VLLM_CPU_KVCACHE_SPACE": "2"}
 INPUT_TOKENS, OUTPUT_TOKENS = 100, 64
 KEYS = {"flood": "bench-flood-key", "light": "bench-light-key"}
 SYSTEMS = {"default": {}, "vllm128": {"admission": {"max_running": 120, "burst": 8}}}
@@ -62,7 +60,7 @@ def main() -> None:
         for r in range(args.rounds):
             for system in SYSTEMS if r % 2 == 0 else list(SYSTEMS)[::-1]:
                 setup = Setup(resolve_source(f"bundled:{SMOLLM2}", default_cache_dir()), SMOLLM2, SMOLLM2_ENGINE_ARGS,
-                              ENGINE_ENV, SYSTEMS[system], raylm_serve=serve, api_key=KEYS["light"])
+                              SMOLLM2_ENV, SYSTEMS[system], raylm_serve=serve, api_key=KEYS["light"])
                 with running("raylm", setup, Path(tmp)) as (url, _):
                     asyncio.run(load(url, prompts, 8, 1, 10))  # warm: a short load of both
                     points = asyncio.run(load(url, prompts, args.flood, args.light, args.seconds))

@@ -33,12 +33,11 @@ from pathlib import Path
 
 import httpx
 
-from harness import SMOLLM2_ENGINE_ARGS, Setup, arguments, cpu_flags, free_port, process_tree, running
+from harness import SMOLLM2_ENGINE_ARGS, SMOLLM2_ENV, Setup, arguments, cpu_flags, free_port, process_tree, running
 
 from raylm.models import SMOLLM2, default_cache_dir, resolve_source
 from raylm.serve.control.service import end_processes
 
-ENGINE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 2) - 1}", "VLLM_CPU_KVCACHE_SPACE": "2"}
 SPAWN = {"RAYLM_ENGINE_CORE_START": "spawn"}
 FORK = {"RAYLM_ENGINE_CORE_START": "fork"}
 # vLLM's own lines, in every system's logs: (phase, pattern with the seconds)
@@ -128,7 +127,7 @@ def main() -> None:
     parser.add_argument("--default", default="default,spawn", help=f"its variants: {', '.join(DEFAULT_VARIANTS)}")
     args = parser.parse_args()
     systems = [s for s in args.systems.split(",") if s]  # none: only default `raylm serve`
-    setup = Setup(resolve_source(f"bundled:{SMOLLM2}", default_cache_dir()), SMOLLM2, SMOLLM2_ENGINE_ARGS, ENGINE_ENV)
+    setup = Setup(resolve_source(f"bundled:{SMOLLM2}", default_cache_dir()), SMOLLM2, SMOLLM2_ENGINE_ARGS, SMOLLM2_ENV)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="raylm-cold-") as tmp:
         work = Path(tmp)

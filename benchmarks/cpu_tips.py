@@ -33,16 +33,15 @@ import time
 from pathlib import Path
 
 import httpx
-from harness import SMOLLM2_ENGINE_ARGS, Setup, arguments, cpu_flags, running
+from harness import SMOLLM2_ENGINE_ARGS, SMOLLM2_ENV, Setup, arguments, cpu_flags, running
 
 from raylm import hardware
 from raylm.bench.prompts import load_tokenizer, synthetic
 from raylm.bench.run import BenchSpec, run_bench
 from raylm.models import MINILM, SMOLLM2, default_cache_dir, resolve_source
 
-CORES = f"0-{(os.cpu_count() or 2) - 1}"
 # LD_PRELOAD empty unless the variant sets it: the model's env wins over what raylm preloads by default.
-BASE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": CORES, "VLLM_CPU_KVCACHE_SPACE": "2", "LD_PRELOAD": ""}
+BASE_ENV = {**SMOLLM2_ENV, "LD_PRELOAD": ""}
 C, REQUESTS, WARMUP, INPUT_TOKENS, OUTPUT_TOKENS = 16, 64, 8, 100, 64
 EMBED_REQUESTS, EMBED_TEXTS, EMBED_CONCURRENCY = 64, 16, 4
 

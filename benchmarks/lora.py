@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 import httpx
-from harness import HERE, Setup, cpu_flags, free_port, running
+from harness import HERE, SMOLLM2_ENV, Setup, cpu_flags, free_port, running
 
 from raylm import hardware
 from raylm.bench.load import closed_loop, completion_body, send
@@ -102,7 +102,7 @@ def throughput(model_dir: str, adapters: dict[str, str], requests: int, work: Pa
     dtype = hardware.fit({}, {}).engine_args["dtype"]
     args = {"dtype": dtype, "max_model_len": 2048, "enforce_eager": True, "max_num_seqs": 40}
     lora = {"enable_lora": True, "max_loras": ADAPTERS, "max_lora_rank": RANK, "max_cpu_loras": ADAPTERS}
-    env = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 2) - 1}", "VLLM_CPU_KVCACHE_SPACE": "2"}
+    env = dict(SMOLLM2_ENV)
     prompts = synthetic(load_tokenizer(None, SMOLLM2), requests, INPUT_TOKENS, seed=0)
     moto, s3_env = local_s3(adapters, work)
     os.environ.update(s3_env)  # Ray Serve LLM's processes read the adapters from there

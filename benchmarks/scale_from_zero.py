@@ -26,13 +26,12 @@ import time
 from pathlib import Path
 
 import httpx
-from harness import HERE, SMOLLM2_ENGINE_ARGS, Setup, cpu_flags, running
+from harness import HERE, SMOLLM2_ENGINE_ARGS, SMOLLM2_ENV, Setup, cpu_flags, running
 
 from raylm.bench.load import completion_body, send
 from raylm.models import SMOLLM2, default_cache_dir, resolve_source
 
 RESULTS = HERE / "results"
-ENGINE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 2) - 1}", "VLLM_CPU_KVCACHE_SPACE": "2"}
 AUTOSCALING = {"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 5, "upscale_delay_s": 0}
 
 
@@ -77,7 +76,7 @@ def main() -> None:
     parser.add_argument("--systems", default="raylm,raylm-cold")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    setup = Setup(resolve_source(f"bundled:{SMOLLM2}", default_cache_dir()), SMOLLM2, SMOLLM2_ENGINE_ARGS, ENGINE_ENV,
+    setup = Setup(resolve_source(f"bundled:{SMOLLM2}", default_cache_dir()), SMOLLM2, SMOLLM2_ENGINE_ARGS, SMOLLM2_ENV,
                   raylm_model={"autoscaling": AUTOSCALING})
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="raylm-zero-") as tmp:

@@ -25,21 +25,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from harness import SMOLLM2_ENGINE_ARGS, Setup, arguments, cpu_flags, running
+from harness import SMOLLM2_ENGINE_ARGS, SMOLLM2_ENV, Setup, arguments, cpu_flags, running
 
 from raylm.bench.prompts import load_tokenizer, synthetic
 from raylm.bench.report import Point
 from raylm.bench.run import BenchSpec, run_bench
 from raylm.models import SMOLLM2, default_cache_dir, resolve_source
 
-ENGINE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 2) - 1}", "VLLM_CPU_KVCACHE_SPACE": "2"}
 POINTS = {1: 16, 16: 64}  # concurrency: requests
 INPUT_TOKENS, OUTPUT_TOKENS, WARMUP = 100, 64, 8
 
@@ -62,7 +60,7 @@ def main() -> None:
     parser.add_argument("--systems", default="raylm,vllm,vllm-uni,ray-serve-llm,ray-serve-llm-direct,naive")
     args = parser.parse_args()
     systems = args.systems.split(",")
-    setup = Setup(resolve_source(f"bundled:{SMOLLM2}", default_cache_dir()), SMOLLM2, SMOLLM2_ENGINE_ARGS, ENGINE_ENV)
+    setup = Setup(resolve_source(f"bundled:{SMOLLM2}", default_cache_dir()), SMOLLM2, SMOLLM2_ENGINE_ARGS, SMOLLM2_ENV)
     tokenizer = load_tokenizer(None, SMOLLM2)
     figures: dict[str, list[dict]] = {s: [] for s in systems}
     with tempfile.TemporaryDirectory(prefix="raylm-compare-") as tmp:
